@@ -1,0 +1,198 @@
+"""YAML <-> Config: strict loading, dotted overrides, dumping.
+
+Every problem is collected and raised at once as a ConfigError naming each key path: unknown keys (with a
+"did you mean"), wrong types, out-of-range values (from the schema's `validate`), duplicate keys. PyYAML's
+YAML 1.1 resolver reads `1e-4` as a string; our loader reads it as a float (YAML 1.2), and a float field
+given a string is an error, so the trap cannot pass silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from configs.schema import Config
+
+
+class ConfigError(ValueError):
+    """All problems of one config, one per line, each starting with its dotted key path."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n  " + "\n  ".join(problems))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads 1e-4 / 1E+3 as floats."""
+
+
+_FLOAT_RE = re.compile(r"""^[-+]?(
+    (\d[\d_]*)?\.[\d_]*([eE][-+]?\d+)?   # 1.5, .5, 1.5e-3
+  | \d[\d_]*[eE][-+]?\d+                 # 1e-4 (YAML 1.1 reads this as a string)
+  | \.(inf|Inf|INF) | \.(nan|NaN|NAN)
+)$""", re.X)
+_StrictLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"(yaml) {e}".replace("\n", " ")], source) from None
+
+
+# ---------------------------------------------------------------- dict -> dataclass, with type checks
+
+def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping (section), got {type(value).__name__} {value!r}")
+            return tp()
+        return _build(tp, value, path, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list of {item_tp.__name__}, got {type(value).__name__} {value!r}")
+            return []
+        return [_check_value(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = " (quoted number? write it unquoted, e.g. 1.0e-4)" if isinstance(value, str) else ""
+            problems.append(f"{path}: expected float, got {type(value).__name__} {value!r}{hint}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected bool (true/false), got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"schema type {tp} at {path} is not supported by the loader")
+
+
+def _build(cls: type, raw: dict, path: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        kp = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            problems.append(f"{kp}: unknown key{hint}")
+            continue
+        kwargs[key] = _check_value(value, hints[key], kp, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a nested value had the wrong type; problems already lists it
+        return cls()
+
+
+def config_from_dict(raw: dict | None, source: str = "config") -> Config:
+    """Build and validate a Config from plain data; raises ConfigError listing every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"(top level): expected a mapping of sections, got {type(raw).__name__}"], source)
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    try:  # range checks; a field of the wrong type (already reported) may trip them
+        problems.extend(cfg.validate())
+    except TypeError:
+        pass
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path | None = None) -> str:
+    """The resolved config as YAML; loading it back gives an equal Config."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+# ---------------------------------------------------------------- overrides and the one entry point
+
+def apply_overrides(raw: dict, overrides: Iterable[str], problems: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a raw dict; bad ones are added to `problems`."""
+    for item in overrides:
+        item = item[len("--set="):] if item.startswith("--set=") else item
+        if "=" not in item:
+            problems.append(f"{item}: override must look like section.key=value")
+            continue
+        dotted, text = item.split("=", 1)
+        try:
+            value = parse_yaml(text, f"override {dotted}") if text.strip() else ""
+        except ConfigError as e:
+            problems.extend(f"{dotted}: {p}" for p in e.problems)
+            continue
+        node = raw
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{dotted}: {part} is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML file (or the defaults when path is None), apply dotted overrides, validate.
+
+    Raises ConfigError with every problem, each naming its key path; FileNotFoundError for a missing file.
+    """
+    source = str(path) if path else "defaults"
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        raw = parse_yaml(p.read_text(), source) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"(top level): expected a mapping of sections, got {type(raw).__name__}"], source)
+    problems: list[str] = []
+    apply_overrides(raw, overrides, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return config_from_dict(raw, source)

@@ -1,0 +1,314 @@
+"""The one typed config schema. YAML files supply values; this file owns defaults, units, choices and checks.
+
+Each field's comment says what it does, its unit, and how to turn it off. `Config.validate()` returns every
+problem at once, each naming its dotted key path; the loader (`configs/loader.py`) raises them together.
+Style after torchtitan's `config/` and litgpt's `args.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _choice(problems: list[str], path: str, value, choices) -> None:
+    if value not in choices:
+        problems.append(f"{path}: {value!r} is not one of {list(choices)}")
+
+
+def _at_least(problems: list[str], path: str, value, low, strict: bool = False) -> None:
+    if value is None:
+        return
+    if (value <= low) if strict else (value < low):
+        problems.append(f"{path}: {value!r} must be {'>' if strict else '>='} {low}")
+
+
+def _in_unit(problems: list[str], path: str, value, closed_high: bool = True) -> None:
+    if value is None:
+        return
+    if not (0.0 <= value <= 1.0) or (not closed_high and value == 1.0):
+        problems.append(f"{path}: {value!r} must be in [0, 1{']' if closed_high else ')'}")
+
+
+@dataclass
+class SyntheticConfig:
+    """A deterministic synthetic world written to `data.root` on first use (then read like any frame folder)."""
+
+    enabled: bool = False  # generate the world into data.root when the folder is absent; false = read real frames
+    num_clips: int = 24  # clips written (the val split takes data.val_fraction of them)
+    frames_per_clip: int = 32  # frames per clip
+    height: int = 64  # pixels of the written frames (data.height/width may resize them further)
+    width: int = 64  # pixels
+    num_objects: int = 3  # coloured objects per clip, moving at constant velocity and bouncing off the walls
+    speed: float = 2.0  # object speed, pixels per frame (max); 0 = static objects
+    action_pan: bool = False  # camera pans by a per-frame action in [-1, 1] written to sidecars as "action"
+    pan_speed: float = 3.0  # background pan, pixels per frame at action = 1
+    seed: int = 0  # the world is a pure function of this seed
+
+    def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.num_clips", self.num_clips, 2)
+        _at_least(p, f"{path}.frames_per_clip", self.frames_per_clip, 2)
+        _at_least(p, f"{path}.height", self.height, 8)
+        _at_least(p, f"{path}.width", self.width, 8)
+        _at_least(p, f"{path}.num_objects", self.num_objects, 0)
+        _at_least(p, f"{path}.speed", self.speed, 0.0)
+        _at_least(p, f"{path}.pan_speed", self.pan_speed, 0.0)
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how they are cut into windows of past + future frames."""
+
+    root: str = "data_cache/synthetic"  # folder of clips: root/<clip>/<frames>, or video files root/<clip>.mp4
+    frame_glob: str = "*"  # frames inside a clip folder, e.g. "camera/rgb_front/*.jpg"; "*" = all images directly inside
+    height: int = 256  # frame height fed to the VAE, pixels (multiple of 8)
+    width: int = 448  # frame width, pixels (multiple of 8)
+    resize_mode: str = "crop"  # crop: resize to cover then centre-crop (keeps aspect); stretch: resize to exactly H x W
+    t_past: int = 4  # context frames given to the model
+    t_future: int = 4  # frames predicted jointly
+    frame_interval: int = 1  # take every k-th frame of a clip; 1 = consecutive frames
+    window_stride: int = 1  # windows start every s frames (in sampled frames); 1 = every frame
+    val_fraction: float = 0.1  # fraction of clips (never windows) held out for validation; 0 = no val split
+    split_seed: int = 0  # the clip split is a pure function of this seed and the clip names
+    # dotted keys read from per-frame JSON sidecars of the FUTURE frames (the actions/ego state that lead to each
+    # predicted frame); the conditioning vector is their values, frame-major: len(cond_keys) * t_future. [] = none
+    cond_keys: list[str] = field(default_factory=list)
+    sidecar_dir: str = ""  # sidecar folder relative to the clip folder; "" = beside each frame (<frame>.json or .json.gz)
+    bad_data: str = "error"  # error: stop at the first scan with every bad path listed; skip: drop bad clips/frames (decided before training)
+    max_bad_fraction: float = 0.05  # with bad_data=skip, abort if more than this fraction of frames is bad
+    num_workers: int = 2  # DataLoader worker processes; 0 = load in the main process
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    @property
+    def window_frames(self) -> int:
+        return self.t_past + self.t_future
+
+    def validate(self, p: list[str], path: str) -> None:
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v % 8:
+                p.append(f"{path}.{name}: {v} must be a multiple of 8 (VAE downsampling)")
+            _at_least(p, f"{path}.{name}", v, 8)
+        _choice(p, f"{path}.resize_mode", self.resize_mode, ("crop", "stretch"))
+        _at_least(p, f"{path}.t_past", self.t_past, 1)
+        _at_least(p, f"{path}.t_future", self.t_future, 1)
+        _at_least(p, f"{path}.frame_interval", self.frame_interval, 1)
+        _at_least(p, f"{path}.window_stride", self.window_stride, 1)
+        _in_unit(p, f"{path}.val_fraction", self.val_fraction, closed_high=False)
+        _choice(p, f"{path}.bad_data", self.bad_data, ("error", "skip"))
+        _in_unit(p, f"{path}.max_bad_fraction", self.max_bad_fraction)
+        _at_least(p, f"{path}.num_workers", self.num_workers, 0)
+        if self.synthetic.action_pan and self.synthetic.enabled and self.cond_keys not in ([], ["action"]):
+            p.append(f"{path}.cond_keys: the synthetic world writes only 'action'; got {self.cond_keys}")
+        self.synthetic.validate(p, f"{path}.synthetic")
+
+
+@dataclass
+class VAEConfig:
+    """The frozen, pretrained VAE. Its scaling/shift factors come from its own config, never from here."""
+
+    pretrained: str = "stabilityai/sd-vae-ft-mse"  # local folder or hub id (diffusers format)
+    subfolder: str = ""  # e.g. "vae" inside a full pipeline folder; "" = none
+    latent: str = "mean"  # mean: posterior mean (deterministic); sample: posterior sample
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the VAE's weights and compute
+    chunk_size: int = 32  # frames per encoder/decoder call (bounds memory); must be >= 1
+
+    def validate(self, p: list[str], path: str) -> None:
+        if not self.pretrained:
+            p.append(f"{path}.pretrained: must name a folder or hub id")
+        _choice(p, f"{path}.latent", self.latent, ("mean", "sample"))
+        _choice(p, f"{path}.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        _at_least(p, f"{path}.chunk_size", self.chunk_size, 1)
+
+
+@dataclass
+class UNetConfig:
+    """The denoiser: a diffusers UNet2DModel on [noisy future latents | clean past latents] stacked on channels."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 384, 512])  # channels per resolution level
+    attention: list[bool] = field(default_factory=lambda: [False, False, True, True])  # self-attention at each level
+    layers_per_block: int = 2  # ResNet blocks per level
+    attention_head_dim: int = 32  # channels per attention head
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every block_out_channels entry
+    dropout: float = 0.0  # dropout in ResNet blocks; 0 = off
+    gradient_checkpointing: bool = False  # trade compute for memory
+
+    def validate(self, p: list[str], path: str) -> None:
+        if not self.block_out_channels:
+            p.append(f"{path}.block_out_channels: must not be empty")
+        if len(self.attention) != len(self.block_out_channels):
+            p.append(f"{path}.attention: needs one entry per block_out_channels level "
+                     f"({len(self.block_out_channels)}), got {len(self.attention)}")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                p.append(f"{path}.norm_num_groups: {self.norm_num_groups} does not divide block_out_channels entry {c}")
+            if c % self.attention_head_dim:
+                p.append(f"{path}.attention_head_dim: {self.attention_head_dim} does not divide block_out_channels entry {c}")
+        _at_least(p, f"{path}.layers_per_block", self.layers_per_block, 1)
+        _in_unit(p, f"{path}.dropout", self.dropout, closed_high=False)
+
+
+@dataclass
+class DiffusionConfig:
+    """The one noise schedule used by both training and sampling."""
+
+    num_train_timesteps: int = 1000  # T: discrete timesteps 0 .. T-1
+    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2 (as in diffusers)
+    beta_start: float = 0.0001  # beta_1 (linear and scaled_linear only)
+    beta_end: float = 0.02  # beta_T (linear and scaled_linear only)
+    prediction_type: str = "epsilon"  # epsilon | v_prediction: the UNet's training target
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0; 0 = off (plain MSE)
+    past_dropout: float = 0.0  # probability of zeroing the past latents in training (for guidance); 0 = off
+    cond_dropout: float = 0.0  # probability of zeroing the conditioning vector in training; 0 = off
+
+    def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.num_train_timesteps", self.num_train_timesteps, 2)
+        _choice(p, f"{path}.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        _choice(p, f"{path}.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        _at_least(p, f"{path}.beta_start", self.beta_start, 0.0, strict=True)
+        if self.beta_end <= self.beta_start or self.beta_end >= 1:
+            p.append(f"{path}.beta_end: {self.beta_end} must be in (beta_start, 1)")
+        _at_least(p, f"{path}.snr_gamma", self.snr_gamma, 0.0)
+        _in_unit(p, f"{path}.past_dropout", self.past_dropout, closed_high=False)
+        _in_unit(p, f"{path}.cond_dropout", self.cond_dropout, closed_high=False)
+
+
+@dataclass
+class SamplerConfig:
+    """DDIM sampling (Song et al. 2021) with x0 clipping in scaled-latent units."""
+
+    num_inference_steps: int = 20  # DDIM steps; any 1 .. T
+    eta: float = 0.0  # DDIM stochasticity: 0 = deterministic DDIM, 1 = DDPM-like
+    timestep_spacing: str = "trailing"  # trailing: first step at t = T-1 (Lin et al. 2024); leading | linspace as in diffusers
+    clip_x0: str = "static"  # none | static (|x0| <= clip_bound) | dynamic (Imagen percentile thresholding)
+    clip_bound: float = 4.0  # static bound / floor of the dynamic bound, scaled-latent units; set above the data's range
+    clip_percentile: float = 0.995  # dynamic: per-sample quantile of |x0| used as the bound
+    guidance_past: float = 1.0  # classifier-free guidance scale on the past frames; 1 = off (needs diffusion.past_dropout > 0)
+    guidance_cond: float = 1.0  # guidance scale on the conditioning vector; 1 = off (needs diffusion.cond_dropout > 0)
+
+    def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.num_inference_steps", self.num_inference_steps, 1)
+        _in_unit(p, f"{path}.eta", self.eta)
+        _choice(p, f"{path}.timestep_spacing", self.timestep_spacing, ("trailing", "leading", "linspace"))
+        _choice(p, f"{path}.clip_x0", self.clip_x0, ("none", "static", "dynamic"))
+        _at_least(p, f"{path}.clip_bound", self.clip_bound, 0.0, strict=True)
+        if not 0.5 <= self.clip_percentile <= 1.0:
+            p.append(f"{path}.clip_percentile: {self.clip_percentile} must be in [0.5, 1]")
+        _at_least(p, f"{path}.guidance_past", self.guidance_past, 0.0)
+        _at_least(p, f"{path}.guidance_cond", self.guidance_cond, 0.0)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, EMA, latent cache, checkpoints and the cadence of the loop's jobs (in optimizer steps)."""
+
+    seed: int = 0  # global seed; each rank derives its own from it
+    batch_size: int = 64  # GLOBAL clips per optimizer step, over all ranks and accumulation steps
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; 1 = off
+    max_steps: int = 100_000  # optimizer steps to train
+    lr: float = 1e-4  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay; 0 = off
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio * lr at max_steps) | constant (after warm-up)
+    warmup_steps: int = 1000  # linear LR warm-up from 0, optimizer steps; 0 = off
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    mixed_precision: str = "bf16"  # bf16: autocast the UNet on GPU (ignored on CPU) | no: fp32 everywhere
+    ema_decay: float = 0.9999  # final EMA decay; 0 = no EMA
+    ema_warmup_power: float = 0.75  # decay warms up as 1 - (1 + step)^-power (diffusers EMAModel); 0 = no warm-up (not advised)
+    nonfinite: str = "halt"  # halt: stop on a non-finite loss/gradient | skip: drop that step (no optimizer/EMA update)
+    max_nonfinite_skips: int = 10  # with nonfinite=skip, give up after this many skipped steps in a row
+    latent_cache: bool = True  # encode every frame once and train on cached latents; false = encode on the fly
+    cache_std: bool = True  # cache the posterior std too, so vae.latent=sample still works from the cache
+    cache_dir: str = "data_cache/latents"  # latent cache folder (keyed by VAE, resolution and data fingerprint)
+    compile: bool = False  # torch.compile the UNet (GPU)
+    log_every: int = 10  # write metrics.jsonl / wandb scalars; 0 = off
+    visualize_every: int = 500  # sample grids + GIFs of fixed val clips; 0 = off
+    eval_every: int = 1000  # PSNR/SSIM evaluation on the val split; 0 = off (a final evaluation still runs)
+    save_every: int = 1000  # checkpoint cadence; 0 = only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 3  # checkpoints kept (>= 2); the one resumed from is never deleted
+    vis_clips: int = 4  # val clips in each sample grid
+    eval_clips: int = 64  # val clips in each evaluation (0 = all)
+    eval_steps: int = 0  # DDIM steps in evaluation; 0 = sampler.num_inference_steps
+    dist_timeout_s: int = 600  # process-group timeout: a stalled rank ends the job after this many seconds
+
+    def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.batch_size", self.batch_size, 1)
+        _at_least(p, f"{path}.grad_accum_steps", self.grad_accum_steps, 1)
+        _at_least(p, f"{path}.max_steps", self.max_steps, 1)
+        _at_least(p, f"{path}.lr", self.lr, 0.0, strict=True)
+        _at_least(p, f"{path}.weight_decay", self.weight_decay, 0.0)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            p.append(f"{path}.adam_betas: {self.adam_betas} must be two numbers in [0, 1)")
+        _choice(p, f"{path}.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _at_least(p, f"{path}.warmup_steps", self.warmup_steps, 0)
+        _in_unit(p, f"{path}.min_lr_ratio", self.min_lr_ratio)
+        _at_least(p, f"{path}.grad_clip", self.grad_clip, 0.0)
+        _choice(p, f"{path}.mixed_precision", self.mixed_precision, ("bf16", "no"))
+        _in_unit(p, f"{path}.ema_decay", self.ema_decay, closed_high=False)
+        _at_least(p, f"{path}.ema_warmup_power", self.ema_warmup_power, 0.0)
+        _choice(p, f"{path}.nonfinite", self.nonfinite, ("halt", "skip"))
+        _at_least(p, f"{path}.max_nonfinite_skips", self.max_nonfinite_skips, 1)
+        for name in ("log_every", "visualize_every", "eval_every", "save_every", "vis_clips", "eval_clips", "eval_steps"):
+            _at_least(p, f"{path}.{name}", getattr(self, name), 0)
+        _at_least(p, f"{path}.keep_last", self.keep_last, 2)
+        _at_least(p, f"{path}.dist_timeout_s", self.dist_timeout_s, 10)
+        if self.batch_size % self.grad_accum_steps:
+            p.append(f"{path}.batch_size: {self.batch_size} is not divisible by "
+                     f"train.grad_accum_steps={self.grad_accum_steps}")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled; rank 0 only; never fatal
+    project: str = "video-prediction"  # wandb project
+    entity: str = ""  # wandb entity (team/user); "" = your default
+    tags: list[str] = field(default_factory=list)  # run tags
+
+    def validate(self, p: list[str], path: str) -> None:
+        _choice(p, f"{path}.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs"  # parent folder of run folders
+    name: str = ""  # run folder name under run_dir; "" = a timestamp
+    tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, p: list[str], path: str) -> None:
+        if "/" in self.name or self.name in (".", ".."):
+            p.append(f"{path}.name: {self.name!r} must be a plain folder name")
+        self.wandb.validate(p, f"{path}.wandb")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def cond_dim(self) -> int:
+        """Length of the per-window conditioning vector (0 = none): each cond key at each future frame."""
+        return len(self.data.cond_keys) * self.data.t_future
+
+    def validate(self) -> list[str]:
+        problems: list[str] = []
+        for f in fields(self):
+            try:
+                getattr(self, f.name).validate(problems, f.name)
+            except TypeError:  # a field of the wrong type, reported by the loader; check the other sections
+                pass
+        if self.sampler.num_inference_steps > self.diffusion.num_train_timesteps:
+            problems.append(f"sampler.num_inference_steps: {self.sampler.num_inference_steps} exceeds "
+                            f"diffusion.num_train_timesteps={self.diffusion.num_train_timesteps}")
+        if self.sampler.guidance_past != 1.0 and self.diffusion.past_dropout == 0.0:
+            problems.append("sampler.guidance_past: guidance needs a model trained with diffusion.past_dropout > 0")
+        if self.sampler.guidance_cond != 1.0 and self.diffusion.cond_dropout == 0.0:
+            problems.append("sampler.guidance_cond: guidance needs a model trained with diffusion.cond_dropout > 0")
+        if self.diffusion.cond_dropout > 0 and self.cond_dim == 0:
+            problems.append("diffusion.cond_dropout: > 0 but data.cond_keys is empty (no conditioning vector)")
+        return problems
