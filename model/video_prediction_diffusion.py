@@ -1,0 +1,146 @@
+"""The video prediction model: a frozen VAE, a conditional UNet and one noise schedule, composed.
+
+Not an nn.Module on purpose: only `unet` is trained (the trainer wraps it in DDP and tracks it with EMA),
+and the frozen VAE never enters checkpoints or DDP. Methods take an optional `net` (the DDP-wrapped UNet or
+its EMA copy); it defaults to `self.unet`.
+
+Spaces: frames are pixels in [-1, 1], (B, T, 3, H, W); latents are scaled VAE latents, (B, T, C, h, w).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from configs.schema import Config
+from model.sampler import ddim_sample
+from model.schedule import NoiseSchedule
+from model.unet import ConditionalUNet
+from model.vae import FrozenVAE
+
+
+class VideoPredictionDiffusion:
+    def __init__(self, cfg: Config, vae: FrozenVAE, unet: ConditionalUNet | None = None):
+        self.cfg = cfg
+        self.vae = vae
+        self.schedule = NoiseSchedule(cfg.diffusion)
+        self.t_past, self.t_future = cfg.data.t_past, cfg.data.t_future
+        self.unet = unet or ConditionalUNet(cfg.unet, vae.latent_channels, self.t_past, self.t_future, cfg.cond_dim)
+        if self.unet.latent_channels != vae.latent_channels:
+            raise ValueError(f"the UNet expects {self.unet.latent_channels} latent channels but the VAE "
+                             f"{vae.name} has {vae.latent_channels}")
+        self.unet.check_latent_size(cfg.data.height // vae.downsample, cfg.data.width // vae.downsample)
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device | str = "cpu") -> "VideoPredictionDiffusion":
+        vae = FrozenVAE.from_config(cfg.vae).to(device)
+        model = cls(cfg, vae)
+        model.unet.to(device)
+        return model
+
+    # ------------------------------------------------------------------ batches -> latents
+    def split_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Tp+Tf, C, h, w) -> past (B, Tp, ...), future (B, Tf, ...)."""
+        assert latents.shape[1] == self.t_past + self.t_future, f"window of {latents.shape[1]} frames"
+        return latents[:, :self.t_past], latents[:, self.t_past:]
+
+    def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents of a window batch: from the latent cache ("latent_mean"[, "latent_std"]) when present,
+        else by encoding "frames" (pixels in [-1, 1]) with the frozen VAE."""
+        device = self.vae.device
+        if "latent_mean" in batch:
+            std = batch.get("latent_std")
+            mean = batch["latent_mean"].to(device, torch.float32)
+            return self.vae.latents_from_moments(mean, None if std is None else std.to(device, torch.float32),
+                                                 generator=generator)
+        return self.vae.encode(batch["frames"].to(device), generator=generator)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, past: torch.Tensor, future: torch.Tensor, cond: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, net: torch.nn.Module | None = None) -> torch.Tensor:
+        """Diffusion loss on latents: weighted MSE between the net's output and the schedule's target.
+
+        Randomness (t, noise, condition dropout) comes from `generator`, so a resumed run draws the same."""
+        net = net or self.unet
+        B, device = future.shape[0], future.device
+
+        def rand(*shape):
+            return torch.rand(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
+
+        t = (rand(B) * self.schedule.num_train_timesteps).long().clamp_max(self.schedule.num_train_timesteps - 1)
+        noise = torch.randn(future.shape, generator=generator,
+                            device=generator.device if generator else "cpu").to(device)
+        noisy = self.schedule.add_noise(future, noise, t)
+        d = self.cfg.diffusion
+        if d.past_dropout > 0:
+            keep_past = (rand(B) >= d.past_dropout).to(past.dtype).reshape(B, 1, 1, 1, 1)
+            past = past * keep_past
+        cond_keep = (rand(B) >= d.cond_dropout).float() if (cond is not None and d.cond_dropout > 0) else None
+        out = net(noisy, past, t, cond, cond_keep).float()
+        target = self.schedule.target(future, noise, t)
+        per_sample = (out - target).pow(2).flatten(1).mean(1)
+        return (per_sample * self.schedule.loss_weights(t).to(device)).mean()
+
+    def batch_loss(self, batch: dict, generator: torch.Generator | None = None,
+                   net: torch.nn.Module | None = None) -> torch.Tensor:
+        latents = self.batch_latents(batch, generator)
+        past, future = self.split_latents(latents)
+        cond = batch.get("cond")
+        cond = cond.to(latents.device) if cond is not None and cond.numel() else None
+        return self.loss(past, future, cond, generator, net)
+
+    # ------------------------------------------------------------------ sampling
+    def denoiser(self, past: torch.Tensor, cond: torch.Tensor | None, net: torch.nn.Module,
+                 guidance_past: float = 1.0, guidance_cond: float = 1.0) -> Callable:
+        """The (x_t, t) -> output closure for the sampler, with classifier-free guidance (Ho & Salimans 2022):
+        out = uncond + g * (cond - uncond), separately for the past frames and the conditioning vector."""
+        B = past.shape[0]
+        ones = torch.ones(B, device=past.device)
+
+        def denoise(x_t, t):
+            out = net(x_t, past, t, cond, None)
+            if guidance_past != 1.0:
+                out_np = net(x_t, torch.zeros_like(past), t, cond, None)
+                out = out_np + guidance_past * (out - out_np)
+            if guidance_cond != 1.0 and cond is not None:
+                out_nc = net(x_t, past, t, cond, 0 * ones)
+                out = out_nc + guidance_cond * (out - out_nc)
+            return out
+
+        return denoise
+
+    @torch.no_grad()
+    def predict_latents(self, past: torch.Tensor, cond: torch.Tensor | None = None, steps: int | None = None,
+                        generator: torch.Generator | None = None, net: torch.nn.Module | None = None,
+                        callback: Callable | None = None, **sampler_overrides) -> torch.Tensor:
+        """Past latents (B, Tp, C, h, w) -> predicted future latents (B, Tf, C, h, w). Sampler settings come
+        from cfg.sampler; keyword overrides (eta, spacing, clip, clip_bound, ...) replace them for this call."""
+        net = net or self.unet
+        s = self.cfg.sampler
+        kw = dict(eta=s.eta, spacing=s.timestep_spacing, clip=s.clip_x0, clip_bound=s.clip_bound,
+                  clip_percentile=s.clip_percentile)
+        guidance = dict(guidance_past=sampler_overrides.pop("guidance_past", s.guidance_past),
+                        guidance_cond=sampler_overrides.pop("guidance_cond", s.guidance_cond))
+        kw.update(sampler_overrides)
+        B, _, C, h, w = past.shape
+        noise = torch.randn((B, self.t_future, C, h, w), generator=generator,
+                            device=generator.device if generator else "cpu").to(past.device)
+        was_training = net.training
+        net.eval()
+        try:
+            return ddim_sample(self.denoiser(past, cond, net, **guidance), noise, self.schedule,
+                               steps or s.num_inference_steps, generator=generator, callback=callback, **kw)
+        finally:
+            net.train(was_training)
+
+    @torch.no_grad()
+    def predict(self, past_frames: torch.Tensor, cond: torch.Tensor | None = None, steps: int | None = None,
+                generator: torch.Generator | None = None, net: torch.nn.Module | None = None,
+                **sampler_overrides) -> torch.Tensor:
+        """Past frames (B, Tp, 3, H, W) in [-1, 1] -> predicted future frames (B, Tf, 3, H, W) in [-1, 1]."""
+        assert past_frames.ndim == 5 and past_frames.shape[1] == self.t_past, f"past {tuple(past_frames.shape)}"
+        past = self.vae.encode(past_frames.to(self.vae.device))
+        if cond is not None:
+            cond = cond.to(past.device) if cond.numel() else None
+        future = self.predict_latents(past, cond, steps, generator, net, **sampler_overrides)
+        return self.vae.decode(future)
