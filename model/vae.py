@@ -62,7 +62,9 @@ class FrozenVAE(torch.nn.Module):
     def __init__(self, vae: torch.nn.Module, dtype: str = "fp32", chunk_size: int = 32, latent: str = "mean",
                  name: str = ""):
         super().__init__()
-        self.vae = vae.eval().requires_grad_(False).to(_DTYPES[dtype])
+        self.vae = vae.eval().requires_grad_(False)
+        if next(vae.parameters()).dtype != _DTYPES[dtype]:
+            self.vae.to(_DTYPES[dtype])
         self.dtype = _DTYPES[dtype]
         self.chunk_size = chunk_size
         self.latent_mode = latent
