@@ -1,0 +1,175 @@
+"""A deterministic synthetic world: coloured objects bouncing over a textured background, optionally panned by an action.
+
+Each clip is a pure function of (SyntheticConfig.seed, clip index), drawn with vectorised numpy:
+- background: a smooth, low-contrast texture (a sum of sinusoids, periodic in x so the camera can pan forever);
+- objects: circles and squares of distinct saturated hues, constant velocity, bouncing off the frame borders,
+  drawn in a fixed order (later ones occlude earlier ones), with 1-pixel antialiased edges;
+- action_pan: a piecewise-constant action a_t in {-1, -0.5, 0, 0.5, 1}, redrawn every 2-5 frames; the camera moves
+  by pan_speed * a_t pixels from frame t-1 to t (a > 0: camera right, so the background moves LEFT on screen).
+  Objects live in screen coordinates (the camera follows them), so only the background depends on the action.
+  Frame t's sidecar <stem>.json holds {"action": a_t}; a_0 = 0 (nothing precedes frame 0). No pan: no sidecars.
+"""
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from configs.schema import DataConfig, SyntheticConfig
+from data.errors import DataError
+
+MARKER = "synthetic.json"  # written last; its presence means the world is complete
+FORMAT_VERSION = 1  # bump when the generator's output changes, so old worlds are regenerated
+ACTION_LEVELS = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+_TEXTURE_TERMS = 6  # sinusoids in the background texture
+_TEXTURE_PERIOD = 4  # the texture repeats every this many frame widths
+
+
+def _world_spec(sc: SyntheticConfig) -> dict:
+    spec = {k: v for k, v in dataclasses.asdict(sc).items() if k != "enabled"}
+    return {"format": FORMAT_VERSION, "synthetic": spec}
+
+
+def _actions(rng: np.random.Generator, num_frames: int) -> np.ndarray:
+    actions = np.zeros(num_frames)
+    t = 1
+    while t < num_frames:
+        hold = int(rng.integers(2, 6))  # frames the action is held: 2..5
+        actions[t:t + hold] = rng.choice(ACTION_LEVELS)
+        t += hold
+    return actions
+
+
+def _background(rng: np.random.Generator, sc: SyntheticConfig, camera_x: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) in [0, 1]: a smooth texture seen through a camera at horizontal offsets camera_x (T,)."""
+    h, w = sc.height, sc.width
+    period = _TEXTURE_PERIOD * w
+    base = rng.uniform(0.3, 0.55) + rng.uniform(-0.06, 0.06, size=3)  # muted, slightly tinted grey
+    fx = rng.integers(2, 4 * _TEXTURE_PERIOD + 1, size=_TEXTURE_TERMS) / period  # cycles per pixel; whole per period
+    fy = rng.uniform(0.0, 3.0, size=_TEXTURE_TERMS) / h
+    phase = rng.uniform(0, 2 * np.pi, size=_TEXTURE_TERMS)
+    amp = rng.uniform(0.02, 0.05, size=(_TEXTURE_TERMS, 3))  # low contrast, slightly different per channel
+    # sin(a x + b y + p) = sin(a x) cos(b y + p) + cos(a x) sin(b y + p): separable, so the (T, H, W, 3) image is
+    # one contraction of per-column (T, W) and per-row (H) factors instead of T*H*W*K sines.
+    x = np.arange(w)[None, :] + camera_x[:, None]  # (T, W) world x of each screen column
+    ax = 2 * np.pi * fx * x[..., None]  # (T, W, K)
+    by = 2 * np.pi * fy * np.arange(h)[:, None] + phase  # (H, K)
+    cols = np.concatenate([np.sin(ax), np.cos(ax)], -1)  # (T, W, 2K)
+    rows = np.concatenate([np.cos(by), np.sin(by)], -1)  # (H, 2K)
+    weights = rows.T[:, :, None] * np.concatenate([amp, amp])[:, None, :]  # (2K, H, 3)
+    t_frames = len(camera_x)
+    img = (cols.reshape(t_frames * w, -1) @ weights.reshape(len(weights), h * 3)).reshape(t_frames, w, h, 3)
+    return (img.transpose(0, 2, 1, 3) + base).astype(np.float32)  # (T, H, W, 3)
+
+
+def _bounce(p0: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Positions at times t (T,) of points moving at v inside [lo, hi], reflecting at the walls: (T, N)."""
+    length = hi - lo
+    u = np.mod(p0 - lo + v * t[:, None], 2 * length)
+    return lo + length - np.abs(u - length)
+
+
+def render_clip(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 (T, H, W, 3), actions float (T,)) of one clip; a pure function of (sc, clip_index)."""
+    rng = np.random.default_rng([sc.seed, clip_index])
+    t_frames, h, w, n = sc.frames_per_clip, sc.height, sc.width, sc.num_objects
+    actions = _actions(rng, t_frames) if sc.action_pan else np.zeros(t_frames)
+    camera_x = np.cumsum(actions * sc.pan_speed) + rng.uniform(0, _TEXTURE_PERIOD * w)
+    img = _background(rng, sc, camera_x)
+
+    radius = rng.uniform(0.09, 0.17, size=n) * min(h, w)
+    square = rng.random(n) < 0.5
+    hue0 = rng.random()
+    colours = np.array([colorsys.hsv_to_rgb((hue0 + k / max(n, 1)) % 1.0, rng.uniform(0.8, 1.0),
+                                            rng.uniform(0.85, 1.0)) for k in range(n)]).reshape(n, 3).astype(np.float32)
+    lo = np.stack([radius, radius], 1)  # (N, 2) as (x, y)
+    hi = np.stack([w - radius, h - radius], 1)
+    hi = np.maximum(hi, lo + 1e-3)  # objects larger than the frame still get a valid (tiny) range
+    pos0 = rng.uniform(lo, hi)
+    angle = rng.uniform(0, 2 * np.pi, size=n)
+    speed = rng.uniform(0.5, 1.0, size=n) * sc.speed
+    vel = np.stack([np.cos(angle), np.sin(angle)], 1) * speed[:, None]
+    t = np.arange(t_frames, dtype=np.float64)
+    px = _bounce(pos0[:, 0], vel[:, 0], lo[:, 0], hi[:, 0], t)  # (T, N)
+    py = _bounce(pos0[:, 1], vel[:, 1], lo[:, 1], hi[:, 1], t)
+
+    px, py = px.astype(np.float32), py.astype(np.float32)
+    ys = np.arange(h, dtype=np.float32)[None, :, None] + 0.5  # pixel centres
+    xs = np.arange(w, dtype=np.float32)[None, None, :] + 0.5
+    for k in range(n):  # fixed draw order: object k occludes objects < k
+        dx, dy = xs - px[:, k, None, None], ys - py[:, k, None, None]  # (T, H, W)
+        dist = np.maximum(np.abs(dx), np.abs(dy)) if square[k] else np.hypot(dx, dy)
+        cover = np.clip(np.float32(radius[k] + 0.5) - dist, 0.0, 1.0)[..., None]  # 1-pixel antialiased edge
+        img += (colours[k] - img) * cover
+    frames = np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+    return frames, actions
+
+
+def write_world(sc: SyntheticConfig, out: Path, progress: bool = True) -> None:
+    """Write every clip as out/clip_XXXX/NNNNNN.png (+ NNNNNN.json with pan), then the marker file, last."""
+    out.mkdir(parents=True, exist_ok=True)
+    for c in tqdm(range(sc.num_clips), desc="synthetic world", unit="clip", disable=not progress, leave=False):
+        frames, actions = render_clip(sc, c)
+        clip_dir = out / f"clip_{c:04d}"
+        clip_dir.mkdir()
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(clip_dir / f"{i:06d}.png", compress_level=1)
+            if sc.action_pan:
+                (clip_dir / f"{i:06d}.json").write_text(json.dumps({"action": float(actions[i])}))
+    (out / MARKER).write_text(json.dumps(_world_spec(sc), indent=1, sort_keys=True))
+
+
+def _holds_world(root: Path, sc: SyntheticConfig) -> bool | None:
+    """True: root holds this world; False: it holds another synthetic world; None: no marker."""
+    marker = root / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text()) == _world_spec(sc)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def ensure_synthetic(cfg: DataConfig, progress: bool = True) -> Path:
+    """With cfg.synthetic.enabled, make cfg.root hold the world of cfg.synthetic (generated into a temporary
+    sibling folder and renamed into place, so a reader never sees half a world); return cfg.root.
+    A world of other settings (ours: it has the marker) is replaced; a non-empty folder without the marker is
+    never touched (DataError). Safe when several processes call it at once: all write the same bytes."""
+    root = Path(cfg.root)
+    sc = cfg.synthetic
+    if not sc.enabled:
+        return root
+    state = _holds_world(root, sc)
+    if state:
+        return root
+    if state is None and root.exists() and any(root.iterdir()):
+        raise DataError(f"data.root {root} is not empty and holds no synthetic world ({MARKER} missing); "
+                        f"refusing to write into it: choose another data.root or remove the folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        write_world(sc, tmp, progress)
+        if state is False:
+            warnings.warn(f"{root} holds a synthetic world of other settings; regenerating it", stacklevel=2)
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.rename(root, old / "world")  # may race with another process doing the same: then checked below
+            shutil.rmtree(old, ignore_errors=True)
+        elif root.exists():
+            root.rmdir()  # empty folder
+        os.rename(tmp, root)
+    except OSError:
+        if _holds_world(root, sc):  # another process finished first with the same world
+            return root
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
