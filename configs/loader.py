@@ -28,11 +28,12 @@ class ConfigError(ValueError):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads 1e-4 / 1E+3 as floats."""
+    """SafeLoader that reads 1e-4 / 1E+3 as floats (duplicate keys are caught by `parse_yaml`)."""
 
 
 _FLOAT_RE = re.compile(r"""^[-+]?(
-    (\d[\d_]*)?\.[\d_]*([eE][-+]?\d+)?   # 1.5, .5, 1.5e-3
+    \d[\d_]*\.[\d_]*([eE][-+]?\d+)?      # 1.5, 1., 1.5e-3
+  | \.\d[\d_]*([eE][-+]?\d+)?           # .5 (a digit is required: a bare "." is a string, not float("."))
   | \d[\d_]*[eE][-+]?\d+                 # 1e-4 (YAML 1.1 reads this as a string)
   | \.(inf|Inf|INF) | \.(nan|NaN|NAN)
 )$""", re.X)
@@ -43,25 +44,44 @@ _StrictLoader.yaml_implicit_resolvers = {
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
 
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
+class _StrictDumper(yaml.SafeDumper):
+    """SafeDumper with the loader's resolvers, so a string such as "1e5" is quoted (else it loads back as a float)."""
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictDumper.yaml_implicit_resolvers = {k: list(v) for k, v in _StrictLoader.yaml_implicit_resolvers.items()}
+
+
+def _duplicate_keys(node: yaml.Node | None, path: str, problems: list[str]) -> None:
+    """Every key repeated in a mapping of the YAML node tree, named by its dotted key path (all at once)."""
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            kp = f"{path}.{key}" if path else str(key)
+            if key is not None and key in first_line:
+                problems.append(f"{kp}: duplicate key (lines {first_line[key] + 1} and {key_node.start_mark.line + 1})")
+            elif key is not None:
+                first_line[key] = key_node.start_mark.line
+            _duplicate_keys(value_node, kp, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, f"{path}[{i}]", problems)
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """YAML text -> plain data; duplicate keys are errors (PyYAML silently keeps the last), named by key path."""
+    loader = _StrictLoader(text)
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        node = loader.get_single_node()
+        problems: list[str] = []
+        _duplicate_keys(node, "", problems)
+        if problems:
+            raise ConfigError(problems, source)
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         raise ConfigError([f"(yaml) {e}".replace("\n", " ")], source) from None
+    finally:
+        loader.dispose()
 
 
 # ---------------------------------------------------------------- dict -> dataclass, with type checks
@@ -143,7 +163,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config, path: str | Path | None = None) -> str:
     """The resolved config as YAML; loading it back gives an equal Config."""
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_StrictDumper, sort_keys=False, default_flow_style=None)
     if path is not None:
         Path(path).write_text(text)
     return text

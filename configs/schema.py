@@ -6,6 +6,7 @@ Style after torchtitan's `config/` and litgpt's `args.py`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 
@@ -17,7 +18,9 @@ def _choice(problems: list[str], path: str, value, choices) -> None:
 def _at_least(problems: list[str], path: str, value, low, strict: bool = False) -> None:
     if value is None:
         return
-    if (value <= low) if strict else (value < low):
+    if isinstance(value, float) and not math.isfinite(value):  # `.nan` passes every `<` test; `.inf` is no setting
+        problems.append(f"{path}: {value!r} must be a finite number")
+    elif (value <= low) if strict else (value < low):
         problems.append(f"{path}: {value!r} must be {'>' if strict else '>='} {low}")
 
 
@@ -164,7 +167,7 @@ class DiffusionConfig:
         _choice(p, f"{path}.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
         _choice(p, f"{path}.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
         _at_least(p, f"{path}.beta_start", self.beta_start, 0.0, strict=True)
-        if self.beta_end <= self.beta_start or self.beta_end >= 1:
+        if not self.beta_start < self.beta_end < 1:  # written so that NaN fails too
             p.append(f"{path}.beta_end: {self.beta_end} must be in (beta_start, 1)")
         _at_least(p, f"{path}.snr_gamma", self.snr_gamma, 0.0)
         _in_unit(p, f"{path}.past_dropout", self.past_dropout, closed_high=False)
