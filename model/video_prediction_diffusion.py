@@ -109,12 +109,20 @@ class VideoPredictionDiffusion:
 
         return denoise
 
+    def noise_like(self, past_one: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T for one clip: standard normal of shape (Tf, C, h, w), drawn on the generator's device (CPU default)."""
+        _, C, h, w = past_one.shape
+        return torch.randn((self.t_future, C, h, w), generator=generator,
+                           device=generator.device if generator else "cpu")
+
     @torch.no_grad()
     def predict_latents(self, past: torch.Tensor, cond: torch.Tensor | None = None, steps: int | None = None,
                         generator: torch.Generator | None = None, net: torch.nn.Module | None = None,
-                        callback: Callable | None = None, **sampler_overrides) -> torch.Tensor:
+                        callback: Callable | None = None, noise: torch.Tensor | None = None,
+                        **sampler_overrides) -> torch.Tensor:
         """Past latents (B, Tp, C, h, w) -> predicted future latents (B, Tf, C, h, w). Sampler settings come
-        from cfg.sampler; keyword overrides (eta, spacing, clip, clip_bound, ...) replace them for this call."""
+        from cfg.sampler; keyword overrides (eta, spacing, clip, clip_bound, ...) replace them for this call.
+        `noise` (B, Tf, C, h, w) is x_T; drawn from `generator` when not given."""
         net = net or self.unet
         s = self.cfg.sampler
         kw = dict(eta=s.eta, spacing=s.timestep_spacing, clip=s.clip_x0, clip_bound=s.clip_bound,
@@ -122,9 +130,9 @@ class VideoPredictionDiffusion:
         guidance = dict(guidance_past=sampler_overrides.pop("guidance_past", s.guidance_past),
                         guidance_cond=sampler_overrides.pop("guidance_cond", s.guidance_cond))
         kw.update(sampler_overrides)
-        B, _, C, h, w = past.shape
-        noise = torch.randn((B, self.t_future, C, h, w), generator=generator,
-                            device=generator.device if generator else "cpu").to(past.device)
+        if noise is None:
+            noise = torch.stack([self.noise_like(p, generator) for p in past])
+        noise = noise.to(past.device)
         was_training = net.training
         net.eval()
         try:

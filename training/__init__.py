@@ -1,0 +1,1 @@
+"""Training machinery: distributed setup, checkpoints, latent cache, evaluation, pictures, logging."""

@@ -1,0 +1,184 @@
+"""Latent cache: VAE posterior moments of every frame, computed once (split over ranks) and reused.
+
+Training then never runs the VAE encoder (the SD-VAE encoder costs ~30x a UNet step at 256x448).
+Folder: <cache_dir>/<key>/ with one `<clip>.mean.npy` (and `.std.npy`) per clip, (N, C, h, w) float16 scaled
+latents, and `manifest.json` written last. The key hashes everything the latents depend on: the VAE's identity
+(config, scale, dtype), the resolution and resize mode, and the data fingerprint (file names, sizes, mtimes).
+A manifest that is missing, for another key, or whose files' sizes or checksums differ means the cache is
+incomplete or corrupt: it is rebuilt, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data.clips import Clip, clips_fingerprint
+from data.dataset import read_clip_frames, read_cond
+from data.windows import Window
+from training.distributed import DistInfo, barrier, broadcast_object
+
+_VERSION = 1
+
+
+def cache_key(clips: list[Clip], data_cfg, vae_identity: dict, store_std: bool) -> tuple[str, dict]:
+    ident = {"version": _VERSION, "vae": vae_identity, "height": data_cfg.height, "width": data_cfg.width,
+             "resize_mode": data_cfg.resize_mode, "data": clips_fingerprint(clips), "std": store_std,
+             "clips": [c.name for c in clips]}
+    text = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20], ident
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _clip_file(folder: Path, i: int, what: str) -> Path:
+    return folder / f"{i:06d}.{what}.npy"
+
+
+def _valid(folder: Path, key: str, n_clips: int) -> str | None:
+    """None if the cache folder is complete and intact, else why not."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest (never finished)"
+    try:
+        m = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return "manifest unreadable"
+    if m.get("key") != key or len(m.get("files", {})) == 0 or m.get("num_clips") != n_clips:
+        return "manifest is for other data or another VAE"
+    for name, meta in m["files"].items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != meta["bytes"]:
+            return f"{p} missing or of the wrong size"
+        if _sha256(p) != meta["sha256"]:
+            return f"{p} checksum mismatch"
+    return None
+
+
+class _FrameChunks(Dataset):
+    """(clip index, first frame, frames) chunks of the clips this rank encodes; decoded in DataLoader workers."""
+
+    def __init__(self, clips: list[Clip], clip_ids: list[int], data_cfg, chunk: int):
+        self.clips, self.cfg = clips, data_cfg
+        self.items = [(ci, s, min(s + chunk, clips[ci].num_frames)) for ci in clip_ids
+                      for s in range(0, clips[ci].num_frames, chunk)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        ci, a, b = self.items[i]
+        return ci, a, read_clip_frames(self.clips[ci], list(range(a, b)), self.cfg)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info: DistInfo, store_std: bool = True,
+                  num_workers: int = 2, log=print) -> Path:
+    """Return the folder of a valid cache for these clips and this VAE, building it (all ranks share the work)
+    when it is missing, stale or corrupt. Every rank must call this."""
+    key, ident = cache_key(clips, data_cfg, vae.identity(), store_std)
+    folder = Path(cache_dir) / key
+    reason = _valid(folder, key, len(clips)) if info.is_main else None
+    reason = broadcast_object(reason, info)
+    if reason is None:
+        log(f"latent cache: using {folder}")
+        return folder
+    if info.is_main:
+        log(f"latent cache: building {folder} ({reason}); {sum(c.num_frames for c in clips)} frames")
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    barrier(info)
+    mine = list(range(info.rank, len(clips), info.world_size))
+    chunks = _FrameChunks(clips, mine, data_cfg, vae.chunk_size)
+    loader = DataLoader(chunks, batch_size=None, num_workers=num_workers,
+                        pin_memory=info.device.type == "cuda", persistent_workers=False)
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    remaining = {ci: clips[ci].num_frames for ci in mine}
+    bar = tqdm(total=sum(remaining.values()), desc="latent cache", unit="frame", disable=not info.is_main,
+               dynamic_ncols=True)
+    for ci, a, frames in loader:
+        mean, std = vae.encode_moments(frames.unsqueeze(0).to(vae.device, non_blocking=True))
+        b = a + frames.shape[0]
+        if ci not in buffers:
+            shape = (clips[ci].num_frames, *mean.shape[2:])
+            buffers[ci] = {"mean": np.empty(shape, np.float16)}
+            if store_std and std is not None:
+                buffers[ci]["std"] = np.empty(shape, np.float16)
+        buffers[ci]["mean"][a:b] = mean[0].cpu().numpy()
+        if "std" in buffers[ci]:
+            buffers[ci]["std"][a:b] = std[0].cpu().numpy()
+        remaining[ci] -= frames.shape[0]
+        bar.update(frames.shape[0])
+        if remaining[ci] == 0:  # clip done: write it and free its buffer
+            for what, arr in buffers.pop(ci).items():
+                if not np.isfinite(arr).all():
+                    raise RuntimeError(f"latent cache: non-finite latents for clip {clips[ci].path} "
+                                       "(fp16 overflow? check the VAE's scaling factor and vae.dtype)")
+                _save_npy(_clip_file(folder, ci, what), arr)
+    bar.close()
+    barrier(info)
+    if info.is_main:
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.glob("*.npy"))}
+        manifest = {"key": key, "num_clips": len(clips), "identity": ident, "files": files}
+        tmp = folder / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        os.replace(tmp, folder / "manifest.json")
+    barrier(info)
+    return folder
+
+
+class LatentWindowDataset(Dataset):
+    """Windows over cached latents. Item: {"latent_mean": (T, C, h, w) float32 scaled latents,
+    ["latent_std": same], "cond": (cond_dim,), "clip": name, "index": window index}."""
+
+    def __init__(self, clips: list[Clip], data_cfg, windows: list[Window], folder: Path, clip_ids: list[int]):
+        """clip_ids[i] is the index of clips[i] in the clip list the cache was built from."""
+        self.clips, self.cfg, self.windows = clips, data_cfg, windows
+        self.folder, self.clip_ids = Path(folder), clip_ids
+        self._arrays: dict[tuple[int, str], np.ndarray] = {}
+
+    def _array(self, clip: int, what: str) -> np.ndarray | None:
+        k = (clip, what)
+        if k not in self._arrays:  # memory-mapped lazily, per worker process
+            p = _clip_file(self.folder, self.clip_ids[clip], what)
+            self._arrays[k] = np.load(p, mmap_mode="r") if p.is_file() else None
+        return self._arrays[k]
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict:
+        w = self.windows[index]
+        idx = list(w.frames)
+        item = {"latent_mean": torch.from_numpy(np.asarray(self._array(w.clip, "mean")[idx], np.float32)),
+                "clip": self.clips[w.clip].name, "index": index}
+        std = self._array(w.clip, "std")
+        if std is not None:
+            item["latent_std"] = torch.from_numpy(np.asarray(std[idx], np.float32))
+        clip = self.clips[w.clip]
+        future = idx[self.cfg.t_past:]
+        item["cond"] = (torch.cat([read_cond(clip, i, self.cfg) for i in future]) if self.cfg.cond_keys
+                        else torch.zeros(0))
+        return item

@@ -1,0 +1,107 @@
+"""Rank-0 logging: metrics.jsonl always; wandb (online | offline | disabled) and TensorBoard optionally.
+
+wandb is never fatal: if it is missing, fails to start, fails mid-run or hangs at finish, training goes on
+with a warning and metrics.jsonl stays complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import warnings
+from pathlib import Path
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, cfg, config_dict: dict, enabled: bool, resume_id: str | None = None):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.wandb = None
+        self.wandb_id = resume_id
+        self.tb = None
+        if not enabled:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.logging.wandb.mode != "disabled":
+            self._start_wandb(cfg, config_dict, resume_id)
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception as e:  # noqa: BLE001
+                warnings.warn(f"TensorBoard disabled: {e}", stacklevel=2)
+
+    def _start_wandb(self, cfg, config_dict: dict, resume_id: str | None) -> None:
+        w = cfg.logging.wandb
+        try:
+            import wandb
+            self.wandb = wandb.init(
+                project=w.project, entity=w.entity or None, name=cfg.logging.name or run_dir_name(self.run_dir),
+                tags=w.tags or None, mode=w.mode, dir=str(self.run_dir), config=config_dict,
+                id=resume_id, resume="allow" if resume_id else None)
+            self.wandb_id = self.wandb.id
+        except Exception as e:  # noqa: BLE001 - wandb must never stop training
+            warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); continuing with metrics.jsonl only",
+                          stacklevel=2)
+            self.wandb = None
+
+    def _wandb_call(self, what: str, fn) -> None:
+        if self.wandb is None:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"wandb failed at {what} ({type(e).__name__}: {e}); wandb off for the rest of the run",
+                          stacklevel=3)
+            self.wandb = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self._wandb_call("log", lambda: self.wandb.log(metrics, step=step))
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(_jsonable(v), (int, float)):
+                    self.tb.add_scalar(k, _jsonable(v), step)
+
+    def log_media(self, images: dict[str, Path], videos: dict[str, Path], step: int) -> None:
+        if not self.enabled or self.wandb is None:
+            return
+
+        def send():
+            import wandb
+            media = {k: wandb.Image(str(p)) for k, p in images.items()}
+            media.update({k: wandb.Video(str(p), format="gif") for k, p in videos.items()})
+            self.wandb.log(media, step=step)
+
+        self._wandb_call("log_media", send)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Close wandb in a daemon thread so a hanging finish cannot keep the process alive."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            run = self.wandb
+            t = threading.Thread(target=lambda: self._wandb_call("finish", run.finish), daemon=True)
+            t.start()
+            t.join(timeout_s)
+            if t.is_alive():
+                warnings.warn(f"wandb.finish did not return within {timeout_s:.0f} s; leaving it behind", stacklevel=2)
+
+
+def run_dir_name(run_dir: Path) -> str:
+    return Path(run_dir).name

@@ -1,0 +1,406 @@
+"""The DDP trainer: one optimizer step, then named jobs on their own cadence (log, visualise, evaluate, save).
+
+One code path for 1 process, torchrun on N GPUs and several nodes. Every collective is entered by every rank;
+jobs decide for themselves what runs on rank 0. Randomness is derived: per-rank seeds from one global seed,
+a fixed visualisation batch and noise seed, so grids at step 1k and 50k compare.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from configs import Config, config_to_dict, dump_config
+from data import check_clips, discover_clips, ensure_synthetic, split_clips
+from data.dataset import VideoWindowDataset
+from data.windows import build_windows
+from model import VideoPredictionDiffusion
+from training import checkpoint as ckpt
+from training import faults
+from training.distributed import (DistInfo, all_gather_object, all_reduce, barrier, broadcast_object, rank_seed,
+                                  rng_state, seed_everything, set_rng_state)
+from training.evaluation import evaluate, format_table
+from training.latent_cache import LatentWindowDataset, build_or_load
+from training.tracking import Tracker
+from training.visualize import clip_gif, sample_grid
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved and stopped on request; `--resume latest` continues
+
+
+class TrainingHalted(RuntimeError):
+    """Raised on every rank together (non-finite loss/gradient with train.nonfinite=halt, or too many skips)."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 was received by some rank; every rank saved and stops."""
+
+
+class _SkipSampler(torch.utils.data.Sampler):
+    """The rank's indices of one epoch from a DistributedSampler, minus the first `skip` (resume mid-epoch)."""
+
+    def __init__(self, sampler: DistributedSampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip:])
+
+    def __len__(self):
+        return max(len(self.sampler) - self.skip, 0)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: str | None = None):
+        self.cfg, self.info, self.run_dir = cfg, info, Path(run_dir)
+        self.device = info.device
+        tc = cfg.train
+        self.micro_batch = tc.batch_size // (info.world_size * tc.grad_accum_steps)
+
+        # ---- data: rank 0 generates / scans, every rank uses the same clip list
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            (self.run_dir / "eval").mkdir(exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+            removed = ckpt.clean_leftovers(self.ckpt_dir)
+            if removed:
+                self.print(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
+            if cfg.data.synthetic.enabled:
+                ensure_synthetic(cfg.data)
+        barrier(info)
+        clips = None
+        if info.is_main:
+            clips, report = check_clips(discover_clips(cfg.data), cfg.data, progress=True)
+            if not report.ok:
+                self.print(f"data scan: {report}\nskipping them (data.bad_data=skip)")
+        clips = broadcast_object(clips, info)
+        self.clips = clips
+        self.train_clips, self.val_clips = split_clips(clips, cfg.data.val_fraction, cfg.data.split_seed)
+        self.val_set = VideoWindowDataset(self.val_clips, cfg.data) if self.val_clips else None
+
+        # ---- model, EMA, optimizer, LR schedule
+        seed_everything(rank_seed(tc.seed, info.rank))
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+        self.model = VideoPredictionDiffusion.from_config(cfg, self.device)
+        torch.manual_seed(rank_seed(tc.seed, info.rank))
+        self.unet = self.model.unet.to(self.device)
+        self.net = DDP(self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if info.enabled else self.unet
+        if tc.compile:
+            self.net = torch.compile(self.net)
+        self.ema = None
+        self.ema_unet = self.unet
+        if tc.ema_decay > 0:
+            warm = tc.ema_warmup_power > 0
+            self.ema = EMAModel(self.unet.parameters(), decay=tc.ema_decay, use_ema_warmup=warm,
+                                power=tc.ema_warmup_power if warm else 2 / 3,
+                                min_decay=0.0 if warm else tc.ema_decay, foreach=True)
+            self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
+                                           weight_decay=tc.weight_decay, fused=self.device.type == "cuda")
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.generator = torch.Generator(self.device).manual_seed(rank_seed(tc.seed, info.rank) + 1)
+
+        # ---- training data: cached latents (no VAE encoder in the loop) or pixels
+        windows = build_windows(self.train_clips, cfg.data)
+        if tc.latent_cache:
+            folder = build_or_load(clips, cfg.data, self.model.vae, tc.cache_dir, info, store_std=tc.cache_std,
+                                   num_workers=cfg.data.num_workers, log=self.print)
+            ids = [clips.index(c) for c in self.train_clips]
+            self.train_set = LatentWindowDataset(self.train_clips, cfg.data, windows, folder, ids)
+        else:
+            self.train_set = VideoWindowDataset(self.train_clips, cfg.data, windows)
+        if len(self.train_set) < self.micro_batch * info.world_size:
+            raise ValueError(f"the training split has {len(self.train_set)} windows, fewer than one global batch "
+                             f"({self.micro_batch} x {info.world_size} ranks); add data or lower train.batch_size")
+        self.sampler = DistributedSampler(self.train_set, num_replicas=info.world_size, rank=info.rank,
+                                          shuffle=True, seed=tc.seed, drop_last=True)
+        self.batches_per_epoch = len(self.sampler) // self.micro_batch
+
+        # ---- state that checkpoints carry
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.position = 0  # micro-batches consumed in this epoch
+        self.nonfinite_skips = 0  # consecutive skipped steps
+        self.resumed_from: Path | None = None
+        wandb_id = None
+        if resume:
+            wandb_id = self._resume(resume)
+        self.tracker = Tracker(self.run_dir, cfg, config_to_dict(cfg), enabled=info.is_main, resume_id=wandb_id)
+        self.stop_requested = False
+        self._iter = None
+        self._t_log, self._last_log_step = time.perf_counter(), self.step
+        self._vis_indices = self._fixed_indices(tc.vis_clips)
+        self._eval_indices = self._fixed_indices(tc.eval_clips or 10 ** 9)
+
+    # ------------------------------------------------------------------ small helpers
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def print(self, *args) -> None:
+        if self.info.is_main:
+            tqdm.write(" ".join(str(a) for a in args))
+
+    def _lr_factor(self, step: int) -> float:
+        tc = self.cfg.train
+        if tc.warmup_steps and step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        if tc.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _fixed_indices(self, n: int) -> list[int]:
+        """n val windows evenly spread over the val split (deterministic, so pictures compare across steps)."""
+        if self.val_set is None or n == 0:
+            return []
+        total = len(self.val_set)
+        n = min(n, total)
+        return [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)] if n > 1 else [0]
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.mixed_precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _ema_net(self) -> torch.nn.Module:
+        if self.ema is not None:
+            self.ema.copy_to(self.ema_unet.parameters())
+        return self.ema_unet
+
+    # ------------------------------------------------------------------ data iteration (resumable)
+    def _next_batch(self) -> dict:
+        while True:
+            if self._iter is None:
+                self.sampler.set_epoch(self.epoch)
+                loader = DataLoader(self.train_set, batch_size=self.micro_batch, drop_last=True,
+                                    sampler=_SkipSampler(self.sampler, self.position * self.micro_batch),
+                                    num_workers=self.cfg.data.num_workers,
+                                    pin_memory=self.device.type == "cuda",
+                                    persistent_workers=False)
+                self._iter = iter(loader)
+            try:
+                batch = next(self._iter)
+                self.position += 1
+                return batch
+            except StopIteration:
+                self._iter = None
+                self.epoch += 1
+                self.position = 0
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> dict:
+        tc = self.cfg.train
+        accum = tc.grad_accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            batch = self._next_batch()
+            sync = contextlib.nullcontext() if (micro == accum - 1 or not self.info.enabled) else self.net.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = self.model.batch_loss(batch, self.generator, net=self.net) / accum
+                loss = faults.corrupt_loss(loss, self.step, self.info.rank)
+                loss.backward()
+            loss_sum += loss.detach()
+        params = [p for p in self.unet.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        # one collective per step: mean loss, any rank non-finite, any rank asked to stop
+        flags = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float(),
+                             torch.tensor(float(self.stop_requested), device=self.device)])
+        all_reduce(flags, self.info)
+        loss_mean, nonfinite, stop = flags[0].item() / self.info.world_size, flags[1].item() > 0, flags[2].item() > 0
+        if stop:
+            self.stop_requested = True
+        if nonfinite:
+            return self._on_nonfinite(loss_mean)
+        self.nonfinite_skips = 0
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+        self.step += 1
+        return {"loss": loss_mean, "grad_norm": grad_norm.item(), "lr": self.lr_scheduler.get_last_lr()[0]}
+
+    def _on_nonfinite(self, loss_mean: float) -> dict:
+        tc = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        if tc.nonfinite == "halt":
+            raise TrainingHalted(f"non-finite loss or gradient at step {self.step} (mean loss {loss_mean}) on at "
+                                 "least one rank; stopped before the optimizer step (train.nonfinite=halt). "
+                                 "Lower train.lr, check the data, or set train.nonfinite=skip")
+        self.nonfinite_skips += 1
+        self.print(f"warning: non-finite loss/gradient at step {self.step}; step skipped "
+                   f"({self.nonfinite_skips}/{tc.max_nonfinite_skips} in a row)")
+        if self.nonfinite_skips >= tc.max_nonfinite_skips:
+            raise TrainingHalted(f"{self.nonfinite_skips} non-finite steps in a row (train.max_nonfinite_skips); "
+                                 "giving up")
+        return {"loss": loss_mean, "skipped": 1}
+
+    # ------------------------------------------------------------------ jobs on their own cadence
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def log(self, metrics: dict) -> None:
+        if not self._due(self.cfg.train.log_every) or "skipped" in metrics:
+            return
+        now = time.perf_counter()
+        steps = self.step - self._last_log_step
+        metrics = {**metrics, "epoch": self.epoch,
+                   "samples_per_s": steps * self.cfg.train.batch_size / max(now - self._t_log, 1e-9)}
+        if self.ema is not None:
+            metrics["ema_decay"] = self.ema.get_decay(self.ema.optimization_step)
+        self._t_log, self._last_log_step = now, self.step
+        self.tracker.log(metrics, self.step)
+
+    @torch.no_grad()
+    def visualize(self, force: bool = False) -> None:
+        """Rank 0: grid of fixed val clips (past | truth | EMA | raw | |error|) and a GIF per clip."""
+        if not (force or self._due(self.cfg.train.visualize_every)) or not self.info.is_main or not self._vis_indices:
+            return
+        items = [self.val_set[i] for i in self._vis_indices]
+        frames = torch.stack([it["frames"] for it in items])
+        cond = torch.stack([it["cond"] for it in items])
+        past, truth = frames[:, :self.model.t_past], frames[:, self.model.t_past:]
+        nets = {"ema": self._ema_net(), "raw": self.unet} if self.ema is not None else {"prediction": self.unet}
+        preds = {}
+        for name, net in nets.items():
+            g = torch.Generator().manual_seed(self.cfg.train.seed + 4242)  # same noise every time
+            with self._autocast():
+                preds[name] = self.model.predict(past, cond, generator=g, net=net).cpu()
+        out = self.run_dir / "samples"
+        grid = sample_grid(past, truth, preds, out / f"step_{self.step:07d}.png")
+        gifs = {f"samples/clip{j}": clip_gif(past[j], truth[j], {k: v[j] for k, v in preds.items()},
+                                             out / f"step_{self.step:07d}_clip{j}.gif") for j in range(len(items))}
+        self.tracker.log_media({"samples/grid": grid}, gifs, self.step)
+
+    @torch.no_grad()
+    def evaluate(self, force: bool = False) -> dict | None:
+        """All ranks: PSNR/SSIM per horizon step on the val split; rank 0 writes eval/step_<step>.json."""
+        if not (force or self._due(self.cfg.train.eval_every)) or not self._eval_indices:
+            return None
+        nets = {"model": self._ema_net()}
+        if self.ema is not None:
+            nets["raw"] = self.unet
+        steps = self.cfg.train.eval_steps or self.cfg.sampler.num_inference_steps
+        with self._autocast():
+            result = evaluate(self.model, self.val_set, self._eval_indices, self.info, nets, steps,
+                              batch_size=max(self.micro_batch, 1), seed=self.cfg.train.seed + 777)
+        result = {"step": self.step, **result}
+        if self.info.is_main:
+            path = self.run_dir / "eval" / f"step_{self.step:07d}.json"
+            path.write_text(json.dumps(result, indent=1))
+            scalars = {f"eval/{m}_{k}": sum(v) / len(v) for m in ("psnr", "ssim") for k, v in result[m].items()}
+            self.tracker.log(scalars, self.step)
+        return result
+
+    def save(self, force: bool = False) -> Path | None:
+        """All ranks: gather RNG states; rank 0 writes atomically; all ranks agree on success."""
+        if not (force or self._due(self.cfg.train.save_every)):
+            return None
+        rngs = all_gather_object(rng_state({"train": self.generator}), self.info)
+        error = None
+        path = None
+        if self.info.is_main:
+            try:
+                if not all(torch.isfinite(p).all() for p in self.unet.parameters()):
+                    raise ckpt.CheckpointError(f"refusing to save step {self.step}: the weights are not finite")
+                path = ckpt.save_checkpoint(self._state(rngs), self.ckpt_dir, self.step, self.cfg.train.keep_last,
+                                            protect=(self.resumed_from,) if self.resumed_from else ())
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        error = broadcast_object(error, self.info)
+        if error:
+            raise ckpt.CheckpointError(error)
+        return path
+
+    def _state(self, rngs: list) -> dict:
+        return {"unet": self.unet.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "step": self.step, "epoch": self.epoch, "position": self.position,
+                "nonfinite_skips": self.nonfinite_skips, "world_size": self.info.world_size, "rng": rngs,
+                "config": config_to_dict(self.cfg), "vae": self.model.vae.identity(),
+                "model_args": {"latent_channels": self.unet.latent_channels, "t_past": self.unet.t_past,
+                               "t_future": self.unet.t_future, "cond_dim": self.unet.cond_dim},
+                "wandb_id": self.tracker.wandb_id if self.info.is_main else None}
+
+    def _resume(self, which: str) -> str | None:
+        found = ckpt.resolve_resume(self.ckpt_dir, which)
+        if found is None:
+            self.print(f"--resume {which}: no checkpoint in {self.ckpt_dir} yet; starting from step 0")
+            return None
+        path, state = found
+        mine = {k: v.shape for k, v in self.unet.state_dict().items()}
+        theirs = {k: v.shape for k, v in state["unet"].items()}
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[:5]
+            raise ValueError(f"cannot resume from {path}: the model's shape changed (unet/data settings differ from "
+                             f"the checkpoint's), e.g. {diff}")
+        self.unet.load_state_dict(state["unet"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        if state["world_size"] == self.info.world_size:
+            set_rng_state(state["rng"][self.info.rank], {"train": self.generator})
+        else:
+            warnings.warn(f"resuming {path} saved with {state['world_size']} ranks on {self.info.world_size}: "
+                          "data order and noise will differ from an uninterrupted run", stacklevel=2)
+            self.position = 0
+            self.epoch += 1
+        self.resumed_from = path
+        self.print(f"resumed from {path} at step {self.step}")
+        return state.get("wandb_id")
+
+    # ------------------------------------------------------------------ the loop
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = True
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def fit(self) -> dict | None:
+        tc = self.cfg.train
+        self._install_signal_handlers()
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.info.is_main,
+                   dynamic_ncols=True)
+        try:
+            while self.step < tc.max_steps:
+                metrics = self.train_step()
+                if self.stop_requested:
+                    self.save(force=True)
+                    raise Preempted(f"stop requested (SIGTERM/SIGUSR1): saved step {self.step}; "
+                                    "continue with --resume latest")
+                if "skipped" in metrics:
+                    continue
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                self.log(metrics)
+                if self.step < tc.max_steps:  # the final step's jobs run once, forced, below
+                    self.visualize()
+                    self.evaluate()
+                    self.save()
+            bar.close()
+            self.visualize(force=True)
+            result = self.evaluate(force=True)
+            self.save(force=True)
+            if result is not None:
+                self.print(format_table(result))
+            self.print(f"run folder: {self.run_dir}  (samples/: grids and GIFs, eval/: tables, checkpoints/)")
+            return result
+        finally:
+            bar.close()
+            self.tracker.close()
