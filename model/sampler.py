@@ -32,7 +32,9 @@ def clip_x0(x0: torch.Tensor, mode: str, bound: float, percentile: float) -> tup
     if mode == "static":
         s = torch.full((x0.shape[0],), float(bound), device=x0.device, dtype=x0.dtype)
     elif mode == "dynamic":
-        q = torch.quantile(x0.detach().abs().flatten(1).float(), percentile, dim=1).to(x0.dtype)
+        # quantile needs float32 or float64: upcast half precision only, so a float64 x0 keeps its exact bound
+        q = torch.quantile(x0.detach().abs().flatten(1).to(torch.promote_types(x0.dtype, torch.float32)),
+                           percentile, dim=1).to(x0.dtype)
         s = torch.clamp(q, min=bound)
     else:
         raise ValueError(f"unknown clip mode {mode!r}")

@@ -93,7 +93,10 @@ class NoiseSchedule:
         if not 1 <= num_steps <= T:
             raise ValueError(f"num_steps={num_steps} must be in [1, {T}]")
         if spacing == "trailing":
-            ts = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+            # diffusers' float np.arange(T, 0, -T/n) yields n+1 entries for some n (61, 103, 121, ... of 1000), the
+            # last t = -1: a model call at alpha_bar = 1, where the step divides by zero. Keep the first n entries
+            # (identical to diffusers' values; the n-th is about T/n, so round(T/n) - 1 >= 0).
+            ts = np.round(np.arange(T, 0, -T / num_steps)[:num_steps]).astype(np.int64) - 1
         elif spacing == "leading":
             ts = (np.arange(0, num_steps) * (T // num_steps)).round()[::-1].astype(np.int64)
         elif spacing == "linspace":
