@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +60,18 @@ def _background(rng: np.random.Generator, sc: SyntheticConfig, camera_x: np.ndar
     phase = rng.uniform(0, 2 * np.pi, size=_TEXTURE_TERMS)
     amp = rng.uniform(0.02, 0.05, size=(_TEXTURE_TERMS, 3))  # low contrast, slightly different per channel
     # sin(a x + b y + p) = sin(a x) cos(b y + p) + cos(a x) sin(b y + p): separable, so the (T, H, W, 3) image is
-    # one contraction of per-column (T, W) and per-row (H) factors instead of T*H*W*K sines.
+    # a sum of outer products of per-column (T, W) and per-row (H) factors instead of T*H*W*K sines.
     x = np.arange(w)[None, :] + camera_x[:, None]  # (T, W) world x of each screen column
     ax = 2 * np.pi * fx * x[..., None]  # (T, W, K)
     by = 2 * np.pi * fy * np.arange(h)[:, None] + phase  # (H, K)
     cols = np.concatenate([np.sin(ax), np.cos(ax)], -1)  # (T, W, 2K)
     rows = np.concatenate([np.cos(by), np.sin(by)], -1)  # (H, 2K)
     weights = rows.T[:, :, None] * np.concatenate([amp, amp])[:, None, :]  # (2K, H, 3)
-    t_frames = len(camera_x)
-    img = (cols.reshape(t_frames * w, -1) @ weights.reshape(len(weights), h * 3)).reshape(t_frames, w, h, 3)
-    return (img.transpose(0, 2, 1, 3) + base).astype(np.float32)  # (T, H, W, 3)
+    cols, weights = cols.astype(np.float32), weights.astype(np.float32)
+    img = np.broadcast_to(base.astype(np.float32), (len(camera_x), h, w, 3)).copy()
+    for k in range(len(weights)):  # broadcast multiply-adds, not BLAS: its thread pool oversubscribes small products
+        img += cols[:, None, :, k, None] * weights[k][None, :, None, :]
+    return img  # (T, H, W, 3)
 
 
 def _bounce(p0: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -114,17 +117,25 @@ def render_clip(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.nd
     return frames, actions
 
 
+def _write_clip(sc: SyntheticConfig, out: Path, clip_index: int) -> None:
+    frames, actions = render_clip(sc, clip_index)
+    clip_dir = out / f"clip_{clip_index:04d}"
+    clip_dir.mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(clip_dir / f"{i:06d}.png", compress_level=1)
+        if sc.action_pan:
+            (clip_dir / f"{i:06d}.json").write_text(json.dumps({"action": float(actions[i])}))
+
+
 def write_world(sc: SyntheticConfig, out: Path, progress: bool = True) -> None:
-    """Write every clip as out/clip_XXXX/NNNNNN.png (+ NNNNNN.json with pan), then the marker file, last."""
+    """Write every clip as out/clip_XXXX/NNNNNN.png (+ NNNNNN.json with pan), then the marker file, last.
+    Clips are independent, so threads write them in parallel (numpy and zlib release the GIL)."""
     out.mkdir(parents=True, exist_ok=True)
-    for c in tqdm(range(sc.num_clips), desc="synthetic world", unit="clip", disable=not progress, leave=False):
-        frames, actions = render_clip(sc, c)
-        clip_dir = out / f"clip_{c:04d}"
-        clip_dir.mkdir()
-        for i, frame in enumerate(frames):
-            Image.fromarray(frame).save(clip_dir / f"{i:06d}.png", compress_level=1)
-            if sc.action_pan:
-                (clip_dir / f"{i:06d}.json").write_text(json.dumps({"action": float(actions[i])}))
+    with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
+        jobs = [pool.submit(_write_clip, sc, out, c) for c in range(sc.num_clips)]
+        for job in tqdm(as_completed(jobs), total=len(jobs), desc="synthetic world", unit="clip",
+                        disable=not progress, leave=False):
+            job.result()
     (out / MARKER).write_text(json.dumps(_world_spec(sc), indent=1, sort_keys=True))
 
 
