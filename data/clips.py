@@ -50,14 +50,15 @@ def list_frames(clip_dir: Path, frame_glob: str) -> tuple[Path, ...]:
 def discover_clips(cfg: DataConfig) -> list[Clip]:
     """Every clip under cfg.root, sorted by name: sub-folders (frames `cfg.frame_glob` inside) and video files.
 
-    Hidden entries (".name") are ignored. A clip folder without frames is an error naming it; with
-    cfg.bad_data == "skip" it is a warning and the folder is left out.
+    Hidden entries (".name") are ignored. A clip folder without frames or an unreadable video is an error naming
+    it; with cfg.bad_data == "skip" it is a warning and the entry is left out.
     """
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist or is not a folder")
     clips: list[Clip] = []
     empty: list[Path] = []
+    unreadable: list[str] = []
     for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
         if entry.name.startswith("."):
             continue
@@ -68,10 +69,14 @@ def discover_clips(cfg: DataConfig) -> list[Clip]:
             else:
                 empty.append(entry)
         elif entry.suffix.lower() in VIDEO_EXTENSIONS:
-            clips.append(Clip(entry.name, "video", entry, (), count_frames(entry)))
-    if empty:
-        msg = (f"{len(empty)} clip folder(s) under {root} hold no frames matching data.frame_glob="
-               f"{cfg.frame_glob!r} (extensions {', '.join(IMAGE_EXTENSIONS)}):\n  " + "\n  ".join(map(str, empty)))
+            try:
+                clips.append(Clip(entry.name, "video", entry, (), count_frames(entry)))
+            except DataError as e:
+                unreadable.append(str(e))
+    unusable = [f"{p}: no frames matching data.frame_glob={cfg.frame_glob!r} ({', '.join(IMAGE_EXTENSIONS)})"
+                for p in empty] + unreadable
+    if unusable:
+        msg = f"{len(unusable)} unusable clip(s) under {root}:\n  " + "\n  ".join(unusable)
         if cfg.bad_data != "skip":
             raise DataError(msg)
         warnings.warn(msg + "\nskipped (data.bad_data=skip)", stacklevel=2)

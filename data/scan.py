@@ -187,6 +187,10 @@ def scan_clips(clips: list[Clip], cfg: DataConfig, workers: int | None = None, p
                 report.gaps.setdefault(ci, []).append(fi)
                 problems.append(Problem(str(clip.path), f"{missing} frame(s) missing between "
                                         f"{clip.frames[fi - 1].name} and {clip.frames[fi].name}", ci, None))
+        elif cfg.cond_keys:
+            report.bad_clips.add(ci)
+            problems.append(Problem(str(clip.path), f"data.cond_keys {cfg.cond_keys} need per-frame JSON sidecars; "
+                                    f"a video clip has none (extract it to frames)", ci, None))
         if clip.num_frames < span:
             problems.append(Problem(str(clip.path), f"{clip.num_frames} frames, shorter than one window "
                                     f"({span} frames)", ci, None))

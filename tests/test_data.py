@@ -168,7 +168,8 @@ def test_missing_root_empty_root_and_empty_clip_errors_name_the_path(tmp_path):
     write_clip(tmp_path / "good", 5)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no frames here")
-    with pytest.raises(DataError, match=str(tmp_path / "empty")):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match=f"(?s){tmp_path / 'empty'}.*{tmp_path / 'broken.mp4'}"):
         discover_clips(make_cfg(tmp_path))
     with pytest.warns(UserWarning, match=str(tmp_path / "empty")):
         assert [c.name for c in discover_clips(make_cfg(tmp_path, bad_data="skip"))] == ["good"]
@@ -261,6 +262,10 @@ def test_written_mp4_and_gif_are_counted_and_read_in_order(tmp_path):
     assert frame_ids(gif_window) == [2, 6]
     with pytest.raises(DataError, match="out of range"):
         read_clip_frames(clips[1], [12], cfg)
+    cond_cfg = make_cfg(tmp_path, t_past=1, t_future=1, cond_keys=["speed"])
+    with pytest.raises(DataError, match="grey.mp4.*sidecars"):
+        read_cond(clips[1], 0, cond_cfg)
+    assert [p.path for p in scan_clips(clips, cond_cfg, progress=False).problems] == [str(c.path) for c in clips]
 
 
 # ---------------------------------------------------------------- sidecars
