@@ -188,7 +188,8 @@ class Trainer:
                                     sampler=_SkipSampler(self.sampler, self.position * self.micro_batch),
                                     num_workers=self.cfg.data.num_workers,
                                     pin_memory=self.device.type == "cuda",
-                                    persistent_workers=False)
+                                    persistent_workers=False,
+                                    worker_init_fn=faults.worker_init if faults.enabled() else None)
                 self._iter = iter(loader)
             try:
                 batch = next(self._iter)
@@ -205,6 +206,7 @@ class Trainer:
         accum = tc.grad_accum_steps
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
+        faults.at_step(self.step, self.info.rank)
         for micro in range(accum):
             batch = self._next_batch()
             sync = contextlib.nullcontext() if (micro == accum - 1 or not self.info.enabled) else self.net.no_sync()

@@ -1,17 +1,49 @@
-"""Fault injection at named points, for the reliability tests. Off unless VP_FAULTS is set.
+"""Fault injection at named points, for the reliability tests. Off (every hook returns at once) unless VP_FAULTS is set.
 
-VP_FAULTS is a comma-separated list of `name[:rank=R][:step=S]`, e.g. `nan_loss:rank=1:step=3`.
-Points: nan_loss (the loss of that rank/step becomes NaN).
+VP_FAULTS is a comma-separated list of `point[:key=value]...`, e.g. `kill:rank=1:step=3:attempt=0`.
+Conditions (all optional): rank=R (default: any), step=S (the optimizer steps done when the point is reached),
+attempt=A (torchrun's TORCHELASTIC_RESTART_COUNT, 0 on the first attempt), times=N (fire at most N times in this
+process). Parameters: secs=X (sleep points, default 3600).
+
+Points in the training step (before any collective of that step):
+  raise      RuntimeError("injected fault ...")        sleep    stall for `secs`
+  kill       SIGKILL this rank                         sigterm  SIGTERM this rank (a preemption notice)
+  nan_loss   the loss of that rank/step becomes NaN (the graph stays connected, so the grads are NaN too)
+Points in a checkpoint write (rank 0, `step` = the checkpoint's step), after half of the payload is written:
+  save_crash SIGKILL in the middle of the write        disk_full the write fails with ENOSPC
+  save_sleep stall the write for `secs`
+Points elsewhere:
+  prune_crash  SIGKILL in retention pruning, right after the first old checkpoint is deleted
+  worker_kill  a DataLoader worker of that rank SIGKILLs itself when it starts
 """
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import time
+from collections import Counter
 
 import torch
 
+_fired: Counter = Counter()  # (spec item) -> times fired in this process
 
-def _active(name: str, step: int, rank: int) -> bool:
+
+def enabled() -> bool:
+    return bool(os.environ.get("VP_FAULTS"))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _match(name: str, step: int | None, rank: int | None) -> dict | None:
+    """The parameters of the first VP_FAULTS item for `name` whose conditions hold here, else None."""
     spec = os.environ.get("VP_FAULTS", "")
+    if not spec:
+        return None
+    rank = _rank() if rank is None else rank
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
         if parts[0] != name:
@@ -19,14 +51,69 @@ def _active(name: str, step: int, rank: int) -> bool:
         cond = dict(p.split("=", 1) for p in parts[1:])
         if "rank" in cond and int(cond["rank"]) != rank:
             continue
-        if "step" in cond and int(cond["step"]) != step:
+        if "step" in cond and (step is None or int(cond["step"]) != step):
             continue
-        return True
-    return False
+        if "attempt" in cond and int(cond["attempt"]) != attempt:
+            continue
+        if "times" in cond and _fired[item] >= int(cond["times"]):
+            continue
+        _fired[item] += 1
+        return cond
+    return None
+
+
+def _say(what: str, step: int | None) -> None:
+    print(f"[rank {_rank()}] VP_FAULTS: {what} at step {step}", flush=True)
+
+
+def at_step(step: int, rank: int) -> None:
+    """Fault points `raise`, `sleep`, `kill`, `sigterm` at the start of a training step."""
+    if not enabled():
+        return
+    if _match("raise", step, rank) is not None:
+        raise RuntimeError(f"injected fault: raise at step {step} on rank {rank}")
+    if (c := _match("sleep", step, rank)) is not None:
+        _say("sleep", step)
+        time.sleep(float(c.get("secs", 3600)))
+    if _match("sigterm", step, rank) is not None:
+        _say("sigterm", step)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if _match("kill", step, rank) is not None:
+        _say("kill", step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def corrupt_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    """Fault point `nan_loss`: returns loss * NaN when active (the graph stays connected, so grads are NaN too)."""
-    if _active("nan_loss", step, rank):
+    """Fault point `nan_loss`: returns loss * NaN when active."""
+    if enabled() and _match("nan_loss", step, rank) is not None:
         return loss * float("nan")
     return loss
+
+
+def mid_write(f, step: int | None) -> None:
+    """Fault points `save_crash`, `disk_full`, `save_sleep`, called with the half-written checkpoint file `f`."""
+    if not enabled() or step is None:
+        return
+    if _match("save_crash", step, None) is not None:
+        f.flush()
+        os.fsync(f.fileno())  # the partial temp file really is on disk when the process dies
+        _say("save_crash", step)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _match("disk_full", step, None) is not None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if (c := _match("save_sleep", step, None)) is not None:
+        f.flush()
+        time.sleep(float(c.get("secs", 3600)))
+
+
+def after_prune_delete(step: int | None) -> None:
+    """Fault point `prune_crash`: SIGKILL right after retention deleted one old checkpoint."""
+    if enabled() and _match("prune_crash", step, None) is not None:
+        _say("prune_crash", step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker_init_fn; fault point `worker_kill` (the worker inherits RANK from its rank's process)."""
+    if enabled() and _match("worker_kill", None, None) is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
