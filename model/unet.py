@@ -54,6 +54,7 @@ class ConditionalUNet(torch.nn.Module):
         B, Tf, C, h, w = noisy_future.shape
         assert (Tf, C) == (self.t_future, self.latent_channels), f"future latents {tuple(noisy_future.shape)}"
         assert past.shape == (B, self.t_past, C, h, w), f"past latents {tuple(past.shape)} vs future {(B, Tf, C, h, w)}"
+        self.check_latent_size(h, w)  # else UNet2DModel fails deep inside with a skip-connection size mismatch
         x = torch.cat([noisy_future, past], dim=1).reshape(B, (Tf + self.t_past) * C, h, w)
         class_labels = None
         if self.cond_proj is not None:

@@ -79,6 +79,7 @@ class FrozenVAE(torch.nn.Module):
         for p_name, p in self.vae.named_parameters():
             if not torch.isfinite(p).all():
                 raise VAEError(f"VAE {name or ''} has non-finite weights in {p_name}")
+        self.train(False)  # the wrapper's own flag too: nn.Module starts with training=True
 
     @classmethod
     def from_config(cls, cfg) -> "FrozenVAE":

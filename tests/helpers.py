@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub 
 
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, AutoencoderTiny  # noqa: E402
 
@@ -76,3 +77,13 @@ def smooth_frames(b: int, t: int, h: int = 16, w: int = 16, seed: int = 0) -> to
     yy = torch.linspace(0, 3.14, h).reshape(1, 1, 1, h, 1)
     xx = torch.linspace(0, 3.14, w).reshape(1, 1, 1, 1, w)
     return 0.9 * torch.sin(yy + 0.5 * xx + phase)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run a test module with one intra-op thread (restored after). These tensors are tiny; with 2 threads on a
+    shared 2-core machine, OpenMP's spinning workers made the same tests 10-20x slower under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from configs.schema import DiffusionConfig
+from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from model.sampler import clip_x0, ddim_sample
 from model.schedule import NoiseSchedule
 
