@@ -40,6 +40,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def find_resume(cfg, which: str) -> Path | None:
+    """The checkpoint `--resume` names, verified and checked against the config's model shape; None = fresh start.
+
+    Runs on every rank before any process group exists, so a bad resume (no valid checkpoint, a changed model shape)
+    fails on every rank with the same message instead of after the group, the data scan and the latent cache."""
+    import torch
+
+    from model.unet import ConditionalUNet
+    from training.checkpoint import resolve_resume
+
+    if which == "latest" and not cfg.logging.name:
+        raise ValueError("--resume latest needs logging.name (the run folder to continue)")
+    found = resolve_resume(Path(cfg.logging.run_dir) / cfg.logging.name / "checkpoints", which)
+    if found is None:
+        return None
+    path, state = found
+    args = state.get("model_args") or {}
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        unet = ConditionalUNet(cfg.unet, args.get("latent_channels", 4), cfg.data.t_past, cfg.data.t_future,
+                               cfg.cond_dim)
+    mine = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state["unet"].items()}
+    if mine != theirs:
+        old = state.get("config") or {}
+        changed = [f"{sec}.{k}: {old[sec][k]!r} -> {v!r}" for sec, keys in
+                   (("unet", None), ("data", ("t_past", "t_future", "cond_keys")))
+                   for k, v in vars(getattr(cfg, sec)).items()
+                   if (keys is None or k in keys) and k in old.get(sec, {}) and old[sec][k] != v]
+        diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs))
+                if mine.get(k) != theirs.get(k)][:3]
+        raise ValueError(f"cannot resume from {path}: the model's shape changed (checkpoint -> config): "
+                         f"{'; '.join(changed) or 'see tensors'}; tensors e.g. {'; '.join(diff)}")
+    return path
+
+
 def main(argv=None) -> int:
     # ---- config: every problem reported before any process group exists, identically on every rank
     args = parse_args(argv)
@@ -59,19 +94,25 @@ def main(argv=None) -> int:
         if rank == 0:
             print(dump_config(cfg), end="")
         return 0
+    resume = args.resume
+    if args.resume:
+        from training.checkpoint import CheckpointError
+        try:
+            resume = str(find_resume(cfg, args.resume) or args.resume)  # the Trainer reloads exactly this file
+        except (CheckpointError, ValueError) as e:
+            print(f"[rank {rank}] resume error: {e}", file=sys.stderr)
+            return 2
 
     # ---- distributed setup, run folder
     from training import distributed
     from video_prediction_trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingHalted
     info = distributed.setup(cfg.train.dist_timeout_s, args.device)
     try:
-        if args.resume and not cfg.logging.name and args.resume == "latest":
-            raise ValueError("--resume latest needs logging.name (the run folder to continue)")
         name = cfg.logging.name or distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), info)
         run_dir = Path(cfg.logging.run_dir) / name
 
         # ---- build and fit
-        Trainer(cfg, info, run_dir, resume=args.resume).fit()
+        Trainer(cfg, info, run_dir, resume=resume).fit()
         return 0
     except Preempted as e:
         print(f"[rank {info.rank}] {e}", file=sys.stderr)
