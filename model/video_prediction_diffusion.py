@@ -147,7 +147,8 @@ class VideoPredictionDiffusion:
                 **sampler_overrides) -> torch.Tensor:
         """Past frames (B, Tp, 3, H, W) in [-1, 1] -> predicted future frames (B, Tf, 3, H, W) in [-1, 1]."""
         assert past_frames.ndim == 5 and past_frames.shape[1] == self.t_past, f"past {tuple(past_frames.shape)}"
-        past = self.vae.encode(past_frames.to(self.vae.device))
+        # a posterior draw (vae.latent = sample) comes from the caller's generator too, so a seed fixes the prediction
+        past = self.vae.encode(past_frames.to(self.vae.device), generator=generator)
         if cond is not None:
             cond = cond.to(past.device) if cond.numel() else None
         future = self.predict_latents(past, cond, steps, generator, net, **sampler_overrides)

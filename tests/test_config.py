@@ -131,6 +131,7 @@ def test_duplicate_keys_are_all_named_by_path(tmp_path):
     ("train:\n  lr: .nan\n", "train.lr"),  # NaN passes every `<`; the schema must still refuse it
     ("train:\n  grad_clip: .inf\n", "train.grad_clip"),
     ("train:\n  keep_last: 1\n", "train.keep_last"),
+    ("train:\n  log_every: -1\n", "train.log_every"),
     ("train:\n  adam_betas: [0.9]\n", "train.adam_betas"),
     ("train:\n  ema_decay: 1.0\n", "train.ema_decay"),
     ("data:\n  height: 100\n", "data.height"),
