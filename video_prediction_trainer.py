@@ -32,7 +32,7 @@ from training.distributed import (DistInfo, all_gather_object, all_reduce, barri
                                   rng_state, seed_everything, set_rng_state)
 from training.evaluation import evaluate, format_table
 from training.latent_cache import LatentWindowDataset, build_or_load
-from training.tracking import Tracker
+from training.tracking import Tracker, drop_records_after
 from training.visualize import clip_gif, sample_grid
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved and stopped on request; `--resume latest` continues
@@ -71,7 +71,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "samples").mkdir(exist_ok=True)
             (self.run_dir / "eval").mkdir(exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
             removed = ckpt.clean_leftovers(self.ckpt_dir)
             if removed:
                 self.print(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
@@ -136,6 +135,10 @@ class Trainer:
         wandb_id = None
         if resume:
             wandb_id = self._resume(resume)
+        if info.is_main:  # after the resume checks: a refused resume leaves the run folder as it was
+            dump_config(cfg, self.run_dir / "config.yaml")
+            if self.resumed_from is not None and (n := drop_records_after(self.run_dir / "metrics.jsonl", self.step)):
+                self.print(f"metrics.jsonl: dropped {n} record(s) logged after step {self.step} (they are redone now)")
         self.tracker = Tracker(self.run_dir, cfg, config_to_dict(cfg), enabled=info.is_main, resume_id=wandb_id)
         self.stop_requested = False
         self._iter = None

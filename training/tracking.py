@@ -103,5 +103,27 @@ class Tracker:
                 warnings.warn(f"wandb.finish did not return within {timeout_s:.0f} s; leaving it behind", stacklevel=2)
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl without the records of steps after `step` and without torn lines; returns how many
+    lines were dropped. On resume: a run killed after its last checkpoint logged steps that the resumed run logs
+    again (with other values), and a kill mid-write can leave half a line that the next record would be glued to."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(path)
+    return len(lines) - len(kept)
+
+
 def run_dir_name(run_dir: Path) -> str:
     return Path(run_dir).name

@@ -1,0 +1,545 @@
+"""The trainer end to end, on CPU with gloo and a tiny model: the run folder, torchrun with 2 ranks, exact resume,
+killed saves, wandb faults, the latent cache, non-finite steps, config and resume errors.
+
+Single-process runs call `main([...])` in this process (imports paid once); the real command line and torchrun run
+as subprocesses. Every run reads one synthetic world and one tiny VAE built for this module (`make_world`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train_video_pred
+import video_prediction_trainer
+from configs import load_config
+from configs.loader import config_from_dict, parse_yaml
+from data import build_windows, discover_clips, split_clips
+from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from training import checkpoint as ckpt
+from training import distributed
+from training.distributed import DistInfo
+from trainer_helpers import (REPO, assert_bitwise_equal, explain, losses, make_world, read_jsonl, run_cli,
+                             subprocess_env, train_records, write_yaml)
+from video_prediction_trainer import Trainer, TrainingHalted
+
+T_PAST, T_FUTURE = 2, 2
+NAMES = ("model", "copy_last", "vae_roundtrip")  # rows every eval json must hold
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("trainer_world"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.delenv("VP_FAULTS", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def run_main(world, tmp_path: Path, name: str, *sets: str, resume: str | None = None, **dotted) -> tuple[int, Path]:
+    """`main([--config <yaml>, --set ...])` in this process; returns (exit code, run folder)."""
+    cfg = write_yaml(tmp_path / f"{name}.yaml", world.config(tmp_path / "runs", **{"logging.name": name, **dotted}))
+    argv = ["--config", str(cfg), *(["--set", *sets] if sets else []), *(["--resume", resume] if resume else [])]
+    return train_video_pred.main(argv), tmp_path / "runs" / name
+
+
+def val_windows(cfg) -> int:
+    _, val = split_clips(discover_clips(cfg.data), cfg.data.val_fraction, cfg.data.split_seed)
+    return len(build_windows(val, cfg.data))
+
+
+def final_state(run_dir: Path) -> tuple[Path, dict]:
+    found = ckpt.resolve_resume(run_dir / "checkpoints", "latest")
+    assert found is not None, f"no checkpoint in {run_dir}"
+    return found
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Model, EMA, optimizer, LR schedule, data position and every rank's training generator: bit for bit."""
+    for key in ("unet", "ema", "optimizer", "lr_scheduler", "step", "epoch", "position", "nonfinite_skips"):
+        assert_bitwise_equal(a[key], b[key], key)
+    assert len(a["rng"]) == len(b["rng"])
+    for r, (x, y) in enumerate(zip(a["rng"], b["rng"])):
+        assert_bitwise_equal(x["generators"], y["generators"], f"rng[{r}].generators")
+
+
+def check_eval_json(path: Path, step: int, num_clips: int) -> dict:
+    result = json.loads(path.read_text())
+    assert result["step"] == step and isinstance(result["step"], int)
+    assert result["num_clips"] == num_clips and isinstance(result["num_clips"], int)
+    for metric in ("psnr", "ssim"):
+        assert set(NAMES) <= set(result[metric]), result[metric].keys()
+        for name, values in result[metric].items():
+            assert len(values) == T_FUTURE, f"{metric}.{name}: {values}"
+            assert all(isinstance(v, float) and math.isfinite(v) for v in values), f"{metric}.{name}: {values}"
+    assert all(0 < v < 100 for v in result["psnr"]["copy_last"])
+    assert all(-1 <= v <= 1 for vs in result["ssim"].values() for v in vs)
+    return result
+
+
+# ---------------------------------------------------------------- 1. the command line and the run folder
+
+def test_cli_run_writes_every_item_of_the_run_folder_and_wandb_offline(world, tmp_path):
+    cfg_path = write_yaml(tmp_path / "cli.yaml", world.config(
+        tmp_path / "runs", **{"logging.name": "cli", "train.visualize_every": 2, "train.eval_every": 2,
+                              "train.save_every": 2, "train.eval_clips": 2, "train.vis_clips": 2}))
+    sets = ["train.max_steps=3", "logging.wandb.mode=offline"]
+    proc = run_cli(["--config", str(cfg_path), "--set", *sets], tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    run = tmp_path / "runs" / "cli"
+    cfg = load_config(cfg_path, sets)
+
+    # config.yaml: the resolved config, loading back to an equal one
+    assert load_config(run / "config.yaml") == cfg
+
+    # metrics.jsonl: one JSON object a line; a training record per step with the scalars
+    records = read_jsonl(run / "metrics.jsonl")
+    train = train_records(run)
+    assert sorted(train) == [1, 2, 3]
+    for r in train.values():
+        for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0, (key, r)
+        assert r["lr"] > 0 and r["samples_per_s"] > 0
+
+    # eval/step_*.json at the cadence and at the end; their means appended to metrics.jsonl
+    evals = sorted(p.name for p in (run / "eval").iterdir())
+    assert evals == ["step_0000002.json", "step_0000003.json"]
+    for step in (2, 3):
+        result = check_eval_json(run / "eval" / f"step_{step:07d}.json", step, num_clips=2)
+        logged = [r for r in records if r["step"] == step and "eval/psnr_model" in r]
+        assert len(logged) == 1, f"eval of step {step} logged {len(logged)} times"
+        for metric in ("psnr", "ssim"):
+            for name, values in result[metric].items():
+                assert logged[0][f"eval/{metric}_{name}"] == pytest.approx(sum(values) / len(values), abs=1e-3)
+
+    # checkpoints: ckpt_*.pt and `latest`, complete, carrying the resolved config
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["ckpt_000000002.pt", "ckpt_000000003.pt", "latest"], names
+    assert (run / "checkpoints" / "latest").read_text().strip() == "ckpt_000000003.pt"
+    path, state = final_state(run)
+    assert path.name == "ckpt_000000003.pt" and state["step"] == 3
+    assert config_from_dict(state["config"]) == cfg
+
+    # samples: PNG grids and one GIF per clip with t_past + t_future frames, all openable
+    for step in (2, 3):
+        with Image.open(run / "samples" / f"step_{step:07d}.png") as im:
+            im.load()
+            assert im.format == "PNG" and im.width > im.height > 0
+        for clip in range(2):
+            with Image.open(run / "samples" / f"step_{step:07d}_clip{clip}.gif") as im:
+                assert im.format == "GIF" and im.n_frames == T_PAST + T_FUTURE
+                for i in range(im.n_frames):
+                    im.seek(i)
+                    im.load()
+
+    # wandb offline: a run folder inside the run folder
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, list((run / "wandb").iterdir()) if (run / "wandb").exists() else "no wandb folder"
+    assert list(offline[0].glob("*.wandb")), list(offline[0].iterdir())
+
+
+def test_cli_dry_run_prints_the_resolved_config_and_creates_nothing(world, tmp_path):
+    cfg_path = write_yaml(tmp_path / "dry.yaml", world.config(tmp_path / "runs", **{"logging.name": "dry"}))
+    proc = run_cli(["--config", str(cfg_path), "--dry-run", "--set", "train.lr=3e-4", "sampler.eta=0.5"], tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    printed = config_from_dict(parse_yaml(proc.stdout))
+    assert printed == load_config(cfg_path, ["train.lr=3e-4", "sampler.eta=0.5"])
+    assert printed.train.lr == 3e-4
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_help():
+    proc = subprocess.run([sys.executable, str(REPO / "train_video_pred.py"), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, env=subprocess_env(Path("/nonexistent")))
+    assert proc.returncode == 0, explain(proc)
+    for flag in ("--config", "--set", "--resume", "--dry-run", "--device", "exit codes"):
+        assert flag in proc.stdout
+
+
+def test_cli_config_errors_exit_2_naming_every_key(world, tmp_path):
+    cfg_path = write_yaml(tmp_path / "bad.yaml", world.config(tmp_path / "runs", **{"logging.name": "bad"}))
+    proc = run_cli(["--config", str(cfg_path), "--set", "train.lr=fast", "unet.block_out_channelz=[8]",
+                    "sampler.num_inference_steps=0"], tmp_path)
+    assert proc.returncode == 2, explain(proc)
+    for key in ("train.lr", "unet.block_out_channelz", "did you mean 'block_out_channels'",
+                "sampler.num_inference_steps"):
+        assert key in proc.stderr, f"{key!r} not in:\n{proc.stderr}"
+    assert not (tmp_path / "runs").exists()
+
+    proc = run_cli(["--config", str(tmp_path / "missing.yaml")], tmp_path)
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr, explain(proc)
+
+
+# ---------------------------------------------------------------- 2 + 3. torchrun with 2 ranks, exact resume
+
+@pytest.fixture(scope="module")
+def ddp_runs(world, tmp_path_factory):
+    """Three `torchrun --nproc_per_node=2` runs (gloo): 4 steps straight; 2 steps; the latter resumed to 4."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    common = {"train.save_every": 2, "train.eval_clips": 0, "train.vis_clips": 1,
+              "train.cache_dir": str(tmp / "cache")}  # a fresh cache: built by both ranks
+    runs, procs = {}, {}
+    for name, steps, resume in (("straight", 4, None), ("half", 2, None), ("half", 4, "latest")):
+        cfg = write_yaml(tmp / f"{name}{steps}.yaml", world.config(tmp / "runs", **{
+            "logging.name": name, "train.max_steps": steps, **common}))
+        proc = run_cli(["--config", str(cfg), *(["--resume", resume] if resume else [])], tmp, torchrun_procs=2,
+                       timeout=300)
+        assert proc.returncode == 0, f"torchrun {name} max_steps={steps}: " + explain(proc)
+        runs[name], procs[(name, steps)] = tmp / "runs" / name, proc
+    return types.SimpleNamespace(runs=runs, procs=procs, cfg=load_config(cfg))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_evaluate_and_save_once(ddp_runs):
+    run = ddp_runs.runs["straight"]
+    assert sorted(train_records(run)) == [1, 2, 3, 4]  # rank 0 alone writes metrics.jsonl
+    # one evaluation at the end, written once, over every val window: the ranks split the windows between them
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["step_0000004.json"]
+    n_val = val_windows(ddp_runs.cfg)
+    check_eval_json(run / "eval" / "step_0000004.json", 4, num_clips=n_val)
+    eval_lines = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/psnr_model" in r]
+    assert [r["step"] for r in eval_lines] == [4]
+    assert ddp_runs.procs[("straight", 4)].stdout.count(f"evaluation on {n_val} val clips") == 1
+    assert (run / "samples" / "step_0000004.png").is_file()
+    # checkpoints at 2 and 4 with one RNG state per rank; each rank drew its own noise
+    path, state = final_state(run)
+    assert path.name == "ckpt_000000004.pt" and state["world_size"] == 2 and len(state["rng"]) == 2
+    g0, g1 = (r["generators"]["train"] for r in state["rng"])
+    assert not torch.equal(g0, g1)
+    assert (run / "checkpoints" / "ckpt_000000002.pt").is_file()
+    # the latent cache was built by both ranks together and is complete
+    manifests = list((Path(ddp_runs.cfg.train.cache_dir)).glob("*/manifest.json"))
+    assert len(manifests) == 1
+    assert len(json.loads(manifests[0].read_text())["files"]) == 2 * 6  # mean + std of each of the 6 clips
+
+
+@pytest.mark.slow
+def test_exact_resume_two_ranks(ddp_runs):
+    straight, resumed = ddp_runs.runs["straight"], ddp_runs.runs["half"]
+    assert "resumed from" in ddp_runs.procs[("half", 4)].stdout
+    assert sorted(losses(resumed)) == [1, 2, 3, 4]  # 1-2 from the first invocation, 3-4 after the resume
+    assert losses(resumed) == losses(straight)  # exact floats
+    assert_same_training_state(final_state(straight)[1], final_state(resumed)[1])
+
+
+def test_exact_resume_single_process_and_negative_control(world, tmp_path, monkeypatch):
+    common = dict(**{"train.save_every": 2, "train.keep_last": 4})
+    rc, straight = run_main(world, tmp_path, "straight", **common)
+    assert rc == 0
+    rc, half = run_main(world, tmp_path, "half", "train.max_steps=2", **common)
+    assert rc == 0
+    control = tmp_path / "runs" / "control"
+    shutil.copytree(half, control)  # the same stopped run, resumed below without its RNG state
+    rc, resumed = run_main(world, tmp_path, "half", resume="latest", **common)
+    assert rc == 0
+
+    expected = losses(straight)
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert losses(resumed) == expected
+    assert_same_training_state(final_state(straight)[1], final_state(resumed)[1])
+    # the stopped run's final save (after its end-of-run jobs) equals the uninterrupted run's save at that step
+    mid = ckpt.load_checkpoint(straight / "checkpoints" / "ckpt_000000002.pt")
+    assert_same_training_state(mid, ckpt.load_checkpoint(half / "checkpoints" / "ckpt_000000002.pt"))
+
+    # negative control: the same resume with the RNG restore skipped must not reproduce the losses
+    monkeypatch.setattr(video_prediction_trainer, "set_rng_state", lambda *a, **k: None)
+    monkeypatch.setattr(distributed, "set_rng_state", lambda *a, **k: None)
+    rc, control = run_main(world, tmp_path, "control", resume="latest", **common)
+    assert rc == 0
+    got = losses(control)
+    assert [got[s] for s in (1, 2)] == [expected[s] for s in (1, 2)]  # copied from the stopped run
+    assert got[3] != expected[3] and got[4] != expected[4]
+
+
+def test_resume_with_a_changed_model_shape_names_the_checkpoint(world, tmp_path, capsys):
+    rc, run = run_main(world, tmp_path, "shape", **{"train.max_steps": 1, "data.val_fraction": 0.0})
+    assert rc == 0
+    before = {f: (run / f).read_text() for f in ("config.yaml", "metrics.jsonl")}
+    checkpoint = run / "checkpoints" / "ckpt_000000001.pt"
+    wider = {"unet.block_out_channels": [16, 48], "train.max_steps": 2, "data.val_fraction": 0.0}
+
+    capsys.readouterr()
+    rc, _ = run_main(world, tmp_path, "shape", resume="latest", **wider)
+    err = capsys.readouterr().err
+    assert rc == 2  # refused before anything starts, like a config error
+    assert str(checkpoint) in err and "shape" in err and "unet.block_out_channels" in err, err
+
+    # the Trainer's own check (it also guards callers other than the command line)
+    with pytest.raises(ValueError, match=f"cannot resume from {checkpoint}.*shape"):
+        _trainer(world, tmp_path, "shape", resume="latest", **wider,
+                 **{"train.cache_dir": world.raw["train"]["cache_dir"]})
+    # a refused resume leaves the run folder describing the checkpoints it holds
+    assert {f: (run / f).read_text() for f in before} == before
+
+
+# ---------------------------------------------------------------- 4. a killed save leaves the last checkpoint
+
+def _tmp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if ".tmp." in p.name] if folder.is_dir() else []
+
+
+def _check_after_kill(folder: Path) -> tuple[Path, dict]:
+    """No partial file under a final name; `latest` names a valid checkpoint; resolve_resume finds it."""
+    finals = ckpt.list_checkpoints(folder)
+    assert finals, "no checkpoint survived"
+    for p in finals:
+        assert ckpt.verify(p) is None, f"{p.name} is under a final name but {ckpt.verify(p)}"
+    pointer = ckpt.read_latest_pointer(folder)
+    assert pointer is not None and ckpt.verify(pointer) is None
+    path, state = ckpt.resolve_resume(folder, "latest")
+    assert path == pointer
+    return path, state
+
+
+@pytest.mark.slow
+def test_trainer_killed_at_a_random_moment_keeps_a_valid_checkpoint(world, tmp_path):
+    cfg = write_yaml(tmp_path / "kill.yaml", world.config(tmp_path / "runs", **{
+        "logging.name": "kill", "train.max_steps": 10_000, "train.save_every": 1, "train.keep_last": 2,
+        "data.val_fraction": 0.0}))
+    run = tmp_path / "runs" / "kill"
+    folder = run / "checkpoints"
+    log = tmp_path / "kill.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train_video_pred.py"), "--config", str(cfg)], cwd=REPO,
+                                env=subprocess_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        while not (folder / "latest").exists():
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint within 150 s"
+            time.sleep(0.01)
+        delay = random.uniform(0.0, 1.5)
+        kill_at = time.monotonic() + delay
+        while time.monotonic() < kill_at and not _tmp_files(folder):  # kill mid-write if we catch one
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    path, state = _check_after_kill(folder)
+    assert state["step"] == int(path.stem.split("_")[1]) >= 1, f"killed after {delay:.3f} s"
+
+    # the run continues from it: `--resume latest` removes any temp file and trains on
+    rc, _ = run_main(world, tmp_path, "kill", resume="latest", **{
+        "train.max_steps": state["step"] + 1, "train.save_every": 1, "train.keep_last": 2,
+        "data.val_fraction": 0.0})
+    assert rc == 0
+    assert not _tmp_files(folder)
+    assert final_state(run)[1]["step"] == state["step"] + 1
+    # metrics.jsonl: each step once, those the killed run logged after its last checkpoint replaced by the redo
+    assert sorted(train_records(run)) == list(range(1, state["step"] + 2))
+
+
+_BIG_SAVER = textwrap.dedent("""
+    import sys, torch
+    from training.checkpoint import save_checkpoint
+    folder = sys.argv[1]
+    save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, folder, 1, keep_last=2)
+    step = 2
+    while True:  # large states, one after another, until killed
+        save_checkpoint({"step": step, "w": torch.full((8 << 20,), float(step))}, folder, step, keep_last=2)
+        step += 1
+""")
+
+
+@pytest.mark.slow
+def test_kill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for attempt in range(3):  # the kill must land while a temp file is being written; retry if it raced the rename
+        shutil.rmtree(folder, ignore_errors=True)
+        log = tmp_path / "saver.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-c", _BIG_SAVER, str(folder)], cwd=REPO,
+                                    env=subprocess_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not (folder / "latest").exists() or not any(p.name.startswith(".ckpt_") for p in _tmp_files(folder)):
+                assert proc.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, "no checkpoint write seen within 120 s"
+                time.sleep(0.0002)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(30)
+        leftovers = _tmp_files(folder)
+        if any(p.name.startswith(".ckpt_") for p in leftovers):
+            break
+    assert leftovers, "never killed mid-write in 3 attempts"
+    path, state = _check_after_kill(folder)
+    assert state["step"] == int(path.stem.split("_")[1])
+    assert torch.equal(state["w"], torch.arange(1000.0) if state["step"] == 1
+                       else torch.full((8 << 20,), float(state["step"])))
+    assert {p.name for p in ckpt.clean_leftovers(folder)} == {p.name for p in leftovers}
+    assert not _tmp_files(folder)
+
+
+# ---------------------------------------------------------------- 5. wandb failures are never fatal
+
+def test_wandb_failing_at_init_does_not_stop_training(world, tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("injected: wandb.init failed")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with pytest.warns(UserWarning, match="wandb could not start.*injected"):
+        rc, run = run_main(world, tmp_path, "wandb_init", **{"logging.wandb.mode": "offline"})
+    assert rc == 0
+    assert sorted(train_records(run)) == [1, 2, 3, 4]
+    assert (run / "eval" / "step_0000004.json").is_file()
+
+
+def test_wandb_failing_at_log_does_not_stop_training(world, tmp_path, monkeypatch):
+    import wandb
+
+    calls = []
+
+    class BrokenRun:
+        id = "injected"
+
+        def log(self, *args, **kwargs):
+            calls.append("log")
+            raise ConnectionError("injected: wandb.log failed")
+
+        def finish(self):
+            calls.append("finish")
+
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: BrokenRun())
+    with pytest.warns(UserWarning, match="wandb failed at log.*injected"):
+        rc, run = run_main(world, tmp_path, "wandb_log", **{"logging.wandb.mode": "offline"})
+    assert rc == 0
+    assert calls and calls[0] == "log"  # the fault fired (then wandb was switched off for the run)
+    assert sorted(train_records(run)) == [1, 2, 3, 4]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "eval/psnr_model" in r] == [4]
+
+
+# ---------------------------------------------------------------- 6. latent cache
+
+def _count_encoder_calls(monkeypatch, vae) -> list:
+    calls = []
+    original = vae.encode
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", counting)
+    return calls
+
+
+def _trainer(world, tmp_path: Path, name: str, resume: str | None = None, **dotted) -> Trainer:
+    """A Trainer in this process (one rank, CPU); its latent cache under tmp_path unless train.cache_dir is given."""
+    raw = world.config(tmp_path / "runs", **{"logging.name": name, "train.cache_dir": str(tmp_path / "cache"),
+                                            **dotted})
+    return Trainer(config_from_dict(raw), DistInfo(), tmp_path / "runs" / name, resume=resume)
+
+
+def _cache_folder(tmp_path: Path) -> Path:
+    (folder,) = [p.parent for p in (tmp_path / "cache").glob("*/manifest.json")]
+    return folder
+
+
+def test_latent_cache_no_encoder_in_training_reused_and_rebuilt_when_corrupt(world, tmp_path, monkeypatch, capsys):
+    # first run: builds the cache, then trains without calling the encoder
+    trainer = _trainer(world, tmp_path, "a")
+    assert "latent cache: building" in capsys.readouterr().out
+    calls = _count_encoder_calls(monkeypatch, trainer.model.vae.vae)
+    for _ in range(3):
+        assert math.isfinite(trainer.train_step()["loss"])
+    assert trainer.step == 3 and len(calls) == 0
+    trainer.tracker.close()
+    folder = _cache_folder(tmp_path)
+    manifest_mtime = (folder / "manifest.json").stat().st_mtime_ns
+    npy = sorted(folder.glob("*.mean.npy"))[0]
+    good = npy.read_bytes()
+
+    # second run: the same cache, not rebuilt (no encoder call at all while the trainer is built)
+    from diffusers import AutoencoderKL
+    class_calls = _count_encoder_calls(monkeypatch, AutoencoderKL)
+    trainer = _trainer(world, tmp_path, "b")
+    out = capsys.readouterr().out
+    assert f"latent cache: using {folder}" in out and "building" not in out
+    assert len(class_calls) == 0
+    assert (folder / "manifest.json").stat().st_mtime_ns == manifest_mtime
+    trainer.tracker.close()
+
+    # a flipped byte in one latent file: detected and rebuilt to the same bytes
+    data = bytearray(good)
+    data[-1] ^= 0xFF
+    npy.write_bytes(bytes(data))
+    trainer = _trainer(world, tmp_path, "c")
+    out = capsys.readouterr().out
+    assert "latent cache: building" in out and "checksum mismatch" in out, out
+    assert len(class_calls) > 0
+    assert npy.read_bytes() == good
+    trainer.tracker.close()
+
+    # with the cache off, every training step runs the encoder
+    trainer = _trainer(world, tmp_path, "d", **{"train.latent_cache": False})
+    calls = _count_encoder_calls(monkeypatch, trainer.model.vae.vae)
+    trainer.train_step()
+    trainer.train_step()
+    assert len(calls) >= 2
+    trainer.tracker.close()
+
+
+# ---------------------------------------------------------------- non-finite steps (fault point nan_loss)
+
+def test_nonfinite_halt_stops_before_the_optimizer_step(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=2")
+    no_eval = {"data.val_fraction": 0.0, "train.save_every": 1}
+    trainer = _trainer(world, tmp_path, "halt", **no_eval)
+    with pytest.raises(TrainingHalted, match="non-finite loss or gradient at step 2"):
+        trainer.fit()
+    # the weights, EMA and optimizer are those of step 2: nothing was applied from the NaN step
+    saved = ckpt.load_checkpoint(tmp_path / "runs" / "halt" / "checkpoints" / "ckpt_000000002.pt")
+    assert_bitwise_equal(trainer.unet.state_dict(), saved["unet"], "unet")
+    assert_bitwise_equal(trainer.optimizer.state_dict(), saved["optimizer"], "optimizer")
+    assert_bitwise_equal(trainer.ema.state_dict(), saved["ema"], "ema")
+    assert all(torch.isfinite(p).all() for p in trainer.unet.parameters())
+    assert trainer.step == 2
+    assert not (tmp_path / "runs" / "halt" / "checkpoints" / "ckpt_000000003.pt").exists()
+
+    # the command line: exit 1 with a message that says what happened and what to do
+    capsys.readouterr()
+    rc, run = run_main(world, tmp_path, "halt_cli", **no_eval)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "training halted" in err and "non-finite" in err and "step 2" in err and "train.nonfinite" in err, err
+    assert sorted(train_records(run)) == [1, 2]
+
+
+def test_nonfinite_skip_continues(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=1:times=1")  # one bad batch at step 1; the retry is clean
+    rc, run = run_main(world, tmp_path, "skip", **{"data.val_fraction": 0.0, "train.nonfinite": "skip",
+                                                   "train.max_steps": 3})
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "step skipped" in out
+    records = train_records(run)
+    assert sorted(records) == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records.values())
+    state = final_state(run)[1]
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["unet"].values())
+
+
+def test_nonfinite_skip_gives_up_after_max_skips_in_a_row(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VP_FAULTS", "nan_loss")  # every step
+    rc, run = run_main(world, tmp_path, "giveup", **{"data.val_fraction": 0.0, "train.nonfinite": "skip",
+                                                     "train.max_nonfinite_skips": 2})
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 non-finite steps in a row" in err, err
+    assert train_records(run) == {}
