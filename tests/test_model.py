@@ -151,6 +151,18 @@ def test_cond_keep_zero_removes_the_conditioning(vae):
         torch.testing.assert_close(mixed[1], unet(x, past, t, c2, off)[1], rtol=1e-5, atol=1e-6)
 
 
+def test_each_future_frame_knows_its_index(vae):
+    """DESIGN cause 5: swapping two noisy future frames must not just swap the outputs (joint prediction on
+    stacked channels gives every frame its own channel slot)."""
+    unet = build(vae).unet.eval()
+    x, past = torch.randn(B, TF, LATENT_CHANNELS, h, w), torch.randn(B, TP, LATENT_CHANNELS, h, w)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        out = unet(x, past, t)
+        swapped = unet(x[:, [1, 0]], past, t)[:, [1, 0]]
+    assert (out - swapped).abs().max() > 1e-3
+
+
 def test_unet_rejects_wrong_shapes(vae):
     unet = build(vae, **COND).unet
     t = torch.tensor([1, 2])
