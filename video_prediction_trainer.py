@@ -28,8 +28,8 @@ from data.windows import build_windows
 from model import VideoPredictionDiffusion
 from training import checkpoint as ckpt
 from training import faults
-from training.distributed import (DistInfo, all_gather_object, all_reduce, barrier, broadcast_object, rank_seed,
-                                  rng_state, seed_everything, set_rng_state)
+from training.distributed import (DistInfo, StallWatchdog, all_gather_object, all_reduce, barrier, broadcast_object,
+                                  rank_seed, rng_state, seed_everything, set_rng_state)
 from training.evaluation import evaluate, format_table
 from training.latent_cache import LatentWindowDataset, build_or_load
 from training.tracking import Tracker, drop_records_after
@@ -382,9 +382,14 @@ class Trainer:
         self._install_signal_handlers()
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.info.is_main,
                    dynamic_ncols=True)
+        start = self.step
+        # a rank stuck in a step exits by itself (multi-rank only; the first step may compile for minutes)
+        watchdog = StallWatchdog(tc.dist_timeout_s, self.info.rank) if self.info.enabled else None
         try:
             while self.step < tc.max_steps:
-                metrics = self.train_step()
+                first = self.step == start
+                with contextlib.nullcontext() if watchdog is None or first else watchdog.guard(f"step {self.step}"):
+                    metrics = self.train_step()
                 if self.stop_requested:
                     self.save(force=True)
                     raise Preempted(f"stop requested (SIGTERM/SIGUSR1): saved step {self.step}; "

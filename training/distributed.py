@@ -4,9 +4,13 @@ Every collective here is entered by every rank; nothing is rank-0-only except pr
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,3 +122,40 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     for k, g in generators.items():
         g.set_state(state["generators"][k])
+
+
+class StallWatchdog:
+    """Ends this process (exit code 1, naming the rank and the step) when a guarded section overruns.
+
+    Why: when one rank stalls (a hung read, a deadlock), its peers' collectives time out after train.dist_timeout_s
+    and they exit, but the stalled rank ignores torchrun's SIGTERM (the handler only asks for a stop at the next
+    step) and holds the job for torchrun's 30 s grace, with no line saying which rank stalled. The allowance is
+    `timeout_s` plus twice the longest guarded section so far, so a uniformly slow step is never mistaken for a stall.
+    """
+
+    def __init__(self, timeout_s: float, rank: int):
+        self.timeout_s, self.rank = float(timeout_s), rank
+        self._deadline: float | None = None
+        self._what = ""
+        self._longest = 0.0
+        threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def guard(self, what: str):
+        t0 = time.monotonic()
+        self._what, self._deadline = what, t0 + self.timeout_s + 2 * self._longest
+        try:
+            yield
+        finally:
+            self._deadline = None
+            self._longest = max(self._longest, time.monotonic() - t0)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 20))
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"[rank {self.rank}] error: stalled: {self._what} made no progress for "
+                      f"{time.monotonic() - deadline + self.timeout_s + 2 * self._longest:.0f} s "
+                      "(train.dist_timeout_s); exiting so the job ends instead of hanging", file=sys.stderr, flush=True)
+                os._exit(1)

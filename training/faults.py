@@ -29,6 +29,11 @@ import torch
 _fired: Counter = Counter()  # (spec item) -> times fired in this process
 
 
+def reset() -> None:
+    """Forget how often each point fired (for `times=N` across runs in one process, as in tests)."""
+    _fired.clear()
+
+
 def enabled() -> bool:
     return bool(os.environ.get("VP_FAULTS"))
 
