@@ -265,9 +265,11 @@ class WandbConfig:
     project: str = "video-prediction"  # wandb project
     entity: str = ""  # wandb entity (team/user); "" = your default
     tags: list[str] = field(default_factory=list)  # run tags
+    finish_timeout_s: float = 60.0  # seconds to wait for wandb.finish (uploads) at the end, then leave it behind
 
     def validate(self, p: list[str], path: str) -> None:
         _choice(p, f"{path}.mode", self.mode, ("online", "offline", "disabled"))
+        _at_least(p, f"{path}.finish_timeout_s", self.finish_timeout_s, 0.0)
 
 
 @dataclass

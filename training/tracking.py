@@ -28,6 +28,7 @@ class Tracker:
         self.wandb = None
         self.wandb_id = resume_id
         self.tb = None
+        self.finish_timeout_s = cfg.logging.wandb.finish_timeout_s
         if not enabled:
             return
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
@@ -87,10 +88,12 @@ class Tracker:
 
         self._wandb_call("log_media", send)
 
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Close wandb in a daemon thread so a hanging finish cannot keep the process alive."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Close wandb in a daemon thread so a hanging finish cannot keep the process alive
+        (waits logging.wandb.finish_timeout_s)."""
         if not self.enabled:
             return
+        timeout_s = self.finish_timeout_s if timeout_s is None else timeout_s
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
