@@ -109,6 +109,9 @@ class Trainer:
                                            weight_decay=tc.weight_decay, fused=self.device.type == "cuda")
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.generator = torch.Generator(self.device).manual_seed(rank_seed(tc.seed, info.rank) + 1)
+        # the DataLoader draws a base seed at every iter(): from its own generator, so a resume (a new iterator
+        # mid-epoch) or a latent-cache build never shifts the global RNG (dropout) away from an uninterrupted run
+        self.loader_generator = torch.Generator().manual_seed(rank_seed(tc.seed, info.rank) + 2)
 
         # ---- training data: cached latents (no VAE encoder in the loop) or pixels
         windows = build_windows(self.train_clips, cfg.data)
@@ -125,6 +128,8 @@ class Trainer:
         self.sampler = DistributedSampler(self.train_set, num_replicas=info.world_size, rank=info.rank,
                                           shuffle=True, seed=tc.seed, drop_last=True)
         self.batches_per_epoch = len(self.sampler) // self.micro_batch
+
+        torch.manual_seed(rank_seed(tc.seed, info.rank))  # the RNG at step 0 must not depend on the cache build above
 
         # ---- state that checkpoints carry
         self.step = 0  # optimizer steps done
@@ -192,7 +197,8 @@ class Trainer:
                                     num_workers=self.cfg.data.num_workers,
                                     pin_memory=self.device.type == "cuda",
                                     persistent_workers=False,
-                                    worker_init_fn=faults.worker_init if faults.enabled() else None)
+                                    worker_init_fn=faults.worker_init if faults.enabled() else None,
+                                    generator=self.loader_generator)
                 self._iter = iter(loader)
             try:
                 batch = next(self._iter)
