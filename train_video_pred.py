@@ -9,6 +9,7 @@ One script for one process, torchrun on N GPUs and several nodes (NCCL on GPU, g
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -57,6 +58,16 @@ def find_resume(cfg, which: str) -> Path | None:
         return None
     path, state = found
     args = state.get("model_args") or {}
+    vae_config = Path(cfg.vae.pretrained).expanduser() / cfg.vae.subfolder / "config.json"
+    if vae_config.is_file() and args.get("latent_channels") is not None:  # a local VAE: its channels are known now
+        try:
+            channels = json.loads(vae_config.read_text()).get("latent_channels")
+        except json.JSONDecodeError:
+            channels = None  # the VAE loader reports it with its path
+        if channels is not None and channels != args["latent_channels"]:
+            raise ValueError(f"cannot resume from {path}: its UNet works on {args['latent_channels']}-channel "
+                             f"latents but the VAE {cfg.vae.pretrained} has latent_channels={channels} "
+                             f"(the checkpoint's VAE: {(state.get('vae') or {}).get('name')})")
     with torch.device("meta"):  # shapes only: no memory, no weights
         unet = ConditionalUNet(cfg.unet, args.get("latent_channels", 4), cfg.data.t_past, cfg.data.t_future,
                                cfg.cond_dim)

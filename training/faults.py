@@ -3,7 +3,8 @@
 VP_FAULTS is a comma-separated list of `point[:key=value]...`, e.g. `kill:rank=1:step=3:attempt=0`.
 Conditions (all optional): rank=R (default: any), step=S (the optimizer steps done when the point is reached),
 attempt=A (torchrun's TORCHELASTIC_RESTART_COUNT, 0 on the first attempt), times=N (fire at most N times in this
-process). Parameters: secs=X (sleep points, default 3600).
+process), nth=K (fire only the K-th time the point is reached with the other conditions met).
+Parameters: secs=X (sleep points, default 3600).
 
 Points in the training step (before any collective of that step):
   raise      RuntimeError("injected fault ...")        sleep    stall for `secs`
@@ -26,12 +27,14 @@ from collections import Counter
 
 import torch
 
-_fired: Counter = Counter()  # (spec item) -> times fired in this process
+_fired: Counter = Counter()  # spec item -> times fired in this process
+_reached: Counter = Counter()  # spec item -> times its point was reached with the other conditions met
 
 
 def reset() -> None:
     """Forget how often each point fired (for `times=N` across runs in one process, as in tests)."""
     _fired.clear()
+    _reached.clear()
 
 
 def enabled() -> bool:
@@ -59,6 +62,9 @@ def _match(name: str, step: int | None, rank: int | None) -> dict | None:
         if "step" in cond and (step is None or int(cond["step"]) != step):
             continue
         if "attempt" in cond and int(cond["attempt"]) != attempt:
+            continue
+        _reached[item] += 1
+        if "nth" in cond and _reached[item] != int(cond["nth"]):
             continue
         if "times" in cond and _fired[item] >= int(cond["times"]):
             continue
