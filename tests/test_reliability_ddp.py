@@ -46,10 +46,12 @@ def latest_step(run_dir) -> int:
 
 
 def test_rank_killed_mid_training_torchrun_restarts_and_ends_bit_identical(world, reference, tmp_path):
-    """kill -9 of rank 1 at step 5 on the first attempt; torchrun --max-restarts=1 reruns `--resume latest`."""
+    """kill -9 of rank 1 at step 5 on the first attempt; torchrun --max-restarts=1 reruns `--resume latest`.
+    In the second attempt rank 1 joins the process group 3 s late (it must not meet the first attempt's addresses)."""
     cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "r")
     rc, run = run_to_end(["--config", str(cfg), "--resume", "latest"], tmp_path, nproc=2,
-                         faults="kill:rank=1:step=5:attempt=0", torchrun_args=("--max-restarts=1",))
+                         faults="kill:rank=1:step=5:attempt=0,join_late:rank=1:attempt=1:secs=3",
+                         torchrun_args=("--max-restarts=1",))
     assert rc == 0, run.tail()
     assert run.time_of(r"\[rank 1\] VP_FAULTS: kill at step 5") is not None, "the fault never fired"
     assert re.search(r"exitcode: -9\).*local_rank: 1", run.out), run.tail()

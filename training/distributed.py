@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training import faults
+
 
 @dataclass
 class DistInfo:
@@ -50,10 +52,26 @@ def setup(timeout_s: int = 600, device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        faults.before_process_group()
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = {}
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            store = {"store": _attempt_store(rank, world, timeout), "rank": rank, "world_size": world}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **store,
                                 **({"device_id": dev} if use_cuda else {}))
     return DistInfo(rank, world, local_rank, dev)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, its keys prefixed with the restart attempt.
+
+    Why: torchrun keeps one agent store across `--max-restarts` restarts, so a rank of the new attempt that reaches
+    init_process_group before its peers reads the old attempt's addresses (gloo: "connectFullMesh failed ...
+    Connection refused"; NCCL: a stale unique id) and the restart fails. A prefix per attempt keeps them apart."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
 
 
 def teardown() -> None:

@@ -14,7 +14,8 @@ Points in a checkpoint write (rank 0, `step` = the checkpoint's step), after hal
   save_crash SIGKILL in the middle of the write        disk_full the write fails with ENOSPC
   save_sleep stall the write for `secs`
 Points elsewhere:
-  prune_crash  SIGKILL in retention pruning, right after the first old checkpoint is deleted
+  join_late    sleep `secs` (default 3) before joining the process group
+  prune_crash  SIGKILL in retention pruning, right after an old checkpoint is deleted
   worker_kill  a DataLoader worker of that rank SIGKILLs itself when it starts
 """
 from __future__ import annotations
@@ -122,6 +123,12 @@ def after_prune_delete(step: int | None) -> None:
     if enabled() and _match("prune_crash", step, None) is not None:
         _say("prune_crash", step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_process_group() -> None:
+    """Fault point `join_late`: this rank reaches init_process_group `secs` after its peers."""
+    if enabled() and (c := _match("join_late", None, None)) is not None:
+        time.sleep(float(c.get("secs", 3)))
 
 
 def worker_init(worker_id: int) -> None:
