@@ -91,6 +91,7 @@ def test_kill9_at_random_moments_during_saves_always_leaves_the_previous_checkpo
            seconds=round(time.monotonic() - t0, 1))
 
 
+@pytest.mark.slow  # a subprocess (imports paid again)
 def test_trainer_killed_in_the_middle_of_its_save_resumes_from_the_previous_one(world, tmp_path, cli):
     """A real run SIGKILLs itself half-way through writing the step-4 checkpoint (fault point save_crash); the next
     start removes the temp file and resumes from step 2, ending exactly where an uninterrupted run ends."""

@@ -307,6 +307,7 @@ def test_wandb_unavailable_or_failing_never_stops_training(world, tmp_path, cli,
     record(f"12 wandb {mode}", trials=1, exit_code=0)
 
 
+@pytest.mark.slow  # a subprocess: the exit code and a process that really ends are the point
 def test_wandb_hanging_at_finish_exits_0_after_the_final_checkpoint(world, tmp_path):
     (tmp_path / "shim").mkdir()
     (tmp_path / "shim" / "wandb.py").write_text(SHIM)
