@@ -64,7 +64,7 @@ def test_kill9_at_random_moments_during_saves_always_leaves_the_previous_checkpo
             deadline = time.monotonic() + 20
             while not any(p.name.startswith(".ckpt_") for p in temp_files(folder)) and time.monotonic() < deadline:
                 time.sleep(0.001)
-            time.sleep(rng.uniform(0, 0.01))
+            time.sleep(rng.uniform(0, 0.002))
         else:
             time.sleep(rng.uniform(0.02, 0.5))
         os.kill(child.pid, signal.SIGKILL)
