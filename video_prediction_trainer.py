@@ -25,7 +25,7 @@ from configs import Config, config_to_dict, dump_config
 from data import check_clips, discover_clips, ensure_synthetic, split_clips
 from data.dataset import VideoWindowDataset
 from data.windows import build_windows
-from model import VideoPredictionDiffusion
+from model import VideoPredictionDiffusion, performance
 from training import checkpoint as ckpt
 from training import faults
 from training.distributed import (DistInfo, StallWatchdog, all_gather_object, all_reduce, barrier, broadcast_object,
@@ -46,17 +46,22 @@ class Preempted(Exception):
     """SIGTERM/SIGUSR1 was received by some rank; every rank saved and stops."""
 
 
-class _SkipSampler(torch.utils.data.Sampler):
-    """The rank's indices of one epoch from a DistributedSampler, minus the first `skip` (resume mid-epoch)."""
+class _EpochStream(torch.utils.data.Sampler):
+    """The rank's window indices epoch after epoch, without end, from (epoch, skip_batches) on. Each epoch is the
+    DistributedSampler's order for that epoch cut to whole batches (what drop_last did per epoch), so the order is
+    that of one DataLoader per epoch; but one endless iterator lets the workers prefetch across epoch boundaries,
+    where a new iterator per epoch stalled every step that starts an epoch (BENCHMARKS.md)."""
 
-    def __init__(self, sampler: DistributedSampler, skip: int):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler: DistributedSampler, batch: int, epoch: int, skip_batches: int):
+        self.sampler, self.batch, self.epoch, self.skip = sampler, batch, epoch, skip_batches
 
     def __iter__(self):
-        return iter(list(self.sampler)[self.skip:])
-
-    def __len__(self):
-        return max(len(self.sampler) - self.skip, 0)
+        epoch, skip = self.epoch, self.skip
+        while True:
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            yield from order[skip * self.batch:len(order) // self.batch * self.batch]
+            epoch, skip = epoch + 1, 0
 
 
 class Trainer:
@@ -90,13 +95,14 @@ class Trainer:
         # ---- model, EMA, optimizer, LR schedule
         seed_everything(rank_seed(tc.seed, info.rank))
         torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        self.model = VideoPredictionDiffusion.from_config(cfg, self.device)
+        performance.set_cudnn_benchmark(tc.cudnn_benchmark)
+        self.model = VideoPredictionDiffusion.from_config(cfg, self.device)  # NHWC on GPU per train.channels_last
         torch.manual_seed(rank_seed(tc.seed, info.rank))
         self.unet = self.model.unet.to(self.device)
         self.net = DDP(self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if info.enabled else self.unet
-        if tc.compile:
-            self.net = torch.compile(self.net)
+        if tc.compile and self.device.type == "cuda":  # like every speed switch, GPU only
+            self.net = torch.compile(self.net, mode=tc.compile_mode)
         self.ema = None
         self.ema_unet = self.unet
         if tc.ema_decay > 0:
@@ -119,7 +125,8 @@ class Trainer:
             folder = build_or_load(clips, cfg.data, self.model.vae, tc.cache_dir, info, store_std=tc.cache_std,
                                    num_workers=cfg.data.num_workers, log=self.print)
             ids = [clips.index(c) for c in self.train_clips]
-            self.train_set = LatentWindowDataset(self.train_clips, cfg.data, windows, folder, ids)
+            self.train_set = LatentWindowDataset(self.train_clips, cfg.data, windows, folder, ids,
+                                                 with_std=cfg.vae.latent == "sample")
         else:
             self.train_set = VideoWindowDataset(self.train_clips, cfg.data, windows)
         if len(self.train_set) < self.micro_batch * info.world_size:
@@ -189,25 +196,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ data iteration (resumable)
     def _next_batch(self) -> dict:
-        while True:
-            if self._iter is None:
-                self.sampler.set_epoch(self.epoch)
-                loader = DataLoader(self.train_set, batch_size=self.micro_batch, drop_last=True,
-                                    sampler=_SkipSampler(self.sampler, self.position * self.micro_batch),
-                                    num_workers=self.cfg.data.num_workers,
-                                    pin_memory=self.device.type == "cuda",
-                                    persistent_workers=False,
-                                    worker_init_fn=faults.worker_init if faults.enabled() else None,
-                                    generator=self.loader_generator)
-                self._iter = iter(loader)
-            try:
-                batch = next(self._iter)
-                self.position += 1
-                return batch
-            except StopIteration:
-                self._iter = None
-                self.epoch += 1
-                self.position = 0
+        if self._iter is None:  # once per run (and per resume): workers persist and prefetch across epochs
+            self.epoch += self.position // self.batches_per_epoch  # a checkpoint taken at an epoch's very end
+            self.position %= self.batches_per_epoch
+            stream = _EpochStream(self.sampler, self.micro_batch, self.epoch, self.position)
+            loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=stream,
+                                num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                                worker_init_fn=faults.worker_init if faults.enabled() else None,
+                                generator=self.loader_generator)
+            self._iter = iter(loader)
+        batch = next(self._iter)
+        self.position += 1
+        if self.position >= self.batches_per_epoch:  # the epoch's last batch: the next one starts epoch + 1
+            self.epoch += 1
+            self.position = 0
+        return batch
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict:
@@ -362,6 +365,7 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        performance.match_param_layout(list(self.unet.parameters()), self.optimizer, self.ema)  # NCHW <-> NHWC
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)

@@ -113,6 +113,10 @@ class VAEConfig:
     latent: str = "mean"  # mean: posterior mean (deterministic); sample: posterior sample
     dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the VAE's weights and compute
     chunk_size: int = 32  # frames per encoder/decoder call (bounds memory); must be >= 1
+    # GPU: weights and activations in NHWC memory format; false = NCHW. For vae.compile: in eager mode CUDA's
+    # GroupNorm copies NHWC back to NCHW and the SD-VAE encoder ran 25% slower (BENCHMARKS.md)
+    channels_last: bool = False
+    compile: bool = False  # GPU: torch.compile the encoder and decoder (mode train.compile_mode); false = eager
 
     def validate(self, p: list[str], path: str) -> None:
         if not self.pretrained:
@@ -186,6 +190,7 @@ class SamplerConfig:
     clip_percentile: float = 0.995  # dynamic: per-sample quantile of |x0| used as the bound
     guidance_past: float = 1.0  # classifier-free guidance scale on the past frames; 1 = off (needs diffusion.past_dropout > 0)
     guidance_cond: float = 1.0  # guidance scale on the conditioning vector; 1 = off (needs diffusion.cond_dropout > 0)
+    compile: bool = False  # GPU: torch.compile the denoiser for sampling (mode train.compile_mode); false = eager
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_inference_steps", self.num_inference_steps, 1)
@@ -222,7 +227,12 @@ class TrainConfig:
     latent_cache: bool = True  # encode every frame once and train on cached latents; false = encode on the fly
     cache_std: bool = True  # cache the posterior std too, so vae.latent=sample still works from the cache
     cache_dir: str = "data_cache/latents"  # latent cache folder (keyed by VAE, resolution and data fingerprint)
-    compile: bool = False  # torch.compile the UNet (GPU)
+    compile: bool = False  # GPU: torch.compile the UNet's training step (the first steps compile); false = eager
+    # torch.compile mode of train.compile, sampler.compile and vae.compile: default | reduce-overhead (CUDA graphs)
+    # | max-autotune | max-autotune-no-cudagraphs (the autotuning modes compile for minutes)
+    compile_mode: str = "default"
+    channels_last: bool = False  # GPU: UNet in NHWC memory format, for train.compile (eager: 18% slower); false = NCHW
+    cudnn_benchmark: bool = False  # GPU: cuDNN times its conv algorithms per new input shape; false = its heuristics
     log_every: int = 10  # write metrics.jsonl / wandb scalars; 0 = off
     visualize_every: int = 500  # sample grids + GIFs of fixed val clips; 0 = off
     eval_every: int = 1000  # PSNR/SSIM evaluation on the val split; 0 = off (a final evaluation still runs)
@@ -249,6 +259,8 @@ class TrainConfig:
         _in_unit(p, f"{path}.ema_decay", self.ema_decay, closed_high=False)
         _at_least(p, f"{path}.ema_warmup_power", self.ema_warmup_power, 0.0)
         _choice(p, f"{path}.nonfinite", self.nonfinite, ("halt", "skip"))
+        _choice(p, f"{path}.compile_mode", self.compile_mode,
+                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         _at_least(p, f"{path}.max_nonfinite_skips", self.max_nonfinite_skips, 1)
         for name in ("log_every", "visualize_every", "eval_every", "save_every", "vis_clips", "eval_clips", "eval_steps"):
             _at_least(p, f"{path}.{name}", getattr(self, name), 0)

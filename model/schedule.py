@@ -35,13 +35,19 @@ class NoiseSchedule:
             clip_sample=False)
         self.betas = self.scheduler.betas.to(torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64, (T,)
+        self._alpha_bar_tables: dict[torch.device, torch.Tensor] = {}  # alpha_bar padded with 1 at t=-1, per device
 
     # ------------------------------------------------------------------ training side
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t for integer t in [-1, T-1] (t = -1 is clean data, alpha_bar = 1). float64."""
-        t = torch.as_tensor(t, dtype=torch.long).cpu()
-        padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
-        return padded[t + 1]
+        """alpha_bar_t for integer t in [-1, T-1] (t = -1 is clean data, alpha_bar = 1). float64, on t's device:
+        a CUDA t is looked up on the GPU, since copying it to the CPU would stall every training and sampling step."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        if t.device.type not in ("cpu", "cuda"):  # float64 tables are not supported everywhere (e.g. MPS)
+            t = t.cpu()
+        if t.device not in self._alpha_bar_tables:
+            padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
+            self._alpha_bar_tables[t.device] = padded.to(t.device)
+        return self._alpha_bar_tables[t.device][t + 1]
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self.alpha_bar(t)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from configs.schema import Config
+from model import performance
 from model.sampler import ddim_sample
 from model.schedule import NoiseSchedule
 from model.unet import ConditionalUNet
@@ -25,17 +26,22 @@ class VideoPredictionDiffusion:
         self.vae = vae
         self.schedule = NoiseSchedule(cfg.diffusion)
         self.t_past, self.t_future = cfg.data.t_past, cfg.data.t_future
-        self.unet = unet or ConditionalUNet(cfg.unet, vae.latent_channels, self.t_past, self.t_future, cfg.cond_dim)
+        self.unet = unet if unet is not None else ConditionalUNet(cfg.unet, vae.latent_channels, self.t_past,
+                                                                  self.t_future, cfg.cond_dim)
         if self.unet.latent_channels != vae.latent_channels:
             raise ValueError(f"the UNet expects {self.unet.latent_channels} latent channels but the VAE "
                              f"{vae.name} has {vae.latent_channels}")
         self.unet.check_latent_size(cfg.data.height // vae.downsample, cfg.data.width // vae.downsample)
+        self.compiled_nets = performance.CompiledNets(cfg.train.compile_mode)  # for sampler.compile (GPU)
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | str = "cpu") -> "VideoPredictionDiffusion":
+        """Frozen VAE and UNet on `device`; on GPU in NHWC and compiled as vae.* and train.channels_last say."""
         vae = FrozenVAE.from_config(cfg.vae).to(device)
+        performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.train.compile_mode)
         model = cls(cfg, vae)
         model.unet.to(device)
+        performance.channels_last(model.unet, cfg.train.channels_last)
         return model
 
     # ------------------------------------------------------------------ batches -> latents
@@ -48,12 +54,12 @@ class VideoPredictionDiffusion:
         """Scaled latents of a window batch: from the latent cache ("latent_mean"[, "latent_std"]) when present,
         else by encoding "frames" (pixels in [-1, 1]) with the frozen VAE."""
         device = self.vae.device
-        if "latent_mean" in batch:
+        if "latent_mean" in batch:  # non_blocking: the DataLoader pins its batches on GPU runs
             std = batch.get("latent_std")
-            mean = batch["latent_mean"].to(device, torch.float32)
-            return self.vae.latents_from_moments(mean, None if std is None else std.to(device, torch.float32),
-                                                 generator=generator)
-        return self.vae.encode(batch["frames"].to(device), generator=generator)
+            mean = batch["latent_mean"].to(device, non_blocking=True).float()
+            std = None if std is None else std.to(device, non_blocking=True).float()
+            return self.vae.latents_from_moments(mean, std, generator=generator)
+        return self.vae.encode(batch["frames"].to(device, non_blocking=True), generator=generator)
 
     # ------------------------------------------------------------------ training
     def loss(self, past: torch.Tensor, future: torch.Tensor, cond: torch.Tensor | None = None,
@@ -61,7 +67,7 @@ class VideoPredictionDiffusion:
         """Diffusion loss on latents: weighted MSE between the net's output and the schedule's target.
 
         Randomness (t, noise, condition dropout) comes from `generator`, so a resumed run draws the same."""
-        net = net or self.unet
+        net = self.unet if net is None else net  # not `net or`: a torch.compile wrapper has no truth value
         B, device = future.shape[0], future.device
 
         def rand(*shape):
@@ -123,7 +129,7 @@ class VideoPredictionDiffusion:
         """Past latents (B, Tp, C, h, w) -> predicted future latents (B, Tf, C, h, w). Sampler settings come
         from cfg.sampler; keyword overrides (eta, spacing, clip, clip_bound, ...) replace them for this call.
         `noise` (B, Tf, C, h, w) is x_T; drawn from `generator` when not given."""
-        net = net or self.unet
+        net = self.unet if net is None else net  # not `net or`: a torch.compile wrapper has no truth value
         s = self.cfg.sampler
         kw = dict(eta=s.eta, spacing=s.timestep_spacing, clip=s.clip_x0, clip_bound=s.clip_bound,
                   clip_percentile=s.clip_percentile)
@@ -136,7 +142,8 @@ class VideoPredictionDiffusion:
         was_training = net.training
         net.eval()
         try:
-            return ddim_sample(self.denoiser(past, cond, net, **guidance), noise, self.schedule,
+            call = self.compiled_nets(net) if s.compile else net  # same weights, compiled forward (GPU only)
+            return ddim_sample(self.denoiser(past, cond, call, **guidance), noise, self.schedule,
                                steps or s.num_inference_steps, generator=generator, callback=callback, **kw)
         finally:
             net.train(was_training)

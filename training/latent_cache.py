@@ -150,13 +150,17 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info:
 
 
 class LatentWindowDataset(Dataset):
-    """Windows over cached latents. Item: {"latent_mean": (T, C, h, w) float32 scaled latents,
-    ["latent_std": same], "cond": (cond_dim,), "clip": name, "index": window index}."""
+    """Windows over cached latents. Item: {"latent_mean": (T, C, h, w) float16 scaled latents (as stored: the
+    model upcasts on its device, so a batch crosses PCIe at half the bytes), ["latent_std": same],
+    "cond": (cond_dim,), "clip": name, "index": window index}."""
 
-    def __init__(self, clips: list[Clip], data_cfg, windows: list[Window], folder: Path, clip_ids: list[int]):
-        """clip_ids[i] is the index of clips[i] in the clip list the cache was built from."""
+    def __init__(self, clips: list[Clip], data_cfg, windows: list[Window], folder: Path, clip_ids: list[int],
+                 with_std: bool = True):
+        """clip_ids[i] is the index of clips[i] in the clip list the cache was built from. with_std=False leaves
+        the cached std out of the items (vae.latent = mean never reads it)."""
         self.clips, self.cfg, self.windows = clips, data_cfg, windows
         self.folder, self.clip_ids = Path(folder), clip_ids
+        self.with_std = with_std
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
 
     def _array(self, clip: int, what: str) -> np.ndarray | None:
@@ -172,11 +176,11 @@ class LatentWindowDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         w = self.windows[index]
         idx = list(w.frames)
-        item = {"latent_mean": torch.from_numpy(np.asarray(self._array(w.clip, "mean")[idx], np.float32)),
+        item = {"latent_mean": torch.from_numpy(np.asarray(self._array(w.clip, "mean")[idx])),
                 "clip": self.clips[w.clip].name, "index": index}
-        std = self._array(w.clip, "std")
+        std = self._array(w.clip, "std") if self.with_std else None
         if std is not None:
-            item["latent_std"] = torch.from_numpy(np.asarray(std[idx], np.float32))
+            item["latent_std"] = torch.from_numpy(np.asarray(std[idx]))
         clip = self.clips[w.clip]
         future = idx[self.cfg.t_past:]
         item["cond"] = (torch.cat([read_cond(clip, i, self.cfg) for i in future]) if self.cfg.cond_keys

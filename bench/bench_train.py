@@ -1,0 +1,248 @@
+"""Training speed (goal 1) and memory (goal 5) through the project's Trainer, baseline and optimised, in one process.
+
+Each variant is a `Trainer` built from configs/config_video_prediction.yaml plus overrides, on a synthetic world at
+256x448 (random SD-VAE, ~90M-parameter UNet, 32x56 latents). Its real `train_step` is timed (loss, backward,
+clip, fused AdamW, EMA, and the per-step all-reduce + .item() of the non-finite check) on a batch that is already
+on the GPU; the data-loading variants feed it from the latent cache through its own DataLoader.
+
+    python bench/bench_train.py [--tiny] [--budget-s 420]
+"""
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from bench.common import (device, elapsed_s, emit, emit_env, gpu_mem_gib, parse_args,  # noqa: E402
+                          peak_matmul_tflops, reference_config, reset_mem, stats, time_block, time_each)
+from training.distributed import DistInfo  # noqa: E402
+from video_prediction_trainer import Trainer  # noqa: E402
+
+B = "train"
+BASELINE = ["train.channels_last=false", "train.cudnn_benchmark=false", "vae.channels_last=false"]
+NAIVE = BASELINE + ["train.latent_cache=false", "vae.dtype=fp32", "train.mixed_precision='no'"]
+CACHED = ["train.latent_cache=true", "vae.dtype=bf16"]  # the cache is built once (bf16 encoder), then read
+
+
+class BenchTrainer(Trainer):
+    """The Trainer, fed a fixed on-GPU batch when `fixed_batch` is set (timing without data loading), or, with
+    `restart_workers`, a new DataLoader (workers, cold prefetch queue) at every epoch start, as before the
+    endless epoch stream."""
+
+    fixed_batch: dict | None = None
+    restart_workers = False
+
+    def _next_batch(self) -> dict:
+        if self.fixed_batch is not None:
+            return self.fixed_batch
+        if self.restart_workers and self.position == 0:
+            self._iter = None
+        return super()._next_batch()
+
+
+def world(args) -> list[str]:
+    h, w, clips, frames = (32, 32, 4, 16) if args.tiny else (256, 448, 10, 64)
+    return [f"data.root={Path(args.work) / f'world_{h}x{w}'}", "data.synthetic.enabled=true",
+            f"data.synthetic.height={h}", f"data.synthetic.width={w}", f"data.synthetic.num_clips={clips}",
+            f"data.synthetic.frames_per_clip={frames}", "data.val_fraction=0.1", "train.warmup_steps=0",
+            "train.ema_decay=0.9999", f"data.num_workers={0 if args.tiny else 8}"]
+
+
+def build(args, name: str, overrides: list[str]) -> BenchTrainer:
+    cfg = reference_config(args, world(args) + overrides + [f"logging.name={name}"])
+    return BenchTrainer(cfg, DistInfo(device=device()), Path(cfg.logging.run_dir) / name)
+
+
+def fixed_batch(tr: Trainer, size: int) -> dict:
+    """`size` windows on the device, tiled from up to 16 distinct ones of the training set."""
+    items = [tr.train_set[i] for i in range(min(16, size, len(tr.train_set)))]
+    batch = default_collate([items[i % len(items)] for i in range(size)])
+    return {k: (v.to(tr.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def pure_step(tr: Trainer) -> None:
+    """Trainer.train_step without its all-reduce and .item() calls (nothing waits for the GPU)."""
+    tc = tr.cfg.train
+    tr.optimizer.zero_grad(set_to_none=True)
+    with tr._autocast():
+        loss = tr.model.batch_loss(tr.fixed_batch, tr.generator, net=tr.net)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in tr.unet.parameters() if p.grad is not None], tc.grad_clip)
+    tr.optimizer.step()
+    tr.lr_scheduler.step()
+    if tr.ema is not None:
+        tr.ema.step(tr.unet.parameters())
+
+
+def flops_per_sample(tr: Trainer) -> tuple[float, float]:
+    """(UNet forward + backward FLOPs of one training sample, VAE encoder FLOPs of one frame), counted by
+    torch.utils.flop_counter on the eager modules at batch 4 (latents) and 1 (frame)."""
+    d, vae = tr.cfg.data, tr.model.vae
+    h, w = d.height // vae.downsample, d.width // vae.downsample
+    past = torch.randn(4, d.t_past, vae.latent_channels, h, w, device=tr.device)
+    future = torch.randn(4, d.t_future, vae.latent_channels, h, w, device=tr.device)
+    with FlopCounterMode(display=False) as fc:
+        with tr._autocast():
+            loss = tr.model.loss(past, future, None, tr.generator, net=tr.unet)
+        loss.backward()
+    tr.optimizer.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as fe:
+        vae.encode_moments(torch.zeros(1, 1, 3, d.height, d.width, device=tr.device))
+    return fc.get_total_flops() / 4, fe.get_total_flops()
+
+
+def measure(tr: BenchTrainer, name: str, size: int, warmup: int, iters: int, flops: float, peak: float,
+            **extra) -> dict | None:
+    tr.fixed_batch = fixed_batch(tr, size)
+    reset_mem()
+    try:
+        s = stats(time_each(tr.train_step, warmup, iters))
+    except torch.OutOfMemoryError:
+        tr.fixed_batch = None
+        tr.optimizer.zero_grad(set_to_none=True)
+        emit(B, name, batch=size, error="out of memory")
+        return None
+    sps = size / (s["median_ms"] / 1e3)
+    return emit(B, name, batch=size, **s, samples_per_s=sps, tflops=flops * sps / 1e12,
+                mfu=flops * sps / (peak * 1e12), **gpu_mem_gib(), **extra)
+
+
+def fits(tr: BenchTrainer, size: int) -> float | None:
+    """Peak GiB allocated by two training steps at this batch, or None when it does not fit."""
+    tr.fixed_batch = None
+    gc.collect()
+    reset_mem()
+    peak = None
+    try:
+        tr.fixed_batch = fixed_batch(tr, size)
+        tr.train_step()
+        tr.train_step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    except torch.OutOfMemoryError:
+        pass  # the exception (and the activations its traceback holds) is gone after this block
+    if peak is None:
+        tr.fixed_batch = None
+        tr.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return peak
+
+
+def max_batch(tr: BenchTrainer, name: str, start: int, step: int) -> None:
+    """Largest per-GPU batch that trains: doubling from `start`, then bisecting to `step`."""
+    good, bad, size, peaks = 0, None, start, {}
+    while bad is None and size <= 65536:
+        peak = fits(tr, size)
+        emit(B, f"{name}/try", batch=size, fits=peak is not None, peak_alloc_gib=peak)
+        if peak is None:
+            bad = size
+        else:
+            good, peaks[size] = size, peak
+            size *= 2
+    while bad is not None and bad - good > step:
+        size = (good + bad) // 2 // step * step
+        peak = fits(tr, size)
+        emit(B, f"{name}/try", batch=size, fits=peak is not None, peak_alloc_gib=peak)
+        if peak is None:
+            bad = size
+        else:
+            good, peaks[size] = size, peak
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    emit(B, name, max_batch=good, peak_alloc_gib=peaks.get(good), card_gib=total, step=step)
+    tr.fixed_batch = None
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    emit_env(B)
+    tiny = args.tiny
+    big = 8 if tiny else 256  # the optimised batch
+    small = 4 if tiny else 64  # the issue's batch
+    iters = 3 if tiny else 15
+    torch._dynamo.config.automatic_dynamic_shapes = False  # a new batch size compiles a static graph, as in training
+    peak = peak_matmul_tflops()
+    emit(B, "peak_bf16_matmul", tflops=peak, note="8192^3 torch.matmul on random bf16, median of 30")
+
+    # ---- baselines: naive (fp32 VAE encoder on all 8 frames every step + fp32 UNet) and eager bf16 on the cache
+    naive = build(args, "naive", NAIVE + [f"train.batch_size={small}"])
+    flops, enc_flops = flops_per_sample(naive)
+    frames = naive.cfg.data.window_frames
+    emit(B, "flops", gflop_per_sample_unet_fwd_bwd=flops / 1e9, gflop_per_frame_vae_encoder=enc_flops / 1e9,
+         params_m=sum(p.numel() for p in naive.unet.parameters()) / 1e6)
+    measure(naive, "naive_fp32_encode_every_step", small, 1, 3 if tiny else 5, flops + frames * enc_flops, peak,
+            note="FLOPs/MFU here count the UNet step and the VAE encoder on every window frame")
+    del naive
+    gc.collect()
+
+    eager = build(args, "eager", CACHED + BASELINE + [f"train.batch_size={big}"])
+    measure(eager, "eager_bf16_nchw", small, 3, iters, flops, peak, note="the issue's cached-latent baseline")
+    torch.backends.cudnn.benchmark = True
+    measure(eager, "eager_bf16_nchw_cudnn_benchmark", small, 3, iters, flops, peak)
+    del eager
+    gc.collect()
+    eager = build(args, "eager_cl", CACHED + [f"train.batch_size={big}"])  # channels_last + cudnn benchmark on
+    measure(eager, "eager_bf16_channels_last", small, 3, iters, flops, peak)
+    measure(eager, "eager_bf16_channels_last", big, 3, iters, flops, peak)
+    del eager
+    gc.collect()
+
+    # ---- optimised: the config switches as a user sets them (channels_last, cudnn benchmark, compile)
+    best = build(args, "compiled", CACHED + ["train.compile=true", f"train.batch_size={big}"])
+    measure(best, "compiled_channels_last", big, 3, iters, flops, peak, compile_mode="default")
+    # the per-step all-reduce + .item() (non-finite check, loss, stop flag): train_step vs the same step without
+    block_pure = time_block(lambda: pure_step(best), 2, iters)
+    block_real = time_block(best.train_step, 2, iters)
+    emit(B, "per_step_sync_cost", batch=big, pure_step_ms=block_pure, train_step_ms=block_real,
+         sync_cost_ms=block_real - block_pure, sync_cost_fraction=(block_real - block_pure) / block_pure)
+    fixed_ms = block_real
+
+    # ---- data loading from the latent cache through the Trainer's own DataLoader (several epochs)
+    best.fixed_batch = None
+    n_real = 8 if tiny else 24
+    real = time_each(best.train_step, 3, n_real)
+    mean_real = sum(real) / len(real)
+    emit(B, "real_loader_epoch_stream", batch=big, **stats(real), mean_ms=mean_real,
+         fixed_batch_mean_ms=fixed_ms, data_loading_fraction=(mean_real - fixed_ms) / fixed_ms,
+         epochs_seen=best.epoch, num_workers=best.cfg.data.num_workers)
+    if elapsed_s() < args.budget_s:
+        best.restart_workers = True
+        old = time_each(best.train_step, 2, n_real)
+        mean_old = sum(old) / len(old)
+        emit(B, "real_loader_new_loader_each_epoch", batch=big, **stats(old), mean_ms=mean_old,
+             data_loading_fraction=(mean_old - fixed_ms) / fixed_ms, note="the loader before the epoch stream")
+        best.restart_workers = False
+    del best
+    gc.collect()
+
+    # ---- memory: the largest per-GPU batch (eager, channels_last; with and without gradient checkpointing)
+    if torch.cuda.is_available() and elapsed_s() < args.budget_s:
+        tr = build(args, "memory", CACHED + [f"train.batch_size={big}"])
+        max_batch(tr, "max_batch_eager_channels_last", 512, 128)
+        del tr
+        gc.collect()
+    if torch.cuda.is_available() and elapsed_s() < args.budget_s:
+        tr = build(args, "memory_gc", CACHED + [f"train.batch_size={big}", "unet.gradient_checkpointing=true"])
+        measure(tr, "eager_channels_last_grad_checkpointing", big, 2, 10, flops, peak)
+        max_batch(tr, "max_batch_eager_channels_last_grad_checkpointing", 1024, 256)
+        del tr
+    if elapsed_s() < args.budget_s:
+        tr = build(args, "compiled_small", CACHED + ["train.compile=true", f"train.batch_size={small}"])
+        measure(tr, "compiled_channels_last", small, 3, iters, flops, peak, compile_mode="default")
+        del tr
+        gc.collect()
+    if elapsed_s() < args.budget_s:
+        nchw = build(args, "compiled_nchw", CACHED + ["train.compile=true", "train.channels_last=false",
+                                                      f"train.batch_size={big}"])
+        measure(nchw, "compiled_nchw", big, 3, iters, flops, peak, compile_mode="default")
+    emit(B, "done", elapsed_s=elapsed_s())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""GPU paths, on a tiny model: bf16 training steps with the speed switches on (NHWC, cuDNN autotuning, compiled),
+the compiled sampler against the eager one, the bf16 NHWC latent cache against fp32, and 2-rank NCCL training
+through torchrun. Skipped without CUDA; run on the GPU machine with `pytest -m gpu tests/test_gpu.py`."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from configs.loader import config_from_dict
+from data import discover_clips
+from model import VideoPredictionDiffusion
+from trainer_helpers import REPO, SCRIPT, explain, losses, make_world, subprocess_env, write_yaml
+from training import checkpoint as ckpt
+from training.distributed import DistInfo
+from training.latent_cache import build_or_load
+from video_prediction_trainer import Trainer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("gpu_world"))
+
+
+def gpu_config(world, tmp_path: Path, **dotted):
+    return config_from_dict(world.config(tmp_path / "runs", **{"train.cache_dir": str(tmp_path / "cache"),
+                                                               **dotted}))
+
+
+@pytest.mark.parametrize("compile_unet", [False, True], ids=["eager", "compiled"])
+def test_bf16_training_steps_run_with_finite_loss_and_move_the_weights(world, tmp_path, compile_unet):
+    cfg = gpu_config(world, tmp_path, **{"train.mixed_precision": "bf16", "train.compile": compile_unet,
+                                         "train.channels_last": True, "vae.dtype": "bf16"})
+    trainer = Trainer(cfg, DistInfo(device=CUDA), tmp_path / "runs" / "run")
+    conv = trainer.unet.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # train.channels_last took effect on the GPU
+    before = conv.detach().clone()
+    for _ in range(3):
+        metrics = trainer.train_step()
+        assert "skipped" not in metrics and math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    assert not torch.equal(before, conv.detach())
+    assert all(torch.isfinite(p).all() for p in trainer.unet.parameters())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_compiled_sampler_equals_eager_sampler(world, tmp_path, autocast):
+    cfg = gpu_config(world, tmp_path, **{"sampler.num_inference_steps": 4})
+    torch.manual_seed(0)
+    model = VideoPredictionDiffusion.from_config(cfg, CUDA)
+    g = torch.Generator(CUDA).manual_seed(1)
+    past = torch.randn(3, 2, 4, 8, 8, device=CUDA, generator=g)
+    noise = torch.randn(3, 2, 4, 8, 8, device=CUDA, generator=g)
+    out = {}
+    # fp32 means fp32: TF32 convolutions (cuDNN's default) round to 10 bits, and the two paths may pick different
+    # algorithms, which 4 DDIM steps amplify (an H200 run with TF32 on failed this case; its message was not kept)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = autocast
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=autocast):
+            for compiled in (False, True):
+                model.cfg.sampler.compile = compiled
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out[compiled] = model.predict_latents(past, noise=noise.clone()).float()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert torch.isfinite(out[True]).all()
+    rel = ((out[True] - out[False]).norm() / out[False].norm()).item()
+    assert rel < (3e-2 if autocast else 1e-3), rel
+
+
+def test_bf16_channels_last_latent_cache_matches_fp32(world, tmp_path):
+    means = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = gpu_config(world, tmp_path, **{"vae.dtype": dtype, "vae.channels_last": dtype == "bf16"})
+        model = VideoPredictionDiffusion.from_config(cfg, CUDA)
+        clips = discover_clips(cfg.data)
+        folder = build_or_load(clips, cfg.data, model.vae, tmp_path / f"cache_{dtype}", DistInfo(device=CUDA),
+                               num_workers=0, log=lambda *a: None)
+        means[dtype] = np.concatenate([np.load(p) for p in sorted(folder.glob("*.mean.npy"))]).astype(np.float64)
+    assert np.isfinite(means["bf16"]).all()
+    rel = np.linalg.norm(means["bf16"] - means["fp32"]) / np.linalg.norm(means["fp32"])
+    assert rel < 2e-2, rel
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_nccl_training_through_torchrun(world, tmp_path):
+    raw = world.config(tmp_path / "runs", **{"logging.name": "nccl", "train.max_steps": 3,
+                                             "train.cache_dir": str(tmp_path / "cache")})
+    cfg = write_yaml(tmp_path / "nccl.yaml", raw)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+           "--config", str(cfg)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, explain(proc)
+    run_dir = tmp_path / "runs" / "nccl"
+    logged = losses(run_dir)
+    assert sorted(logged) == [1, 2, 3] and all(math.isfinite(v) for v in logged.values())
+    path, state = ckpt.resolve_resume(run_dir / "checkpoints", "latest")
+    assert state["step"] == 3 and state["world_size"] == 2

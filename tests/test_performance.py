@@ -1,0 +1,103 @@
+"""The speed switches' CPU-visible behaviour: a compiled net goes through the loss like the eager one, a resume into
+the other memory format keeps fused AdamW exact, the cached windows leave the std out when unused and keep fp16,
+and the Trainer's one endless DataLoader yields each epoch's DistributedSampler order (and resumes mid-epoch)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from configs.loader import config_from_dict
+from data import build_windows, discover_clips
+from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from helpers import tiny_config, tiny_kl_vae
+from model import FrozenVAE, VideoPredictionDiffusion, performance
+from trainer_helpers import make_world
+from training.distributed import DistInfo
+from training.latent_cache import LatentWindowDataset, build_or_load
+from video_prediction_trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("perf_world"))
+
+
+def test_loss_accepts_a_compiled_net_and_matches_eager():
+    """`net or self.unet` raised TypeError for a torch.compile wrapper (it has no truth value): train.compile=true
+    crashed at the first step."""
+    torch.manual_seed(0)
+    model = VideoPredictionDiffusion(tiny_config(), FrozenVAE(tiny_kl_vae()))
+    compiled = torch.compile(model.unet, backend="eager")  # dynamo's tracing without code generation
+    g = torch.Generator().manual_seed(3)
+    past, future = torch.randn(2, 2, 4, 8, 8, generator=g), torch.randn(2, 2, 4, 8, 8, generator=g)
+    eager = model.loss(past, future, generator=torch.Generator().manual_seed(0))
+    traced = model.loss(past, future, generator=torch.Generator().manual_seed(0), net=compiled)
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
+def _adamw_after_resume(param_format, fix: bool) -> torch.Tensor:
+    """One AdamW step saved from an NCHW run, loaded into a param of `param_format`, then one more step."""
+    g = torch.Generator().manual_seed(0)
+    w0, g1, g2 = (torch.randn(6, 5, 3, 3, generator=g) for _ in range(3))
+    p = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    p.grad = g1.clone()
+    opt.step()
+    saved = opt.state_dict()
+    q = torch.nn.Parameter(p.detach().clone().contiguous(memory_format=param_format))
+    opt2 = torch.optim.AdamW([q], lr=0.1, fused=True)
+    opt2.load_state_dict(saved)
+    if fix:
+        performance.match_param_layout([q], opt2)
+    q.grad = g2.clone().contiguous(memory_format=param_format)
+    opt2.step()
+    return q.detach().contiguous()
+
+
+def test_resume_into_channels_last_keeps_fused_adamw_exact():
+    reference = _adamw_after_resume(torch.contiguous_format, fix=False)
+    torch.testing.assert_close(_adamw_after_resume(torch.channels_last, fix=True), reference, rtol=0, atol=1e-7)
+
+
+def test_cached_windows_are_fp16_and_leave_out_an_unused_std(world, tmp_path):
+    cfg = config_from_dict(world.config(tmp_path / "runs"))
+    clips = discover_clips(cfg.data)
+    vae = FrozenVAE.from_config(cfg.vae)
+    folder = build_or_load(clips, cfg.data, vae, tmp_path / "cache", DistInfo(), num_workers=0, log=lambda *a: None)
+    windows = build_windows(clips, cfg.data)
+    ids = list(range(len(clips)))
+    with_std = LatentWindowDataset(clips, cfg.data, windows, folder, ids, with_std=True)[0]
+    without = LatentWindowDataset(clips, cfg.data, windows, folder, ids, with_std=False)[0]
+    assert "latent_std" in with_std and "latent_std" not in without
+    assert without["latent_mean"].dtype == torch.float16
+    stored = np.load(folder / f"{windows[0].clip:06d}.mean.npy")[list(windows[0].frames)]
+    assert np.array_equal(without["latent_mean"].numpy(), stored)
+
+
+def _indices(batch: dict) -> list[int]:
+    return [int(i) for i in batch["index"]]
+
+
+def test_epoch_stream_follows_the_sampler_each_epoch_and_resumes_mid_epoch(world, tmp_path):
+    raw = world.config(tmp_path / "runs", **{"data.num_workers": 1, "train.cache_dir": str(tmp_path / "cache")})
+    cfg = config_from_dict(raw)
+    trainer = Trainer(cfg, DistInfo(), tmp_path / "runs" / "a")
+    per_epoch = trainer.batches_per_epoch
+    seen = [_indices(trainer._next_batch()) for _ in range(2 * per_epoch + 1)]
+    for epoch in (0, 1):
+        trainer.sampler.set_epoch(epoch)
+        expected = list(trainer.sampler)[:per_epoch * trainer.micro_batch]
+        got = sum(seen[epoch * per_epoch:(epoch + 1) * per_epoch], [])
+        assert got == expected, f"epoch {epoch}"
+    assert trainer.epoch == 2 and seen[:per_epoch] != seen[per_epoch:2 * per_epoch]
+
+    resumed = Trainer(cfg, DistInfo(), tmp_path / "runs" / "b")
+    resumed.epoch, resumed.position = 1, 1  # as `_resume` sets them: one batch of epoch 1 already consumed
+    rest = [_indices(resumed._next_batch()) for _ in range(per_epoch)]  # the rest of epoch 1, then epoch 2's first
+    assert rest == seen[per_epoch + 1:2 * per_epoch + 1]
+    assert (resumed.epoch, resumed.position) == (2, 1)
+
+    at_end = Trainer(cfg, DistInfo(), tmp_path / "runs" / "c")
+    at_end.epoch, at_end.position = 0, per_epoch  # saved after an epoch's last batch (before the rollover)
+    assert _indices(at_end._next_batch()) == seen[per_epoch] and (at_end.epoch, at_end.position) == (1, 1)
