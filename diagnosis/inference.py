@@ -1,0 +1,64 @@
+"""Prediction for the sanity check: autoregressive rollout, tensor statistics, per-horizon metrics."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from model.video_prediction_diffusion import VideoPredictionDiffusion
+from training.evaluation import frame_metrics
+
+
+def tensor_stats(x: torch.Tensor) -> dict:
+    """min / max / mean / std over the finite entries, and how many entries are NaN / Inf."""
+    x = x.detach().float()
+    finite = x[torch.isfinite(x)]
+    stats = {"nan": int(torch.isnan(x).sum()), "inf": int(torch.isinf(x).sum())}
+    if finite.numel():
+        stats.update(min=float(finite.min()), max=float(finite.max()), mean=float(finite.mean()),
+                     std=float(finite.std()) if finite.numel() > 1 else 0.0)
+    return stats
+
+
+@torch.no_grad()
+def rollout(model: VideoPredictionDiffusion, net: torch.nn.Module, past_frames: torch.Tensor,
+            conds: list[torch.Tensor | None], steps: int | None = None, seed: int = 0) -> dict:
+    """Predict len(conds) rounds of t_future frames, each round's prediction fed back as (part of) the next round's
+    past, in latent space (the VAE encodes the given past once; predicted latents are never re-encoded).
+
+    past_frames (B, Tp, 3, H, W) in [-1, 1] -> {"frames": (B, R*Tf, 3, H, W), "latents": (B, R*Tf, C, h, w),
+    "past_latents": (B, Tp, C, h, w), "seconds": wall time of encode + sampling + decode}."""
+    dev = model.vae.device
+    start = time.perf_counter()
+    past = model.vae.encode(past_frames.to(dev))
+    context, preds = past, []
+    generator = torch.Generator().manual_seed(seed)
+    for cond in conds:
+        pred = model.predict_latents(context, None if cond is None else cond.to(dev), steps=steps,
+                                     generator=generator, net=net)  # (B, Tf, C, h, w)
+        preds.append(pred)
+        context = torch.cat([context, pred], dim=1)[:, -model.t_past:]
+    latents = torch.cat(preds, dim=1)
+    frames = model.vae.decode(latents)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return {"frames": frames.cpu(), "latents": latents.cpu(), "past_latents": past.cpu(),
+            "seconds": time.perf_counter() - start}
+
+
+def horizon_metrics(pred: torch.Tensor, truth: torch.Tensor, past: torch.Tensor) -> dict:
+    """PSNR (dB) and SSIM per horizon step, averaged over clips, for the prediction and copy-the-last-past-frame,
+    on the first truth.shape[1] predicted frames. Non-finite predictions give NaN rows."""
+    H = truth.shape[1]
+    if H == 0:
+        return {}
+    rows = {"model": pred[:, :H], "copy_last": past[:, -1:].expand_as(truth)}
+    out = {}
+    for name, frames in rows.items():
+        psnr, ssim = frame_metrics(frames, truth)
+        bad = ~torch.isfinite(frames).flatten(2).all(2)  # (B, H): a frame with a NaN has no PSNR
+        psnr, ssim = psnr.masked_fill(bad, math.nan), ssim.masked_fill(bad, math.nan)
+        out[name] = {"psnr": [round(float(v), 3) for v in psnr.mean(0)],
+                     "ssim": [round(float(v), 4) for v in ssim.mean(0)]}
+    return out

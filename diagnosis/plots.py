@@ -1,0 +1,165 @@
+"""Pictures for the diagnosis: line plots and labelled rows of frames, drawn with Pillow.
+
+Written by hand because matplotlib is not a dependency of the project, and these plots need only lines, axes,
+tick labels and a legend.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from data.pixels import to_uint8_hwc
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
+_W, _H = 420, 260  # one panel, pixels
+_LEFT, _RIGHT, _TOP, _BOTTOM = 58, 12, 22, 34  # margins around the plot area
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-2:
+        return f"{v:.1e}"
+    return f"{v:.3g}"
+
+
+def line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str = "", logy: bool = False,
+              hlines: dict[str, float] | None = None, xlines: dict[str, float] | None = None) -> Image.Image:
+    """One panel: each series (label -> (xs, ys)) as a line with dots; hlines / xlines are labelled dashed guides.
+    Non-finite points are skipped (and counted in the legend); with logy, values <= 0 are skipped too (silently:
+    empty histogram bins, exact zeros)."""
+    img = Image.new("RGB", (_W, _H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((_LEFT, 4), title, fill=(0, 0, 0))
+    guides = dict(hlines or {})
+
+    def ok(y):
+        return y is not None and math.isfinite(y) and (y > 0 or not logy)
+
+    ys_all = [float(y) for _, ys in series.values() for y in ys if ok(float(y))] + \
+             [v for v in guides.values() if ok(v)]
+    xs_all = [float(x) for xs, _ in series.values() for x in xs] + list((xlines or {}).values())
+    if not ys_all or not xs_all:
+        d.text((_LEFT, _H // 2), "no finite values", fill=(200, 0, 0))
+        return img
+    f = (lambda y: math.log10(y)) if logy else (lambda y: y)
+    y0, y1 = f(min(ys_all)), f(max(ys_all))
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+    x0, x1 = min(xs_all), max(xs_all)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+
+    def px(x, y):
+        return _LEFT + (x - x0) / (x1 - x0) * pw, _TOP + (1 - (f(y) - y0) / (y1 - y0)) * ph
+
+    d.rectangle([_LEFT, _TOP, _LEFT + pw, _TOP + ph], outline=(0, 0, 0))
+    for k in range(5):  # y ticks
+        yv = y0 + k * (y1 - y0) / 4
+        yy = _TOP + (1 - k / 4) * ph
+        d.line([_LEFT - 3, yy, _LEFT, yy], fill=(0, 0, 0))
+        d.text((2, yy - 5), _fmt(10 ** yv if logy else yv), fill=(0, 0, 0))
+    integer_x = all(float(x).is_integer() for x in xs_all)
+    for k in range(5):  # x ticks (whole numbers when every x is one: steps, timesteps)
+        xv = x0 + k * (x1 - x0) / 4
+        xv = round(xv) if integer_x else xv
+        xx = _LEFT + (xv - x0) / (x1 - x0) * pw
+        d.line([xx, _TOP + ph, xx, _TOP + ph + 3], fill=(0, 0, 0))
+        d.text((xx - 10, _TOP + ph + 5), _fmt(xv), fill=(0, 0, 0))
+    d.text((_LEFT + pw // 2 - 3 * len(xlabel), _H - 13), xlabel, fill=(0, 0, 0))
+    legend_y = _TOP + 4
+    for (label, value), colour in zip(guides.items(), COLOURS[::-1]):
+        if ok(value):
+            yy = px(x0, value)[1]
+            for xx in range(_LEFT, _LEFT + pw, 8):
+                d.line([xx, yy, xx + 4, yy], fill=(110, 110, 110))
+            d.text((_LEFT + pw - 6 * len(label) - 4, yy - 11), label, fill=(90, 90, 90))
+    for label, xv in (xlines or {}).items():
+        xx = px(xv, math.pow(10, y0) if logy else y0)[0]
+        for yy in range(_TOP, _TOP + ph, 8):
+            d.line([xx, yy, xx, yy + 4], fill=(110, 110, 110))
+        right = xx > _LEFT + pw - 8 * len(label)  # near the right edge: label on the line's left
+        d.text((xx - 6 * len(label) - 2 if right else xx + 2, _TOP + ph - 12), label, fill=(90, 90, 90))
+    for (label, (xs, ys)), colour in zip(series.items(), COLOURS):
+        pts = [px(float(x), float(y)) for x, y in zip(xs, ys) if ok(float(y))]
+        skipped = sum(not math.isfinite(float(y)) for y in ys)
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        text = label + (f" ({skipped} non-finite)" if skipped else "")
+        d.rectangle([_LEFT + 6, legend_y + 3, _LEFT + 14, legend_y + 9], fill=colour)
+        d.text((_LEFT + 18, legend_y), text, fill=(0, 0, 0))
+        legend_y += 12
+    return img
+
+
+def enlarge(frames: torch.Tensor, min_height: int = 96) -> torch.Tensor:
+    """(..., 3, H, W) frames enlarged by an integer factor (nearest neighbour) to at least `min_height` pixels, so
+    that pictures of small frames (32x32) stay readable."""
+    H, W = frames.shape[-2:]
+    k = max(1, math.ceil(min_height / H))
+    if k == 1:
+        return frames
+    return frames.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
+def tile(panels: list[Image.Image], columns: int = 2) -> Image.Image:
+    """Panels of equal size in a grid, row-major."""
+    rows = math.ceil(len(panels) / columns)
+    w, h = panels[0].size
+    out = Image.new("RGB", (w * min(columns, len(panels)), h * rows), "white")
+    for i, p in enumerate(panels):
+        out.paste(p, ((i % columns) * w, (i // columns) * h))
+    return out
+
+
+def frame_rows(rows: dict[str, torch.Tensor], min_height: int = 64, column_labels: list[str] | None = None,
+               gap: int = 2) -> Image.Image:
+    """Labelled rows of frames: label -> (T, 3, H, W) pixels in [-1, 1] (rows may differ in length). Small frames are
+    enlarged (nearest neighbour) to at least `min_height` pixels so that 32x32 frames stay readable."""
+    first = next(iter(rows.values()))
+    H, W = first.shape[-2:]
+    zoom = max(1, math.ceil(min_height / H))
+    h, w = H * zoom, W * zoom
+    label_w = 8 + 6 * max(len(k) for k in rows)
+    top = 12 if column_labels else 0
+    T = max(v.shape[0] for v in rows.values())
+    img = Image.new("RGB", (label_w + T * (w + gap), top + len(rows) * (h + gap)), "white")
+    d = ImageDraw.Draw(img)
+    for j, text in enumerate(column_labels or []):
+        d.text((label_w + j * (w + gap) + 2, 0), text, fill=(0, 0, 0))
+    for i, (label, frames) in enumerate(rows.items()):
+        y = top + i * (h + gap)
+        d.text((2, y + h // 2 - 5), label, fill=(0, 0, 0))
+        arr = to_uint8_hwc(frames.detach().cpu())  # (T, H, W, 3)
+        for j in range(arr.shape[0]):
+            tile_img = Image.fromarray(np.ascontiguousarray(arr[j])).resize((w, h), Image.Resampling.NEAREST)
+            img.paste(tile_img, (label_w + j * (w + gap), y))
+    return img
+
+
+def sequence_gif(sequences: dict[str, torch.Tensor], path: Path, n_past: int, min_height: int = 96,
+                 ms_per_frame: int = 250) -> Path:
+    """Side-by-side panels, label -> (T, 3, H, W) in [-1, 1], played frame by frame; the first n_past frames get a
+    red border, the rest (predicted) a green one. For predictions without a true continuation."""
+    T = max(s.shape[0] for s in sequences.values())
+    frames = []
+    for t in range(T):
+        row = {k: v[min(t, v.shape[0] - 1)][None] for k, v in sequences.items()}
+        img = frame_rows({"": torch.cat(list(row.values()))}, min_height, column_labels=list(row), gap=6)
+        d = ImageDraw.Draw(img)
+        colour = (200, 0, 0) if t < n_past else (0, 160, 0)
+        d.rectangle([0, 0, img.width - 1, img.height - 1], outline=colour, width=2)
+        frames.append(img)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+    return path

@@ -1,0 +1,190 @@
+"""Rebuild a VideoPredictionDiffusion from a run folder or a checkpoint file alone.
+
+A checkpoint carries everything inference needs (STYLE habit 2): the resolved config under "config", the UNet
+weights under "unet", the EMA state under "ema" (diffusers `EMAModel.state_dict()`: shadow_params, decay,
+optimization_step, ...), the optimizer step under "step" and the UNet's shape under "model_args". The VAE is
+loaded from the folder or hub id the stored config names. The original YAML is never needed.
+
+    loaded = load_model(run="runs/demo")                  # newest valid checkpoint of the run
+    loaded = load_model(checkpoint="runs/demo/checkpoints/ckpt_000001000.pt")
+    loaded = load_model(config="configs/demo.yaml")       # random weights (loaded.random_weights is True)
+    frames = loaded.model.predict(past_frames, net=loaded.net("ema"))
+
+Non-finite weights do not stop loading: `loaded.nonfinite` lists them, so a diagnosis can report them.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from diffusers.training_utils import EMAModel
+
+from configs import Config, apply_overrides, config_from_dict, load_config
+from configs.loader import ConfigError
+from model.unet import ConditionalUNet
+from model.vae import FrozenVAE
+from model.video_prediction_diffusion import VideoPredictionDiffusion
+from training.checkpoint import CheckpointError, resolve_resume
+
+
+class LoadError(RuntimeError):
+    """The model could not be rebuilt: no checkpoint, a bad config, shapes that do not match, a missing VAE."""
+
+
+@dataclass
+class LoadedModel:
+    model: VideoPredictionDiffusion  # model.unet holds the raw (trained) weights
+    cfg: Config  # the stored config (plus any overrides)
+    ema_unet: ConditionalUNet | None  # the EMA weights in a UNet of the same shape; None without EMA
+    ema_state: dict | None  # the stored EMA state without its tensors (decay, optimization_step, power, ...)
+    step: int  # optimizer steps trained (0 for random weights)
+    checkpoint: Path | None  # None = random weights built from a YAML config
+    state: dict = field(default_factory=dict, repr=False)  # the rest of the checkpoint ("vae" identity, ...)
+    nonfinite: dict[str, list[str]] = field(default_factory=dict)  # "unet" / "ema" -> names of non-finite tensors
+
+    @property
+    def random_weights(self) -> bool:
+        return self.checkpoint is None
+
+    @property
+    def raw_unet(self) -> ConditionalUNet:
+        return self.model.unet
+
+    def net(self, which: str = "ema") -> ConditionalUNet:
+        """The UNet to sample with: "ema" (falls back to raw when the run has no EMA) or "raw"."""
+        if which not in ("ema", "raw"):
+            raise ValueError(f"which must be 'ema' or 'raw', got {which!r}")
+        return self.ema_unet if which == "ema" and self.ema_unet is not None else self.model.unet
+
+    def describe(self) -> str:
+        if self.random_weights:
+            return "RANDOM WEIGHTS (no checkpoint): outputs are noise by construction"
+        ema = "EMA and raw weights" if self.ema_unet is not None else "raw weights only (no EMA)"
+        return f"{self.checkpoint} (step {self.step}, {ema})"
+
+
+def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of tensors holding a NaN or an Inf."""
+    return [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def find_checkpoint(run: str | Path | None, which: str = "latest") -> tuple[Path, dict]:
+    """(path, state) of the checkpoint to load: `which` = "latest" (the run's newest valid checkpoint; `run` is
+    the run folder or its checkpoints/ folder) or a checkpoint file path."""
+    try:
+        if which != "latest":
+            found = resolve_resume(Path(which).parent, which)
+        else:
+            if run is None:
+                raise LoadError("give a run folder (--run) or a checkpoint file (--checkpoint PATH)")
+            run = Path(run)
+            if not run.is_dir():
+                raise LoadError(f"run folder {run} does not exist")
+            folder = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+            found = resolve_resume(folder, "latest")
+            if found is None:
+                raise LoadError(f"no checkpoint in {folder} (has the run saved one yet? train.save_every)")
+    except CheckpointError as e:
+        raise LoadError(str(e)) from None
+    return found
+
+
+def stored_config(state: dict, overrides: Iterable[str] = (), source: str = "checkpoint") -> Config:
+    """The resolved config a checkpoint carries, with dotted overrides (e.g. sampler.num_inference_steps=50)."""
+    if "config" not in state:
+        raise LoadError(f"{source} holds no 'config' (not a checkpoint of this project?)")
+    raw = copy.deepcopy(state["config"])
+    problems: list[str] = []
+    apply_overrides(raw, list(overrides), problems)
+    try:
+        if problems:
+            raise ConfigError(problems, source)
+        return config_from_dict(raw, source)
+    except ConfigError as e:
+        raise LoadError(f"the config stored in {source} does not load: {e}") from None
+
+
+def _ema_unet(unet: ConditionalUNet, ema_state: dict, source: str) -> ConditionalUNet:
+    """A copy of `unet` holding the EMA shadow weights (in the order of unet.parameters(), as EMAModel keeps them)."""
+    params = list(unet.parameters())
+    shadow = ema_state.get("shadow_params")
+    if not isinstance(shadow, list) or len(shadow) != len(params):
+        raise LoadError(f"{source}: EMA holds {len(shadow) if isinstance(shadow, list) else 'no'} shadow tensors, "
+                        f"the UNet has {len(params)} parameters")
+    bad = [i for i, (p, s) in enumerate(zip(params, shadow)) if p.shape != s.shape]
+    if bad:
+        raise LoadError(f"{source}: EMA shadow tensor {bad[0]} has shape {tuple(shadow[bad[0]].shape)}, the UNet "
+                        f"parameter has {tuple(params[bad[0]].shape)}")
+    ema = EMAModel(params, foreach=False)  # diffusers validates the state's fields; copy_to writes the shadow weights
+    ema.load_state_dict(ema_state)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema.copy_to(ema_unet.parameters())
+    return ema_unet.eval()
+
+
+def ema_schedule(ema_state: dict) -> EMAModel:
+    """An EMAModel holding the stored EMA settings (not its weights): `.get_decay(k)` is the decay of update k."""
+    ema = EMAModel([torch.nn.Parameter(torch.zeros(1))])
+    ema.load_state_dict({k: v for k, v in ema_state.items() if k != "shadow_params"})
+    return ema
+
+
+def load_model(run: str | Path | None = None, checkpoint: str = "latest", config: str | Path | None = None,
+               overrides: Iterable[str] = (), device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
+    """Rebuild the model from a checkpoint (the run's newest valid one, or a file), or with random weights from a
+    YAML config (`config`, no checkpoint). Raises LoadError with a one-line reason."""
+    overrides = list(overrides)
+    device = torch.device(device)
+    # ---- config and weights
+    if config is not None:
+        try:
+            cfg = load_config(config, overrides)
+        except (ConfigError, FileNotFoundError) as e:
+            raise LoadError(str(e)) from None
+        path, state = None, {}
+    else:
+        path, state = find_checkpoint(run, checkpoint)
+        cfg = stored_config(state, overrides, str(path))
+        if "unet" not in state:
+            raise LoadError(f"{path} holds no 'unet' weights")
+
+    # ---- the frozen VAE the config names
+    try:
+        vae = FrozenVAE.from_config(cfg.vae).to(device)
+    except (ValueError, OSError) as e:  # VAEError is a ValueError
+        raise LoadError(f"VAE {cfg.vae.pretrained!r}: {e} (override with --set vae.pretrained=FOLDER)") from None
+
+    # ---- the UNet, shaped as the checkpoint says
+    args = {"latent_channels": vae.latent_channels, "t_past": cfg.data.t_past, "t_future": cfg.data.t_future,
+            "cond_dim": cfg.cond_dim}
+    stored_args = state.get("model_args")
+    if stored_args is not None and stored_args != args:
+        raise LoadError(f"the checkpoint's UNet was built for {stored_args}, but its config and VAE give {args} "
+                        "(were data.t_past/t_future/cond_keys or vae.pretrained overridden?)")
+    torch.manual_seed(seed)  # random weights (--config) are reproducible
+    try:
+        unet = ConditionalUNet(cfg.unet, **args)
+        model = VideoPredictionDiffusion(cfg, vae, unet)
+    except (ValueError, AssertionError) as e:
+        raise LoadError(f"cannot build the model: {e}") from None
+    nonfinite = {}
+    ema_unet, ema_state = None, None
+    if state:
+        try:
+            unet.load_state_dict(state["unet"])
+        except RuntimeError as e:
+            raise LoadError(f"{path}: UNet weights do not fit the stored config: {str(e).splitlines()[0]}") from None
+        nonfinite["unet"] = nonfinite_names(unet.state_dict().items())
+        if state.get("ema") is not None:
+            ema_unet = _ema_unet(unet, state["ema"], str(path))
+            ema_state = {k: v for k, v in state["ema"].items() if k != "shadow_params"}
+            nonfinite["ema"] = nonfinite_names((f"ema.{n}", p) for n, p in ema_unet.named_parameters())
+    unet.to(device).eval().requires_grad_(False)
+    if ema_unet is not None:
+        ema_unet.to(device)
+    return LoadedModel(model=model, cfg=cfg, ema_unet=ema_unet, ema_state=ema_state, step=int(state.get("step", 0)),
+                       checkpoint=path, state={k: v for k, v in state.items() if k not in ("unet", "ema", "optimizer")},
+                       nonfinite={k: v for k, v in nonfinite.items() if v})
