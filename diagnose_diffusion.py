@@ -75,7 +75,8 @@ def main(argv=None, pixel_transform=None) -> int:
     except LoadError as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else (Path(args.run) if args.run else loaded.checkpoint.parent.parent) / "diagnosis"
+    run_dir = Path(args.run) if args.run else loaded.checkpoint.parent.parent  # <run>/checkpoints/ckpt_*.pt
+    out = Path(args.out) if args.out else run_dir / "diagnosis"
     print(f"model: {loaded.describe()}")
 
     # ---- checks

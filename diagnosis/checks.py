@@ -130,14 +130,14 @@ class Context:
         return torch.randn(like.shape, generator=self.generator(offset))
 
     def run_net(self, net, x_t: torch.Tensor, t: int, past=None, cond=None) -> torch.Tensor:
-        """x0 predicted in one step from x_t at timestep t (through the schedule's own output -> x0 conversion)."""
+        """x0 predicted in one step from x_t at timestep t, converted as in training (the stored config's schedule)."""
         dev = self.model.vae.device
         past = self.past if past is None else past
         cond = self.cond if cond is None else cond
         tb = torch.full((x_t.shape[0],), t, dtype=torch.long, device=dev)
         with torch.no_grad():
             out = net(x_t.to(dev), past.to(dev), tb, None if cond is None else cond.to(dev), None).float()
-        return self.model.schedule.split_output(out, x_t.to(dev), tb)[0].cpu()
+        return self.train_schedule.split_output(out, x_t.to(dev), tb)[0].cpu()
 
     @cached_property
     def trace(self) -> Trace:
@@ -160,7 +160,7 @@ class Context:
         For the EMA and raw weights and four trivial predictors: x0 = 0, copy the last past latent, x_t/sqrt(ab), and
         "blind": the best context-free linear guess, x_t shrunk by sqrt(ab) s2 / (ab s2 + 1 - ab), s2 = E[x0^2]
         (the Wiener filter for x0 of variance s2 in unit noise; it beats both x0 = 0 and x_t/sqrt(ab) at every t)."""
-        T = self.model.schedule.num_train_timesteps
+        T = self.train_schedule.num_train_timesteps
         ts = sorted({round(f * (T - 1)) for f in (0, .02, .05, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1)})
         future, noise = self.future, self.noise(self.future, 2)
         last = self.past[:, -1:].expand_as(future)
@@ -169,8 +169,8 @@ class Context:
         curves.update({"zero": [], "copy_last": [], "x_t/sqrt(ab)": [], "blind": []})
         s2 = float(future.double().pow(2).mean())
         for t in ts:
-            ab = float(self.model.schedule.alpha_bar(t))
-            x_t = self.model.schedule.add_noise(future, noise, torch.full((future.shape[0],), t))
+            ab = float(self.train_schedule.alpha_bar(t))
+            x_t = self.train_schedule.add_noise(future, noise, torch.full((future.shape[0],), t))
             for name, net in nets.items():
                 if net is not None:
                     curves[name].append(_mse(self.run_net(net, x_t, t), future))
@@ -199,7 +199,8 @@ def check_pixels(ctx: Context) -> list[Check]:
     elif lo < -1.01 or hi > 1.01:
         status = FAIL
         hint = (f"pixels reach [{lo:.2f}, {hi:.2f}], outside the VAE's [-1, 1]"
-                + ("; per-channel mean ~0 and std ~1 look like ImageNet mean/std normalisation" if imagenet_like else "")
+                + ("; per-channel mean ~0 and std ~1 look like ImageNet mean/std normalisation"
+                   if imagenet_like else "")
                 + ": feed x/127.5 - 1 (data/pixels.py), and decode back with the same map")
     elif lo > -0.01:
         status, hint = FAIL, ("pixels are all >= 0: they look like [0, 1] images; the VAE expects [-1, 1] "
@@ -418,7 +419,7 @@ def check_one_step(ctx: Context) -> list[Check]:
     """Fail: worse than the best predictor that ignores the context (x0 = 0, x_t / sqrt(alpha_bar), the blind linear
     shrinkage of x_t), i.e. the weights have learned nothing usable. Warn: worse than copying the last past latent,
     i.e. the model adds nothing to copying. Judged at t <= T/2, where the sampler's last, decisive steps run."""
-    res, T = ctx.one_step, ctx.model.schedule.num_train_timesteps
+    res, T = ctx.one_step, ctx.train_schedule.num_train_timesteps
     ts, curves = res["t"], res["mse"]
     name = ctx.net_name if ctx.net_name in curves else "raw"
     blind = _worst_ratio(curves, ts, name, ("zero", "x_t/sqrt(ab)", "blind"), T)
@@ -430,8 +431,8 @@ def check_one_step(ctx: Context) -> list[Check]:
             WARN: f"the {name} weights denoise but predict x0 up to {copy:.2f}x worse than copying the last past "
                   "frame: an under-trained model, or one that ignores its context (see uses_past_frames)",
             FAIL: f"the {name} weights predict x0 up to {blind:.3g}x worse than a guess that ignores the context "
-                  "(x0 = 0, or x_t shrunk) at t <= T/2: a MODEL problem (untrained or lagging EMA weights, NaN, latents scaled unlike training), "
-                  "not a sampler one"}[status]
+                  "(x0 = 0, or x_t shrunk) at t <= T/2: a MODEL problem (untrained or lagging EMA weights, NaN, "
+                  "latents scaled unlike training), not a sampler one"}[status]
     value = {"worst_ratio_to_blind": blind, "worst_ratio_to_copy_last": copy,
              f"mse_t{ts[i_mid]}": curves[name][i_mid], "copy_last_mse": curves["copy_last"][i_mid]}
     blind_curve = [min(z, x, b) for z, x, b in zip(curves["zero"], curves["x_t/sqrt(ab)"], curves["blind"])]
@@ -509,11 +510,12 @@ def check_ema(ctx: Context) -> list[Check]:
             f"averages over ~{horizon:.0f} steps. Warm the decay up (train.ema_warmup_power=0.75), train longer, "
             "or sample with the raw weights (--raw)")
     checks = [Check("ema_horizon", status, value,
-                    f"weight on the initial weights <= {EMA_INITIAL_WEIGHT[0]:.0%} (warn <= {EMA_INITIAL_WEIGHT[1]:.0%})",
+                    f"weight on the initial weights <= {EMA_INITIAL_WEIGHT[0]:.0%} "
+                    f"(warn <= {EMA_INITIAL_WEIGHT[1]:.0%})",
                     hint, {k: state[k] for k in ("decay", "min_decay", "use_ema_warmup", "power", "inv_gamma",
                                                  "update_after_step") if k in state})]
 
-    res, T = ctx.one_step, ctx.model.schedule.num_train_timesteps
+    res, T = ctx.one_step, ctx.train_schedule.num_train_timesteps
     low = [i for i, t in enumerate(res["t"]) if t <= T // 2]
     ema_mse = sum(res["mse"]["ema"][i] for i in low) / len(low)
     raw_mse = sum(res["mse"]["raw"][i] for i in low) / len(low)
@@ -547,12 +549,12 @@ def check_weights(ctx: Context) -> list[Check]:
 def _context_gain(ctx: Context, swap: Callable[[torch.Tensor | None], torch.Tensor | None], what: str) -> dict:
     """x0 MSE with another window's `what` over x0 MSE with the window's own, at noise levels where the past matters
     (alpha_bar 0.3, 0.1, 0.03: the picture is mostly noise, so the prediction must come from the context)."""
-    ab = ctx.model.schedule.alphas_cumprod
+    ab = ctx.train_schedule.alphas_cumprod
     ts = sorted({int((ab - target).abs().argmin()) for target in (0.3, 0.1, 0.03)})
     future, noise = ctx.future, ctx.noise(ctx.future, 4)
     own = other = change = 0.0
     for t in ts:
-        x_t = ctx.model.schedule.add_noise(future, noise, torch.full((future.shape[0],), t))
+        x_t = ctx.train_schedule.add_noise(future, noise, torch.full((future.shape[0],), t))
         a = ctx.run_net(ctx.net, x_t, t)
         b = ctx.run_net(ctx.net, x_t, t, **{what: swap(getattr(ctx, what))})
         own, other, change = own + _mse(a, future), other + _mse(b, future), change + _rms(a - b) / max(_rms(a), 1e-12)
@@ -579,7 +581,8 @@ def check_context(ctx: Context) -> list[Check]:
         res = _context_gain(ctx, lambda c: c[perm], "cond")
         status = PASS if res["gain"] >= 1.01 else WARN
         checks.append(Check(
-            "uses_cond_vector", status, {"error_ratio_other_cond": res["gain"], "relative_change": res["relative_change"]},
+            "uses_cond_vector", status,
+            {"error_ratio_other_cond": res["gain"], "relative_change": res["relative_change"]},
             "x0 error with another clip's conditioning vector >= 1.01x",
             "the conditioning vector changes the prediction" if status == PASS else
             f"the prediction barely depends on the conditioning vector ({', '.join(ctx.cfg.data.cond_keys)}): check "

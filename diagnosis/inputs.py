@@ -54,7 +54,10 @@ def val_windows(cfg: DataConfig, n: int, horizon: int, pixel_transform: PixelTra
     for h in range(horizon, 0, -1):
         if h != horizon and h % cfg.t_future:
             continue
-        dataset = VideoWindowDataset(clips, dataclasses.replace(cfg, t_future=h))
+        try:
+            dataset = VideoWindowDataset(clips, dataclasses.replace(cfg, t_future=h))
+        except DataError:  # every clip is too short for this horizon
+            continue
         if len(dataset):
             break
     else:

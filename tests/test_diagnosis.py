@@ -23,7 +23,8 @@ from PIL import Image
 import diagnose_diffusion
 import test_model_inference as inference_cli
 from configs import config_from_dict
-from diagnosis.checks import IMAGENET_MEAN, IMAGENET_STD
+from diagnosis.checks import IMAGENET_MEAN, IMAGENET_STD, Context, check_context
+from diagnosis.inputs import val_windows
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from model.loading import LoadError, load_model
 from model.unet import ConditionalUNet
@@ -165,7 +166,8 @@ BUGS = {
                                            "oracle_sampler", "ema_horizon", "weights_finite"}),
     "c_leading_spacing": (lambda tmp: sampler_setting("timestep_spacing", "leading"), {"first_timestep"},
                           ALL_CHECKS - {"first_timestep", "sampling_trace", "clip_in_sampling"}),
-    "d_clip_bound_below_data": (lambda tmp: sampler_setting("clip_bound", 1.5), {"clip_bound_vs_data", "oracle_sampler"},
+    "d_clip_bound_below_data": (lambda tmp: sampler_setting("clip_bound", 1.5),
+                                {"clip_bound_vs_data", "oracle_sampler"},
                                 SCHEDULE | {"pixel_range", "vae_roundtrip_psnr", "latent_scale", "one_step_x0",
                                             "ema_horizon", "ema_vs_raw", "weights_finite", "uses_past_frames"}),
     "e_ema_without_warmup": (lagging_ema, {"ema_horizon", "ema_vs_raw"},
@@ -246,6 +248,32 @@ def test_lagging_ema_reports_the_weight_left_on_the_initial_weights(healthy, tmp
     # the raw weights of the same checkpoint are fine: judged with --raw, the model check passes
     _, raw, _ = diagnose(tmp_path / "run", tmp_path / "out_raw", "--raw")
     assert raw["one_step_x0"]["status"] == "pass"
+
+
+def test_context_check_sees_the_conditioning_vector(tmp_path):
+    """With a conditioning vector (the synthetic world's camera-pan action), the context check measures the
+    prediction's change when another clip's vector is given: non-zero for a UNet that reads it, exactly zero (warn)
+    once its projection into the time embedding is zeroed. Random weights: no training needed for this."""
+    raw = {"data": {"root": str(tmp_path / "world"), "height": 32, "width": 32, "t_past": 2, "t_future": 2,
+                    "val_fraction": 0.5, "num_workers": 0, "cond_keys": ["action"],
+                    "synthetic": {"enabled": True, "num_clips": 4, "frames_per_clip": 8, "height": 32, "width": 32,
+                                  "action_pan": True}},
+           "vae": {"pretrained": str(ASSET_VAE)},
+           "unet": {"block_out_channels": [16, 32], "attention": [False, False], "layers_per_block": 1,
+                    "attention_head_dim": 8, "norm_num_groups": 8}}
+    loaded = load_model(config=write_yaml(tmp_path / "cond.yaml", raw))
+    windows = val_windows(loaded.cfg.data, 4, 2)
+    assert windows.cond.shape == (4, 2) and windows.cond.abs().sum() > 0  # the actions of the 2 future frames
+
+    def cond_check():
+        checks = {c.name: c for c in check_context(Context(loaded, windows, tmp_path / "out", net_name="raw"))}
+        return checks["uses_cond_vector"]
+
+    assert cond_check().value["relative_change"] > 1e-4
+    torch.nn.init.zeros_(loaded.raw_unet.cond_proj[-1].weight)
+    torch.nn.init.zeros_(loaded.raw_unet.cond_proj[-1].bias)
+    ignored = cond_check()
+    assert ignored.value["relative_change"] == 0 and ignored.status == "warn"
 
 
 # ------------------------------------------------------------------------------------------------ test_model_inference
