@@ -356,7 +356,7 @@ def check_schedule(ctx: Context) -> list[Check]:
 
     last_t_prev = steps[-1]["t_prev"]
     final_ab = next(ab for t, ab in reversed(measured) if t == last_t_prev)
-    ok = last_t_prev == -1 and abs(final_ab - 1) < 1e-4
+    ok = last_t_prev == -1 and abs(final_ab - 1) < 1e-5  # alpha_bar_0 = 1 - beta_1 is 0.9999 for the default betas
     checks.append(Check("final_alpha_bar", PASS if ok else FAIL, {"t_prev": last_t_prev, "alpha_bar": final_ab},
                         "the last step lands on alpha_bar = 1 (t_prev = -1)",
                         "the last step returns clean latents" if ok else
@@ -404,9 +404,9 @@ def check_oracle(ctx: Context) -> list[Check]:
 
 # ---------------------------------------------------------------------------------------------- 6. one-step x0
 def _worst_ratio(curves: dict, ts: list[int], name: str, baselines: tuple[str, ...], T: int) -> float:
-    """Worst, over t <= T/2, of the net's x0 MSE over the best of `baselines` (errors below 1e-3 of E[x0^2] count
-    as equal: at t ~ 0 every predictor is near exact)."""
-    floor = 1e-3 * curves["zero"][0]
+    """Worst, over t <= T/2, of the net's x0 MSE over the best of `baselines`, the latter floored at 1 % of E[x0^2]:
+    at t ~ 0 every predictor is near exact, and differences that small do not show in a picture."""
+    floor = 1e-2 * curves["zero"][0]
     worst = 0.0
     for i, t in enumerate(ts):
         if t <= T // 2:

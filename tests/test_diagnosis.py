@@ -27,6 +27,7 @@ from diagnosis.checks import IMAGENET_MEAN, IMAGENET_STD, Context, check_context
 from diagnosis.inputs import val_windows
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from model.loading import LoadError, load_model
+from model.schedule import NoiseSchedule
 from model.unet import ConditionalUNet
 from trainer_helpers import explain, run_cli, write_yaml
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -237,6 +238,38 @@ def test_bug_hints_name_the_fix(healthy, tmp_path):
     # the suggested bound, set through --set without retraining, clears both checks
     _, fixed, _ = diagnose(run, tmp_path / "out2", "--set", f"sampler.clip_bound={bound['details']['suggested_bound']}")
     assert fixed["clip_bound_vs_data"]["status"] == fixed["oracle_sampler"]["status"] == "pass"
+
+
+def test_sampling_with_other_betas_than_training(healthy, tmp_path):
+    """An inference-time schedule that differs from training's (here through --set; in real code, a scheduler built
+    with its own defaults) is read back from the sampler's callback and compared with the stored training config."""
+    rc, checks, _ = diagnose(healthy, tmp_path, "--set", "diffusion.beta_schedule=scaled_linear")
+    assert checks["schedule_match"]["status"] == checks["oracle_sampler"]["status"] == "fail" and rc == 1
+    assert checks["schedule_match"]["value"]["max_rel_alpha_bar_error"] > 0.1
+    assert {checks[n]["status"] for n in ("first_timestep", "final_alpha_bar", "step_pairs", "one_step_x0")} == {"pass"}
+
+
+def _diffusers_prev_timestep(self, num_steps, spacing="trailing"):
+    """DDIMScheduler's step rule, prev = t - T // n: for n not dividing T it lands on timesteps never visited."""
+    return [(t, t - self.num_train_timesteps // num_steps) for t in self.timesteps(num_steps, spacing)]
+
+
+def _final_step_to_t0(self, num_steps, spacing="trailing"):
+    """DDIMScheduler with set_alpha_to_one=False: the last step lands on alpha_bar_0 < 1 instead of clean data."""
+    ts = self.timesteps(num_steps, spacing)
+    return list(zip(ts, ts[1:] + [0]))
+
+
+@pytest.mark.parametrize("step_rule, failing", [(_diffusers_prev_timestep, "step_pairs"),
+                                                (_final_step_to_t0, "final_alpha_bar")])
+def test_sampler_step_bugs_are_seen_through_the_callback(healthy, tmp_path, monkeypatch, step_rule, failing):
+    """Two historical DDIM step bugs planted in the schedule the sampler walks (30 steps: 1000 / 30 is no integer)."""
+    monkeypatch.setattr(NoiseSchedule, "step_pairs", step_rule)
+    rc, checks, _ = diagnose(healthy, tmp_path, "--set", "sampler.num_inference_steps=30")
+    assert checks[failing]["status"] == "fail" and rc == 1, checks[failing]
+    assert checks["first_timestep"]["status"] == checks["schedule_match"]["status"] == "pass"
+    if failing == "final_alpha_bar":  # measured from the last update: alpha_bar_0 = 1 - beta_1, not 1
+        assert checks[failing]["value"]["alpha_bar"] == pytest.approx(1 - 1e-4, abs=1e-6)
 
 
 def test_lagging_ema_reports_the_weight_left_on_the_initial_weights(healthy, tmp_path):
