@@ -73,7 +73,7 @@ def main(argv=None, pixel_transform=None) -> int:
     try:
         loaded = load_model(args.run, args.checkpoint, overrides=args.set, device=device)
     except LoadError as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        print(f"error: cannot load the model: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     run_dir = Path(args.run) if args.run else loaded.checkpoint.parent.parent  # <run>/checkpoints/ckpt_*.pt
     out = Path(args.out) if args.out else run_dir / "diagnosis"
@@ -85,7 +85,8 @@ def main(argv=None, pixel_transform=None) -> int:
         checks, pictures = run_checks(loaded, out, args.clips, "raw" if args.raw else "ema", args.seed,
                                       pixel_transform=pixel_transform)
     except Exception as e:  # noqa: BLE001 - data that cannot be read: one line, then exit 2
-        print(f"error: cannot read validation frames: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: cannot read validation frames: {type(e).__name__}: {' '.join(str(e).split())}",
+              file=sys.stderr)
         return 2
 
     # ---- report

@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def _fmt_stats(s: dict) -> str:
     if "min" not in s:
         return f"no finite values  nan={s['nan']} inf={s['inf']}"
@@ -94,11 +98,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from diagnosis import plots
-    from diagnosis.inference import horizon_metrics, rollout, tensor_stats
+    from diagnosis.inference import horizon_metrics, rollout, save_pictures, tensor_stats
     from diagnosis.inputs import cond_rounds, file_windows, val_windows
+    from diagnosis.report import json_safe
     from model.loading import LoadError, load_model
-    from training.visualize import clip_gif, sample_grid
 
     # ---- model: from the checkpoint alone, or random weights from a YAML config
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
         loaded = load_model(args.run, args.checkpoint, config=args.config, overrides=args.set, device=device,
                             seed=args.seed)
     except LoadError as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        print(f"error: cannot load the model: {_one_line(e)}", file=sys.stderr)
         return 2
     if loaded.random_weights:
         print("=" * 78 + "\nWARNING: RANDOM WEIGHTS (--config, no checkpoint): this checks the plumbing only; the "
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
         windows = (file_windows(args.frames, cfg.data, args.clips, horizon) if args.frames
                    else val_windows(cfg.data, args.clips, horizon))
     except Exception as e:  # noqa: BLE001 - unreadable or missing frames: one line, exit 2
-        print(f"error: cannot read frames: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: cannot read frames: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 2
     print(f"inputs: {len(windows.names)} windows from {windows.source}; {windows.truth.shape[1]} true future frames")
 
@@ -138,10 +141,10 @@ def main(argv=None) -> int:
         result = rollout(model, loaded.net(weights), windows.past, cond_rounds(windows, cfg.data, args.rollout),
                          steps=args.steps, seed=args.seed)
     except (RuntimeError, ValueError, AssertionError) as e:
-        print(f"UNHEALTHY: prediction failed: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"UNHEALTHY: prediction failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
     pred = result["frames"]
-    B, Tp, _, H, W = windows.past.shape
+    B, _, _, H, W = windows.past.shape
     if pred.shape != (B, horizon, 3, H, W):
         problems.append(f"prediction has shape {tuple(pred.shape)}, expected {(B, horizon, 3, H, W)}")
     if not torch.isfinite(result["latents"]).all():
@@ -159,20 +162,8 @@ def main(argv=None) -> int:
         "seconds_per_clip": result["seconds"] / B, "healthy": not problems, "problems": problems,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
-    Ht = windows.truth.shape[1]
-    if Ht == horizon:
-        big = plots.enlarge  # small frames (e.g. 32x32) enlarged so that the pictures stay readable
-        sample_grid(big(windows.past), big(windows.truth), {"prediction": big(pred)}, out / "grid.png")
-        clip_gif(big(windows.past[0]), big(windows.truth[0]), {"prediction": big(pred[0])}, out / "clip.gif")
-    else:  # no (or a shorter) true future: past and prediction only
-        rows = {}
-        for b in range(B):
-            rows[f"{b} past"], rows[f"{b} pred"] = windows.past[b], pred[b]
-            if Ht:
-                rows[f"{b} truth"] = windows.truth[b]
-        plots.frame_rows(rows).save(out / "grid.png")
-        plots.sequence_gif({"prediction": torch.cat([windows.past[0], pred[0]])}, out / "clip.gif", n_past=Tp)
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
+    save_pictures(windows, pred, out)
 
     # ---- report
     _print_table(summary)

@@ -49,7 +49,8 @@ def val_windows(cfg: DataConfig, n: int, horizon: int, pixel_transform: PixelTra
 
     `pixel_transform` is applied to the frames the pipeline returns; None = the pipeline as is. (Hook for code that
     post-processes the pipeline's output, and for tests that plant a normalisation bug there.)"""
-    train, val, _ = prepare_clips(cfg, scan=False, progress=False)
+    # with bad_data=skip the trainer dropped bad clips before splitting: scan the same way, or the split differs
+    train, val, _ = prepare_clips(cfg, scan=cfg.bad_data == "skip", progress=False)
     clips, source = (val, f"val split of {cfg.root}") if val else (train, f"{cfg.root} (no val split: training clips)")
     for h in range(horizon, 0, -1):
         if h != horizon and h % cfg.t_future:

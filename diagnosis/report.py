@@ -29,12 +29,12 @@ def grade(value: float, pass_if, warn_if) -> str:
     return PASS if pass_if(value) else WARN if warn_if(value) else FAIL
 
 
-def _json_safe(x):
+def json_safe(x):
     """NaN/Inf become strings (JSON has no NaN); tensors and numpy numbers become floats."""
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
         x = x.item()
     if isinstance(x, float):
@@ -55,7 +55,7 @@ def _short(value) -> str:
 def write_report(checks: list[Check], out: Path, header: dict, pictures: dict[str, str]) -> tuple[Path, Path]:
     """report.json (machine-readable) and report.md (a table, then the pictures) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    data = {**_json_safe(header), "checks": [_json_safe(asdict(c)) for c in checks], "pictures": pictures}
+    data = {**json_safe(header), "checks": [json_safe(asdict(c)) for c in checks], "pictures": pictures}
     (out / "report.json").write_text(json.dumps(data, indent=1))
     counts = {s: sum(c.status == s for c in checks) for s in (PASS, WARN, FAIL)}
     lines = ["# Diagnosis report", ""]
