@@ -223,7 +223,7 @@ def check_pixels(ctx: Context) -> list[Check]:
             "or resolution, or a broken VAE folder")
     checks.append(Check("vae_roundtrip_psnr", status, psnr, f">= {ROUNDTRIP_PSNR[0]} dB (warn >= {ROUNDTRIP_PSNR[1]})",
                         hint))
-    ctx.picture(plots.frame_rows({"input": frames[0], "VAE round trip": recon[0],
+    ctx.picture(plots.frame_rows({"input (clamped)": frames[0], "VAE round trip": recon[0],
                                   "|error|": error_frames(recon[0], frames[0].clamp(-1, 1))},
                                  column_labels=[f"frame {k}" for k in range(frames.shape[1])]),
                 "pixels_roundtrip.png", "input frames (as the data pipeline gives them) and their VAE round trip")
