@@ -112,7 +112,8 @@ class Trainer:
                                 min_decay=0.0 if warm else tc.ema_decay, foreach=True)
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
-                                           weight_decay=tc.weight_decay, fused=self.device.type == "cuda")
+                                           weight_decay=tc.weight_decay, fused=self.device.type == "cuda",
+                                           foreach=self.device.type != "cuda")  # CPU: multi-tensor kernels, not a per-tensor loop
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.generator = torch.Generator(self.device).manual_seed(rank_seed(tc.seed, info.rank) + 1)
         # the DataLoader draws a base seed at every iter(): from its own generator, so a resume (a new iterator

@@ -98,20 +98,25 @@ class VideoPredictionDiffusion:
     # ------------------------------------------------------------------ sampling
     def denoiser(self, past: torch.Tensor, cond: torch.Tensor | None, net: torch.nn.Module,
                  guidance_past: float = 1.0, guidance_cond: float = 1.0) -> Callable:
-        """The (x_t, t) -> output closure for the sampler, with classifier-free guidance (Ho & Salimans 2022):
-        out = uncond + g * (cond - uncond), separately for the past frames and the conditioning vector."""
+        """The (x_t, t) -> output closure for the sampler, with classifier-free guidance (Ho & Salimans 2022) on
+        the past frames and the conditioning vector as two separate terms (Brooks et al. 2023, InstructPix2Pix, eq. 3):
+            out = e(0, 0) + g_past * (e(past, 0) - e(0, 0)) + g_cond * (e(past, cond) - e(past, 0)).
+        A scale of 1 drops its term and its extra network call."""
         B = past.shape[0]
-        ones = torch.ones(B, device=past.device)
+        use_p = guidance_past != 1.0
+        use_c = guidance_cond != 1.0 and cond is not None
+        no_cond = torch.zeros(B, device=past.device) if use_c else None
 
         def denoise(x_t, t):
-            out = net(x_t, past, t, cond, None)
-            if guidance_past != 1.0:
-                out_np = net(x_t, torch.zeros_like(past), t, cond, None)
-                out = out_np + guidance_past * (out - out_np)
-            if guidance_cond != 1.0 and cond is not None:
-                out_nc = net(x_t, past, t, cond, 0 * ones)
-                out = out_nc + guidance_cond * (out - out_nc)
-            return out
+            out_pc = net(x_t, past, t, cond, None)
+            if not (use_p or use_c):
+                return out_pc
+            out_p = net(x_t, past, t, cond, no_cond) if use_c else out_pc  # past, no conditioning vector
+            base = out_p
+            if use_p:
+                out_0 = net(x_t, torch.zeros_like(past), t, cond, no_cond)  # neither (cond kept when unguided)
+                base = out_0 + guidance_past * (out_p - out_0)
+            return base + guidance_cond * (out_pc - out_p) if use_c else base
 
         return denoise
 
