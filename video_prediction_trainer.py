@@ -382,15 +382,15 @@ class Trainer:
         return state.get("wandb_id")
 
     # ------------------------------------------------------------------ the loop
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGUSR1 only set a flag; every rank agrees on it at the next step. Returns the old handlers."""
         def handler(signum, frame):
             self.stop_requested = True
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def fit(self) -> dict | None:
         tc = self.cfg.train
-        self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.info.is_main,
                    dynamic_ncols=True)
         start = self.step
@@ -425,3 +425,5 @@ class Trainer:
         finally:
             bar.close()
             self.tracker.close()
+            for sig, old in previous_handlers.items():  # leave the process as we found it
+                signal.signal(sig, old)
