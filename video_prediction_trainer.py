@@ -24,7 +24,7 @@ from tqdm import tqdm
 from configs import Config, config_to_dict, dump_config
 from data import check_clips, discover_clips, ensure_synthetic, split_clips
 from data.dataset import VideoWindowDataset
-from data.windows import build_windows
+from data.windows import build_windows, spread
 from model import VideoPredictionDiffusion, performance
 from training import checkpoint as ckpt
 from training import faults
@@ -179,11 +179,7 @@ class Trainer:
 
     def _fixed_indices(self, n: int) -> list[int]:
         """n val windows evenly spread over the val split (deterministic, so pictures compare across steps)."""
-        if self.val_set is None or n == 0:
-            return []
-        total = len(self.val_set)
-        n = min(n, total)
-        return [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)] if n > 1 else [0]
+        return [] if self.val_set is None else spread(len(self.val_set), n)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.train.mixed_precision == "bf16":

@@ -138,22 +138,21 @@ def fits(tr: BenchTrainer, size: int) -> float | None:
 def max_batch(tr: BenchTrainer, name: str, start: int, step: int) -> None:
     """Largest per-GPU batch that trains: doubling from `start`, then bisecting to `step`."""
     good, bad, size, peaks = 0, None, start, {}
-    while bad is None and size <= 65536:
+
+    def attempt(size: int) -> None:
+        nonlocal good, bad
         peak = fits(tr, size)
         emit(B, f"{name}/try", batch=size, fits=peak is not None, peak_alloc_gib=peak)
         if peak is None:
             bad = size
         else:
             good, peaks[size] = size, peak
-            size *= 2
-    while bad is not None and bad - good > step:
-        size = (good + bad) // 2 // step * step
-        peak = fits(tr, size)
-        emit(B, f"{name}/try", batch=size, fits=peak is not None, peak_alloc_gib=peak)
-        if peak is None:
-            bad = size
-        else:
-            good, peaks[size] = size, peak
+
+    while bad is None and size <= 65536:  # double until it no longer fits
+        attempt(size)
+        size *= 2
+    while bad is not None and bad - good > step:  # then bisect to `step`
+        attempt((good + bad) // 2 // step * step)
     total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     emit(B, name, max_batch=good, peak_alloc_gib=peaks.get(good), card_gib=total, step=step)
     tr.fixed_batch = None

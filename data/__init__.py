@@ -15,7 +15,7 @@ from data.sidecar import read_sidecar_values, sidecar_path
 from data.split import split_clips
 from data.synthetic import ensure_synthetic, render_clip, write_world
 from data.video import VIDEO_EXTENSIONS, count_frames, iter_video_frames, read_video_frames
-from data.windows import Window, build_windows, clip_windows, window_span
+from data.windows import Window, build_windows, clip_windows, spread, window_span
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "Clip", "DataError", "Problem", "ScanReport", "VideoWindowDataset",
@@ -23,5 +23,5 @@ __all__ = [
     "clips_fingerprint", "count_frames", "discover_clips", "ensure_synthetic", "from_unit", "iter_video_frames",
     "list_frames", "natural_key", "pil_to_frames", "prepare_clips", "read_clip_frames", "read_cond", "read_image",
     "read_sidecar_values", "read_video_frames", "render_clip", "scan_clips", "sidecar_path", "split_clips",
-    "to_uint8_hwc", "to_unit", "uint8_to_frames", "window_span", "write_world",
+    "spread", "to_uint8_hwc", "to_unit", "uint8_to_frames", "window_span", "write_world",
 ]

@@ -16,6 +16,12 @@ class Window:
     frames: tuple[int, ...]  # t_past + t_future frame indices into that clip, increasing by frame_interval
 
 
+def spread(total: int, n: int) -> list[int]:
+    """n indices evenly spread over range(total), first and last included (fixed, comparable picks of windows)."""
+    n = min(n, total)
+    return [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)] if n > 1 else [0][:n]
+
+
 def window_span(cfg: DataConfig) -> int:
     """Frames of a clip one window covers: (t_past + t_future - 1) * frame_interval + 1."""
     return (cfg.window_frames - 1) * cfg.frame_interval + 1

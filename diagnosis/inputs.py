@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from configs.schema import DataConfig
-from data import Clip, DataError, VideoWindowDataset, list_frames, prepare_clips
+from data import Clip, DataError, VideoWindowDataset, list_frames, prepare_clips, spread
 from data.clips import IMAGE_EXTENSIONS
 from data.dataset import read_clip_frames
 from data.video import VIDEO_EXTENSIONS, count_frames
@@ -35,12 +35,6 @@ class Windows:
     def frames(self) -> torch.Tensor:
         """past and truth together, (B, Tp + Ht, 3, H, W)."""
         return torch.cat([self.past, self.truth], dim=1)
-
-
-def spread(total: int, n: int) -> list[int]:
-    """n indices evenly spread over range(total) (deterministic, like the trainer's fixed visualisation clips)."""
-    n = min(n, total)
-    return [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)] if n > 1 else [0][:n]
 
 
 def val_windows(cfg: DataConfig, n: int, horizon: int, pixel_transform: PixelTransform | None = None) -> Windows:

@@ -87,3 +87,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def set_dotted(raw: dict, dotted: dict) -> dict:
+    """Set {"section.key": value} entries (Python values, not YAML text) in a raw config dict; returns raw."""
+    for key, value in dotted.items():
+        *sections, leaf = key.split(".")
+        node = raw
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[leaf] = value
+    return raw

@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import tiny_vae_folder
+from helpers import set_dotted, tiny_vae_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_video_pred.py"
@@ -52,13 +52,7 @@ class World:
     def config(self, run_dir: Path, name: str = "run", **dotted) -> dict:
         raw = copy.deepcopy(self.raw)
         raw["logging"].update(run_dir=str(run_dir), name=name)
-        for key, value in dotted.items():
-            *sections, leaf = key.split(".")
-            node = raw
-            for s in sections:
-                node = node.setdefault(s, {})
-            node[leaf] = value
-        return raw
+        return set_dotted(raw, dotted)
 
     def yaml(self, path: Path, run_dir: Path, name: str = "run", **dotted) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

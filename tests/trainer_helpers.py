@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from configs.loader import config_from_dict
-from helpers import tiny_vae_folder
+from helpers import set_dotted, tiny_vae_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_video_pred.py"
@@ -35,13 +35,7 @@ class World:
         """A deep copy of the base config with logging.run_dir set and dotted overrides applied."""
         raw = copy.deepcopy(self.raw)
         raw["logging"]["run_dir"] = str(run_dir)
-        for key, value in dotted.items():
-            *sections, leaf = key.split(".")
-            node = raw
-            for s in sections:
-                node = node.setdefault(s, {})
-            node[leaf] = value
-        return raw
+        return set_dotted(raw, dotted)
 
 
 def make_world(root: Path) -> World:

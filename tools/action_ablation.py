@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from data.pipeline import prepare_clips  # noqa: E402
 from data.dataset import VideoWindowDataset  # noqa: E402
+from data.windows import spread  # noqa: E402
 from model.loading import LoadError, load_model  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
 from training.evaluation import evaluate, format_table  # noqa: E402
@@ -65,8 +66,7 @@ def main(argv=None) -> int:
         return 1
     _, val_clips, _ = prepare_clips(cfg.data, scan=False, progress=False)
     val = VideoWindowDataset(val_clips, cfg.data)
-    n = min(args.clips, len(val))
-    indices = [round(i * (len(val) - 1) / max(n - 1, 1)) for i in range(n)]
+    indices = spread(len(val), args.clips)
 
     # ---- evaluate with true and shuffled vectors (same windows, same noise)
     info = DistInfo()

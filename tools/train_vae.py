@@ -34,7 +34,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: the repo root on path
 
 from configs.schema import DataConfig, SyntheticConfig  # noqa: E402
-from data import prepare_clips, read_clip_frames, to_uint8_hwc, to_unit  # noqa: E402
+from data import prepare_clips, read_clip_frames, spread, to_uint8_hwc, to_unit  # noqa: E402
 from data.clips import Clip  # noqa: E402
 from model.vae import FrozenVAE, load_diffusers_vae  # noqa: E402
 
@@ -186,11 +186,9 @@ def frame_items(clips: list[Clip], stride: int) -> list[tuple[Clip, int]]:
     return [(clip, i) for clip in clips for i in range(0, clip.num_frames, stride)]
 
 
-def spread(items: list, n: int) -> list:
-    """n items evenly spaced over the list (all of them when n = 0 or n >= len)."""
-    if n == 0 or n >= len(items):
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+def spread_items(items: list, n: int) -> list:
+    """n items evenly spaced over the list (all of them when n = 0 or n >= len), picked by data.spread."""
+    return [items[i] for i in spread(len(items), n or len(items))]
 
 
 class FrameDataset(Dataset):
@@ -286,9 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
     val_items = frame_items(val_clips, args.frame_stride)
     if not val_items:
         print("warning: no validation clips (one clip, or --val-fraction 0): PSNR below is on TRAINING frames")
-    held_out = spread(val_items or train_items, args.val_frames)
+    held_out = spread_items(val_items or train_items, args.val_frames)
     sample_frames = torch.stack([FrameDataset(held_out, read_cfg)[i] for i in
-                                 spread(list(range(len(held_out))), args.sample_count)])
+                                 spread(len(held_out), args.sample_count)])
     print(f"data: {len(train_clips)} train clips ({len(train_items)} frames), {len(val_clips)} val clips "
           f"({len(val_items)} frames), {args.height}x{args.width}")
     loader = DataLoader(FrameDataset(train_items, read_cfg), batch_size=args.batch_size, drop_last=False,
@@ -343,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     vae.eval()
 
     # 4. measure the latent scale on training frames (DESIGN cause 3: scaled latents of real data have std ~ 1)
-    scale_items = spread(train_items, args.scale_frames)
+    scale_items = spread_items(train_items, args.scale_frames)
     raw_mean, raw_std = latent_moments(lambda x: vae.encode(x).latent_dist.mode(), scale_items, read_cfg, args, device)
     vae.register_to_config(scaling_factor=1.0 / raw_std, shift_factor=raw_mean if args.shift else None)
     if getattr(vae.config, "latents_mean", None) is not None or getattr(vae.config, "latents_std", None) is not None:
