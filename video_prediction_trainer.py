@@ -111,9 +111,12 @@ class Trainer:
                                 power=tc.ema_warmup_power if warm else 2 / 3,
                                 min_decay=0.0 if warm else tc.ema_decay, foreach=True)
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        # deferred step checks: the host reads step k's flags after launching step k+1 (train.step_checks)
+        self.deferred = tc.step_checks == "deferred" or (tc.step_checks == "auto" and self.device.type == "cuda")
+        fused = self.device.type == "cuda" or self.deferred  # fused AdamW can mask a step on the device (found_inf)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
-                                           weight_decay=tc.weight_decay, fused=self.device.type == "cuda",
-                                           foreach=self.device.type != "cuda")  # CPU: multi-tensor kernels, not a per-tensor loop
+                                           weight_decay=tc.weight_decay, fused=fused,
+                                           foreach=not fused)  # CPU: multi-tensor kernels, not a per-tensor loop
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.generator = torch.Generator(self.device).manual_seed(rank_seed(tc.seed, info.rank) + 1)
         # the DataLoader draws a base seed at every iter(): from its own generator, so a resume (a new iterator
@@ -153,7 +156,11 @@ class Trainer:
             if self.resumed_from is not None and (n := drop_records_after(self.run_dir / "metrics.jsonl", self.step)):
                 self.print(f"metrics.jsonl: dropped {n} record(s) logged after step {self.step} (they are redone now)")
         self.tracker = Tracker(self.run_dir, cfg, config_to_dict(cfg), enabled=info.is_main, resume_id=wandb_id)
-        self.stop_requested = False
+        self.stop_requested = False  # set on every rank at the same step, from the all-reduced flags
+        self._signalled = False  # this rank got SIGTERM/SIGUSR1; goes into the next step's flags
+        self._pending = None  # deferred mode: (step, host flags, CUDA event, lr) of the step not yet read
+        pin = self.device.type == "cuda"
+        self._host_flags = [torch.zeros(4, pin_memory=pin) for _ in range(2)]  # two, as step k+1 fills one while k is read
         self._iter = None
         self._t_log, self._last_log_step = time.perf_counter(), self.step
         self._vis_indices = self._fixed_indices(tc.vis_clips)
@@ -229,51 +236,104 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         # one collective per step: mean loss, any rank non-finite, any rank asked to stop
         flags = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float(),
-                             torch.tensor(float(self.stop_requested), device=self.device)])
+                             torch.tensor(float(self._signalled), device=self.device), grad_norm.float()])
         all_reduce(flags, self.info)
-        loss_mean, nonfinite, stop = flags[0].item() / self.info.world_size, flags[1].item() > 0, flags[2].item() > 0
-        if stop:
-            self.stop_requested = True
-        if nonfinite:
-            return self._on_nonfinite(loss_mean)
+        if self.deferred:
+            return self._masked_update(flags)
+        loss_sum, nonfinite, stop, norm_sum = flags.tolist()  # the host waits for this step here
+        self.stop_requested |= stop > 0
+        if nonfinite > 0:
+            self._on_nonfinite(loss_sum / self.info.world_size, self.step)
+            return {"loss": loss_sum / self.info.world_size, "skipped": 1}
         self.nonfinite_skips = 0
         self.optimizer.step()
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.step(self.unet.parameters())
         self.step += 1
-        return {"loss": loss_mean, "grad_norm": grad_norm.item(), "lr": self.lr_scheduler.get_last_lr()[0]}
+        return {"step": self.step, "loss": loss_sum / self.info.world_size, "grad_norm": norm_sum / self.info.world_size,
+                "lr": self.lr_scheduler.get_last_lr()[0]}
 
-    def _on_nonfinite(self, loss_mean: float) -> dict:
+    def _masked_update(self, flags: torch.Tensor) -> dict:
+        """Deferred step checks: the update is applied with this step's non-finite flag as fused AdamW's found_inf
+        (a flagged step leaves weights and moments untouched, on the device, without the host waiting), the flags
+        are copied to pinned memory asynchronously, and the PREVIOUS step's flags are read, by then long computed.
+        The host so stays a step ahead of the GPU. Returns the previous step's metrics ({} at the first step)."""
+        self.optimizer.found_inf = (flags[1] > 0).float()  # 0-dim, like the step counters it is subtracted from
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())  # a masked step: the EMA moves towards the unchanged weights
+        self.step += 1
+        host = self._host_flags[self.step % 2]
+        host.copy_(flags, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        previous, self._pending = self._pending, (self.step, host, event, self.lr_scheduler.get_last_lr()[0])
+        return self._settle(previous) if previous is not None else {}
+
+    def flush(self) -> dict:
+        """Deferred mode: read the last step's flags now (waits for the GPU); its metrics, or {} if none."""
+        pending, self._pending = self._pending, None
+        return self._settle(pending) if pending is not None else {}
+
+    def _settle(self, pending: tuple) -> dict:
+        step, host, event, lr = pending
+        if event is not None:
+            event.synchronize()
+        loss_sum, nonfinite, stop, norm_sum = host.tolist()
+        loss_mean = loss_sum / self.info.world_size
+        self.stop_requested |= stop > 0
+        if nonfinite > 0:
+            self._on_nonfinite(loss_mean, step - 1)
+            return {"step": step, "loss": loss_mean, "nonfinite": 1}
+        self.nonfinite_skips = 0
+        return {"step": step, "loss": loss_mean, "grad_norm": norm_sum / self.info.world_size, "lr": lr}
+
+    def _on_nonfinite(self, loss_mean: float, index: int) -> None:
+        """A non-finite step (0-based `index`): raise (halt, or too many in a row) or count it as skipped."""
         tc = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
+        late = " (its update was masked; read one step late: train.step_checks=deferred)" if self.deferred else ""
         if tc.nonfinite == "halt":
-            raise TrainingHalted(f"non-finite loss or gradient at step {self.step} (mean loss {loss_mean}) on at "
-                                 "least one rank; stopped before the optimizer step (train.nonfinite=halt). "
+            raise TrainingHalted(f"non-finite loss or gradient at step {index} (mean loss {loss_mean}) on at "
+                                 f"least one rank; stopped before the optimizer step{late} (train.nonfinite=halt). "
                                  "Lower train.lr, check the data, or set train.nonfinite=skip")
         self.nonfinite_skips += 1
-        self.print(f"warning: non-finite loss/gradient at step {self.step}; step skipped "
+        self.print(f"warning: non-finite loss/gradient at step {index}; step skipped{late} "
                    f"({self.nonfinite_skips}/{tc.max_nonfinite_skips} in a row)")
         if self.nonfinite_skips >= tc.max_nonfinite_skips:
             raise TrainingHalted(f"{self.nonfinite_skips} non-finite steps in a row (train.max_nonfinite_skips); "
                                  "giving up")
-        return {"loss": loss_mean, "skipped": 1}
 
     # ------------------------------------------------------------------ jobs on their own cadence
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.step % every == 0
+    def _due(self, every: int, step: int | None = None) -> bool:
+        return every > 0 and (self.step if step is None else step) % every == 0
+
+    def _jobs_due(self) -> bool:
+        """Whether a job that reads the weights or saves runs after this step (the same answer on every rank)."""
+        tc = self.cfg.train
+        return self.step >= tc.max_steps or any(self._due(e) for e in (tc.visualize_every, tc.eval_every,
+                                                                           tc.save_every))
 
     def log(self, metrics: dict) -> None:
-        if not self._due(self.cfg.train.log_every) or "skipped" in metrics:
+        step = metrics.get("step", self.step)
+        if not self._due(self.cfg.train.log_every, step) or "loss" not in metrics or \
+                "skipped" in metrics or "nonfinite" in metrics:
             return
         now = time.perf_counter()
-        steps = self.step - self._last_log_step
+        steps = step - self._last_log_step
         metrics = {**metrics, "epoch": self.epoch,
                    "samples_per_s": steps * self.cfg.train.batch_size / max(now - self._t_log, 1e-9)}
         if self.ema is not None:
             metrics["ema_decay"] = self.ema.get_decay(self.ema.optimization_step)
-        self._t_log, self._last_log_step = now, self.step
-        self.tracker.log(metrics, self.step)
+        self._t_log, self._last_log_step = now, step
+        self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
 
     @torch.no_grad()
     def visualize(self, force: bool = False) -> None:
@@ -381,8 +441,13 @@ class Trainer:
     def _install_signal_handlers(self) -> dict:
         """SIGTERM/SIGUSR1 only set a flag; every rank agrees on it at the next step. Returns the old handlers."""
         def handler(signum, frame):
-            self.stop_requested = True
+            self._signalled = True
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _report(self, metrics: dict, bar) -> None:
+        if "loss" in metrics and "nonfinite" not in metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        self.log(metrics)
 
     def fit(self) -> dict | None:
         tc = self.cfg.train
@@ -397,15 +462,17 @@ class Trainer:
                 first = self.step == start
                 with contextlib.nullcontext() if watchdog is None or first else watchdog.guard(f"step {self.step}"):
                     metrics = self.train_step()
+                    if self.deferred and (self.stop_requested or self._jobs_due()):
+                        self._report(metrics, bar)  # the step before; then this one, before jobs read the weights
+                        metrics = self.flush()
                 if self.stop_requested:
                     self.save(force=True)
                     raise Preempted(f"stop requested (SIGTERM/SIGUSR1): saved step {self.step}; "
                                     "continue with --resume latest")
-                if "skipped" in metrics:
+                if "skipped" in metrics:  # sync mode: the step did not count
                     continue
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                self.log(metrics)
+                self._report(metrics, bar)
                 if self.step < tc.max_steps:  # the final step's jobs run once, forced, below
                     self.visualize()
                     self.evaluate()

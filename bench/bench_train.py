@@ -2,7 +2,8 @@
 
 Each variant is a `Trainer` built from configs/config_video_prediction.yaml plus overrides, on a synthetic world at
 256x448 (random SD-VAE, ~90M-parameter UNet, 32x56 latents). Its real `train_step` is timed (loss, backward,
-clip, fused AdamW, EMA, and the per-step all-reduce + .item() of the non-finite check) on a batch that is already
+clip, fused AdamW, EMA, and the per-step all-reduce of the non-finite check, read at once or one step late) on a
+batch that is already
 on the GPU; the data-loading variants feed it from the latent cache through its own DataLoader.
 
     python bench/bench_train.py [--tiny] [--budget-s 420]
@@ -195,12 +196,24 @@ def main() -> None:
     # ---- optimised: the config switches as a user sets them (channels_last, cudnn benchmark, compile)
     best = build(args, "compiled", CACHED + ["train.compile=true", f"train.batch_size={big}"])
     measure(best, "compiled_channels_last", big, 3, iters, flops, peak, compile_mode="default")
-    # the per-step all-reduce + .item() (non-finite check, loss, stop flag): train_step vs the same step without
+    # the per-step flags (non-finite check, loss, stop): read at once (sync) or one step late (deferred, the GPU
+    # default), against the same step with no flags at all; blocks of steps, as the training loop runs them
     block_pure = time_block(lambda: pure_step(best), 2, iters)
-    block_real = time_block(best.train_step, 2, iters)
-    emit(B, "per_step_sync_cost", batch=big, pure_step_ms=block_pure, train_step_ms=block_real,
-         sync_cost_ms=block_real - block_pure, sync_cost_fraction=(block_real - block_pure) / block_pure)
-    fixed_ms = block_real
+    best.flush()
+    best.deferred = False
+    block_sync = time_block(best.train_step, 2, iters)
+    best.deferred = bool(best.optimizer.defaults.get("fused"))  # the CPU's foreach AdamW cannot mask a step
+    block_deferred = time_block(best.train_step, 2, iters)
+    best.flush()
+    emit(B, "per_step_sync_cost", batch=big, pure_step_ms=block_pure, sync_step_ms=block_sync,
+         deferred_step_ms=block_deferred, sync_cost_fraction=(block_sync - block_pure) / block_pure,
+         deferred_cost_fraction=(block_deferred - block_pure) / block_pure, speedup_deferred=block_sync / block_deferred)
+    for name, ms in (("compiled_channels_last_sync_block", block_sync),
+                     ("compiled_channels_last_deferred_block", block_deferred)):
+        sps = big / (ms / 1e3)
+        emit(B, name, batch=big, ms_per_step=ms, samples_per_s=sps, tflops=flops * sps / 1e12,
+             mfu=flops * sps / (peak * 1e12), note="Trainer.train_step in a block of steps")
+    fixed_ms = block_deferred
 
     # ---- data loading from the latent cache through the Trainer's own DataLoader (several epochs)
     best.fixed_batch = None
@@ -219,6 +232,18 @@ def main() -> None:
         best.restart_workers = False
     del best
     gc.collect()
+
+    if torch.cuda.is_available() and elapsed_s() < args.budget_s:  # twice the batch: launch time amortised further
+        tr = build(args, "compiled_512", CACHED + ["train.compile=true", f"train.batch_size={2 * big}"])
+        tr.fixed_batch = fixed_batch(tr, 2 * big)
+        time_block(tr.train_step, 3, 3)  # compile and warm up
+        ms = time_block(tr.train_step, 2, iters)
+        tr.flush()
+        sps = 2 * big / (ms / 1e3)
+        emit(B, "compiled_channels_last_deferred_block", batch=2 * big, ms_per_step=ms, samples_per_s=sps,
+             tflops=flops * sps / 1e12, mfu=flops * sps / (peak * 1e12), **gpu_mem_gib())
+        del tr
+        gc.collect()
 
     # ---- memory: the largest per-GPU batch (eager, channels_last; with and without gradient checkpointing)
     if torch.cuda.is_available() and elapsed_s() < args.budget_s:

@@ -8,8 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import av
 import numpy as np
+
+try:
+    import av
+except ImportError:  # frame folders need no PyAV; opening a video file says what to install
+    av = None
 
 from data.errors import DataError
 
@@ -26,6 +30,8 @@ class VideoIndex:
 
 
 def _open(path: Path):
+    if av is None:
+        raise DataError(f"{path}: reading video files needs PyAV (pip install av, as in requirements.txt)")
     try:
         return av.open(str(path))
     except (av.FFmpegError, OSError) as e:

@@ -31,6 +31,7 @@ from data import build_windows, discover_clips, split_clips
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from training import checkpoint as ckpt
 from training import distributed
+from training import faults
 from training.distributed import DistInfo
 from trainer_helpers import (REPO, assert_bitwise_equal, explain, losses, make_world, read_jsonl, run_cli,
                              subprocess_env, train_records, write_yaml)
@@ -552,6 +553,68 @@ def test_nonfinite_skip_continues(world, tmp_path, monkeypatch, capsys):
     assert sorted(records) == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records.values())
     state = final_state(run)[1]
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["unet"].values())
+
+
+# ---------------------------------------------------------------- deferred step checks (train.step_checks=deferred)
+# The GPU default: each step's flags are read one step late and a non-finite step's update is masked on the device
+# by fused AdamW's found_inf. Here on the CPU (fused AdamW runs there too) with the same fault point.
+
+def test_deferred_checks_log_the_same_losses_as_sync_checks(world, tmp_path):
+    runs = {}
+    for mode in ("sync", "deferred"):
+        rc, runs[mode] = run_main(world, tmp_path, mode, **{"data.val_fraction": 0.0, "train.step_checks": mode,
+                                                            "train.max_steps": 5})
+        assert rc == 0
+    sync, deferred = train_records(runs["sync"]), train_records(runs["deferred"])
+    assert sorted(sync) == sorted(deferred) == [1, 2, 3, 4, 5]  # every step logged once, under its own number
+    for step in sync:  # fused (deferred) and multi-tensor (sync) AdamW round differently: close, not bitwise
+        assert deferred[step]["loss"] == pytest.approx(sync[step]["loss"], rel=1e-4), step
+        assert deferred[step]["lr"] == sync[step]["lr"]
+
+
+def test_deferred_halt_masks_the_nonfinite_update_and_stops_one_step_late(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=2")
+    trainer = _trainer(world, tmp_path, "dhalt", **{"data.val_fraction": 0.0, "train.step_checks": "deferred",
+                                                    "train.max_steps": 6, "train.save_every": 0})
+    assert trainer.deferred
+    with pytest.raises(TrainingHalted, match="non-finite loss or gradient at step 2"):
+        trainer.fit()
+    # read at the end of the next step: 4 steps were launched, of which the third (index 2) was masked
+    assert trainer.step == 4
+    assert all(torch.isfinite(p).all() for p in trainer.unet.parameters())
+    assert all(torch.isfinite(s).all() for s in trainer.ema.shadow_params)
+    steps = {float(st["step"]) for st in trainer.optimizer.state.values()}
+    assert steps == {3.0}, steps  # AdamW applied 3 updates: the masked one was taken back
+    assert all(torch.isfinite(v).all() for st in trainer.optimizer.state.values() for v in st.values())
+
+
+def test_deferred_masked_step_leaves_weights_and_moments_bit_identical(world, tmp_path, monkeypatch):
+    """With a job due every step (save_every=1) the flags are read at once: the NaN step's weights and AdamW
+    state must equal the checkpoint of the step before, bit for bit."""
+    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=2")
+    trainer = _trainer(world, tmp_path, "dmask", **{"data.val_fraction": 0.0, "train.step_checks": "deferred",
+                                                    "train.max_steps": 6, "train.save_every": 1})
+    with pytest.raises(TrainingHalted, match="at step 2"):
+        trainer.fit()
+    saved = ckpt.load_checkpoint(tmp_path / "runs" / "dmask" / "checkpoints" / "ckpt_000000002.pt")
+    assert_bitwise_equal(trainer.unet.state_dict(), saved["unet"], "unet")
+    assert_bitwise_equal(trainer.optimizer.state_dict()["state"], saved["optimizer"]["state"], "optimizer")
+    assert trainer.step == 3  # the step kept its number
+
+
+def test_deferred_skip_continues_and_keeps_step_numbers(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=1:times=1")
+    faults.reset()  # times=N counts per process
+    rc, run = run_main(world, tmp_path, "dskip", **{"data.val_fraction": 0.0, "train.nonfinite": "skip",
+                                                    "train.step_checks": "deferred", "train.max_steps": 4})
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "non-finite loss/gradient at step 1; step skipped" in out and "train.step_checks=deferred" in out
+    assert sorted(train_records(run)) == [1, 3, 4]  # the masked step is not logged as a training record
+    state = final_state(run)[1]
+    assert state["step"] == 4 and state["nonfinite_skips"] == 0
+    assert {float(st["step"]) for st in state["optimizer"]["state"].values()} == {3.0}
+    assert all(torch.isfinite(v).all() for v in state["unet"].values())
 
 
 def test_nonfinite_skip_gives_up_after_max_skips_in_a_row(world, tmp_path, monkeypatch, capsys):
