@@ -101,3 +101,69 @@ def test_epoch_stream_follows_the_sampler_each_epoch_and_resumes_mid_epoch(world
     at_end = Trainer(cfg, DistInfo(), tmp_path / "runs" / "c")
     at_end.epoch, at_end.position = 0, per_epoch  # saved after an epoch's last batch (before the rollover)
     assert _indices(at_end._next_batch()) == seen[per_epoch] and (at_end.epoch, at_end.position) == (1, 1)
+
+
+# ---------------------------------------------------------------- latent-cache build: padded chunks, writer threads
+
+@pytest.fixture
+def uneven_clips(tmp_path):
+    """Three clips of 5, 7 and 9 random 16x16 frames (none a multiple of chunk_size 4), a 4-frame-chunk tiny VAE."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, n in (("a", 5), ("b", 7), ("c", 9)):
+        (tmp_path / "clips" / name).mkdir(parents=True)
+        for i in range(n):
+            frame = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(frame).save(tmp_path / "clips" / name / f"{i}.png")
+    cfg = tiny_config(**{"data.root": str(tmp_path / "clips"), "vae.chunk_size": 4})
+    return discover_clips(cfg.data), cfg.data, FrozenVAE(tiny_kl_vae(), chunk_size=4)
+
+
+def test_latent_cache_of_uneven_clips_matches_direct_encoding_with_one_encoder_shape(uneven_clips, tmp_path):
+    from data.dataset import read_clip_frames
+
+    clips, data_cfg, vae = uneven_clips
+    batch_sizes = []
+    hook = vae.vae.encoder.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        folder = build_or_load(clips, data_cfg, vae, tmp_path / "cache", DistInfo(), num_workers=0, log=lambda *a: None)
+    finally:
+        hook.remove()
+    assert set(batch_sizes) == {4}, batch_sizes  # the short last chunks were padded, not encoded at their own size
+    for i, clip in enumerate(clips):
+        mean, std = vae.encode_moments(read_clip_frames(clip, range(clip.num_frames), data_cfg)[None])
+        for what, direct in (("mean", mean), ("std", std)):
+            cached = np.load(folder / f"{i:06d}.{what}.npy")
+            assert cached.dtype == np.float16 and cached.shape == tuple(direct.shape[1:])
+            # to one fp16 step (2^-10 relative): padded and unpadded encoder calls may sum in another order
+            np.testing.assert_allclose(cached.astype(np.float32), direct[0].numpy(), rtol=2 ** -10, atol=1e-6,
+                                       err_msg=f"clip {clip.name} {what}")
+
+
+def test_latent_cache_write_failure_raises_and_leaves_no_manifest(uneven_clips, tmp_path, monkeypatch):
+    import errno
+
+    import training.latent_cache as latent_cache
+
+    clips, data_cfg, vae = uneven_clips
+    real_save = latent_cache._save_npy
+
+    def disk_full_at_second_clip(path, array):
+        if path.name.startswith("000001."):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, array)
+
+    monkeypatch.setattr(latent_cache, "_save_npy", disk_full_at_second_clip)
+    with pytest.raises(OSError, match="No space left"):
+        build_or_load(clips, data_cfg, vae, tmp_path / "cache", DistInfo(), num_workers=0, log=lambda *a: None)
+    assert list((tmp_path / "cache").glob("*/manifest.json")) == []
+
+    monkeypatch.undo()
+    logs = []
+    folder = build_or_load(clips, data_cfg, vae, tmp_path / "cache", DistInfo(), num_workers=0, log=logs.append)
+    assert "building" in logs[-1] and "no manifest" in logs[-1], logs
+    build_or_load(clips, data_cfg, vae, tmp_path / "cache", DistInfo(), num_workers=0, log=logs.append)
+    assert logs[-1] == f"latent cache: using {folder}"
+    expected = [f"{i:06d}.{what}.npy" for i in range(3) for what in ("mean", "std")]
+    assert sorted(p.name for p in folder.glob("*.npy")) == expected

@@ -13,6 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +96,68 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _save_clip(folder: Path, ci: int, arrays: dict[str, np.ndarray]) -> None:
+    for what, arr in arrays.items():
+        _save_npy(_clip_file(folder, ci, what), arr)
+
+
+_WRITERS = 2  # threads writing finished clips (np.save + fsync) while the main thread keeps the GPU fed
+_MAX_QUEUED_CLIPS = 4  # finished clips held in memory until written; a fifth waits for the oldest write
+
+
+@dataclass
+class _EncodedChunk:
+    """One chunk's moments on their way to the host: fp16 (t, C, h, w) host tensors (pinned on GPU), valid once
+    `ready()` returns. On GPU the device-to-host copies are queued behind the encoder and `event` marks them done,
+    so the host waits only when it needs the numbers; on CPU (event None) everything is done already."""
+
+    ci: int  # clip index
+    a: int  # first frame
+    mean: torch.Tensor
+    std: torch.Tensor | None
+    event: torch.cuda.Event | None
+
+    def ready(self) -> "_EncodedChunk":
+        if self.event is not None:
+            self.event.synchronize()
+        return self
+
+
+def _to_host(moments: torch.Tensor) -> torch.Tensor:
+    """Queue a copy of moments into a host fp16 tensor (pinned when they are on GPU, so the copy is asynchronous).
+    The cast happens on the device (half the bytes over PCIe) and rounds as numpy's float32 -> float16 cast does."""
+    src = moments.to(torch.float16).contiguous()
+    host = torch.empty(src.shape, dtype=torch.float16, pin_memory=src.device.type == "cuda")
+    return host.copy_(src, non_blocking=True)
+
+
+def _encode_chunk(vae, ci: int, a: int, frames: torch.Tensor) -> _EncodedChunk:
+    """Start encoding frames (t, 3, H, W) of clip ci from frame a; t <= vae.chunk_size.
+
+    A short chunk (a clip's last) is padded to vae.chunk_size by repeating its last frame, and the padded outputs
+    are dropped: every encoder call then has one shape, so cuDNN autotuning and torch.compile keep one plan instead
+    of re-tuning or recompiling for each clip's remainder. The encoder treats frames independently (convs,
+    per-sample GroupNorm, attention within a frame), so the padding does not change the real frames' moments."""
+    t = frames.shape[0]
+    x = frames.to(vae.device, non_blocking=True)
+    if t < vae.chunk_size:
+        x = torch.cat([x, x[-1:].expand(vae.chunk_size - t, *x.shape[1:])])
+    mean, std = vae.encode_moments(x.unsqueeze(0))  # (1, chunk_size, C, h, w) each
+    host_mean = _to_host(mean[0, :t])
+    host_std = None if std is None else _to_host(std[0, :t])
+    event = None
+    if mean.device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+    return _EncodedChunk(ci, a, host_mean, host_std, event)
+
+
+def _wait_for(writes: deque[Future], keep: int) -> None:
+    """Wait until at most `keep` clip writes are outstanding, oldest first; re-raises a failed write's error."""
+    while len(writes) > keep:
+        writes.popleft().result()
+
+
 def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info: DistInfo, store_std: bool = True,
                   num_workers: int = 2, log=print) -> Path:
     """Return the folder of a valid cache for these clips and this VAE, building it (all ranks share the work)
@@ -118,25 +183,47 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info:
     remaining = {ci: clips[ci].num_frames for ci in mine}
     bar = tqdm(total=sum(remaining.values()), desc="latent cache", unit="frame", disable=not info.is_main,
                dynamic_ncols=True)
-    for ci, a, frames in loader:
-        mean, std = vae.encode_moments(frames.unsqueeze(0).to(vae.device, non_blocking=True))
-        b = a + frames.shape[0]
+    # Finished clips are written (np.save + fsync) by writer threads; `writes` holds their outstanding jobs.
+    pool = ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="latent-cache-write")
+    writes: deque[Future] = deque()
+
+    def store(chunk: _EncodedChunk) -> None:
+        """Copy a chunk's moments into its clip's buffer; hand a finished clip to a writer thread."""
+        ci, a = chunk.ci, chunk.a
+        b = a + chunk.mean.shape[0]
         if ci not in buffers:
-            shape = (clips[ci].num_frames, *mean.shape[2:])
+            shape = (clips[ci].num_frames, *chunk.mean.shape[1:])
             buffers[ci] = {"mean": np.empty(shape, np.float16)}
-            if store_std and std is not None:
+            if store_std and chunk.std is not None:
                 buffers[ci]["std"] = np.empty(shape, np.float16)
-        buffers[ci]["mean"][a:b] = mean[0].cpu().numpy()
+        buffers[ci]["mean"][a:b] = chunk.mean.numpy()
         if "std" in buffers[ci]:
-            buffers[ci]["std"][a:b] = std[0].cpu().numpy()
-        remaining[ci] -= frames.shape[0]
-        bar.update(frames.shape[0])
-        if remaining[ci] == 0:  # clip done: write it and free its buffer
-            for what, arr in buffers.pop(ci).items():
+            buffers[ci]["std"][a:b] = chunk.std.numpy()
+        remaining[ci] -= b - a
+        bar.update(b - a)
+        if remaining[ci] == 0:  # clip done: a writer thread writes it and frees its buffer
+            arrays = buffers.pop(ci)
+            for arr in arrays.values():
                 if not np.isfinite(arr).all():
                     raise RuntimeError(f"latent cache: non-finite latents for clip {clips[ci].path} "
                                        "(fp16 overflow? check the VAE's scaling factor and vae.dtype)")
-                _save_npy(_clip_file(folder, ci, what), arr)
+            _wait_for(writes, _MAX_QUEUED_CLIPS - 1)
+            writes.append(pool.submit(_save_clip, folder, ci, arrays))
+
+    # Pipelined: chunk k+1's encoder is queued before chunk k's results are waited for, so the GPU keeps working
+    # while the host copies, the DataLoader hands over the next chunk and finished clips are written.
+    try:
+        in_flight: _EncodedChunk | None = None
+        for ci, a, frames in loader:
+            launched = _encode_chunk(vae, ci, a, frames)
+            if in_flight is not None:
+                store(in_flight.ready())
+            in_flight = launched
+        if in_flight is not None:
+            store(in_flight.ready())
+        _wait_for(writes, 0)  # every file complete (or its error raised) before the manifest step
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     barrier(info)
     if info.is_main:
