@@ -234,9 +234,10 @@ class Trainer:
             loss_sum += loss.detach()
         params = [p for p in self.unet.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        # one collective per step: mean loss, any rank non-finite, any rank asked to stop
+        # one collective per step: mean loss, any rank non-finite, any rank asked to stop. new_full fills on the
+        # device; torch.tensor(..., device=cuda) would be a blocking copy, a host-GPU sync in every step
         flags = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float(),
-                             torch.tensor(float(self._signalled), device=self.device), grad_norm.float()])
+                             loss_sum.new_full((), float(self._signalled)), grad_norm.float()])
         all_reduce(flags, self.info)
         if self.deferred:
             return self._masked_update(flags)

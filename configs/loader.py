@@ -117,7 +117,10 @@ def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if value is None:
             return ""
         if not isinstance(value, str):
-            problems.append(f"{path}: expected str, got {type(value).__name__} {value!r}")
+            # YAML 1.1 reads no/yes/on/off as booleans: `--set train.mixed_precision=no` arrives as False
+            hint = (" (YAML reads no/yes/on/off as booleans: quote it, e.g. train.mixed_precision='no')"
+                    if isinstance(value, bool) else "")
+            problems.append(f"{path}: expected str, got {type(value).__name__} {value!r}{hint}")
         return value
     raise TypeError(f"schema type {tp} at {path} is not supported by the loader")
 
