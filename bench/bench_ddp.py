@@ -53,7 +53,7 @@ def run(args, gpus: int, name: str) -> dict:
         cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *script]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     if gpus == 1 and torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = "0"
     t = time.perf_counter()

@@ -86,7 +86,7 @@ def child_env(tmp: Path, faults: str = "", **extra: str) -> dict:
     """A training subprocess's environment: repo importable, offline, one intra-op thread, faults as given."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VP_FAULTS", "TORCHELASTIC_RESTART_COUNT")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
                WANDB_SILENT="true", WANDB_DIR=str(tmp), PYTHONUNBUFFERED="1")
     if faults:
         env["VP_FAULTS"] = faults

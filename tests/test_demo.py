@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], tmp: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", "WANDB_DIR": str(tmp),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "WANDB_SILENT": "true", "WANDB_DIR": str(tmp),
            "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)

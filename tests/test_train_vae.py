@@ -57,7 +57,7 @@ def load_tool():
 def runs(tmp_path_factory):
     """Two runs of the same command (each with its own world folder), started at once; returns their folders."""
     root = tmp_path_factory.mktemp("train_vae")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     procs = []
     for name in ("a", "b"):
         cmd = [sys.executable, str(TOOL), *TINY_RUN, "--data-root", str(root / f"world_{name}"),

@@ -70,7 +70,7 @@ def subprocess_env(tmp: Path, **extra: str) -> dict:
     """Environment for a training subprocess: repo importable, no network, one intra-op thread (tiny tensors on a
     shared 2-core machine), wandb's own files under tmp."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VP_FAULTS")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_SILENT="true",
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_SILENT="true",
                WANDB_CONFIG_DIR=str(tmp / "wandb_cfg"),
                WANDB_CACHE_DIR=str(tmp / "wandb_cache"), WANDB_DATA_DIR=str(tmp / "wandb_data"))
     env.update(extra)
