@@ -31,12 +31,16 @@ def extra(p):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--skip", type=int, default=2, help="first log intervals left out (compile, warm-up)")
     p.add_argument("--set", nargs="*", default=[], help="more config overrides for both runs")
+    p.add_argument("--clips", type=int, default=24, help="synthetic clips of the world (256x448)")
+    p.add_argument("--frames", type=int, default=200, help="frames per synthetic clip")
+    p.add_argument("--only-multi", action="store_true",
+                   help="skip the 1-GPU run (its number must then come from another run: say so)")
 
 
 def run(args, gpus: int, name: str) -> dict:
     work = Path(args.work)
     tiny = args.tiny
-    h, w, clips, frames = (32, 32, 4, 24) if tiny else (256, 448, 24, 200)
+    h, w, clips, frames = (32, 32, 4, 24) if tiny else (256, 448, args.clips, args.frames)
     overrides = [
         f"data.root={work / f'ddp_world_{h}x{w}'}", "data.synthetic.enabled=true", f"data.synthetic.height={h}",
         f"data.synthetic.width={w}", f"data.synthetic.num_clips={clips}", f"data.synthetic.frames_per_clip={frames}",
@@ -78,7 +82,7 @@ def main() -> None:
     if args.gpus < 2:
         emit(B, "skipped", reason=f"{args.gpus} GPU(s) visible; DDP scaling needs 2 or more")
         return
-    one = run(args, 1, "ddp_1gpu")
+    one = run(args, 1, "ddp_1gpu") if not args.only_multi else {}
     many = run(args, args.gpus, f"ddp_{args.gpus}gpu")
     if one and many:
         eff = many["samples_per_s_median"] / (args.gpus * one["samples_per_s_median"])
