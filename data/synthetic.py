@@ -81,8 +81,19 @@ def _bounce(p0: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray, t: np
     return lo + length - np.abs(u - length)
 
 
-def render_clip(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """(frames uint8 (T, H, W, 3), actions float (T,)) of one clip; a pure function of (sc, clip_index)."""
+@dataclasses.dataclass(frozen=True)
+class ObjectTracks:
+    """Where the objects of one clip are: the ground truth of the synthetic world's motion (bounces included)."""
+
+    x: np.ndarray  # (T, N) centre x, pixels
+    y: np.ndarray  # (T, N) centre y, pixels
+    radius: np.ndarray  # (N,) half size, pixels
+    square: np.ndarray  # (N,) bool: square (else disc)
+    colour: np.ndarray  # (N, 3) RGB in [0, 1]; object k is drawn over objects < k
+
+
+def _scene(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray, ObjectTracks]:
+    """(background (T, H, W, 3) float, actions (T,), object tracks) of one clip: every random draw, in one order."""
     rng = np.random.default_rng([sc.seed, clip_index])
     t_frames, h, w, n = sc.frames_per_clip, sc.height, sc.width, sc.num_objects
     actions = _actions(rng, t_frames) if sc.action_pan else np.zeros(t_frames)
@@ -105,7 +116,20 @@ def render_clip(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.nd
     px = _bounce(pos0[:, 0], vel[:, 0], lo[:, 0], hi[:, 0], t)  # (T, N)
     py = _bounce(pos0[:, 1], vel[:, 1], lo[:, 1], hi[:, 1], t)
 
-    px, py = px.astype(np.float32), py.astype(np.float32)
+    tracks = ObjectTracks(px.astype(np.float32), py.astype(np.float32), radius, square, colours)
+    return img, actions, tracks
+
+
+def object_tracks(sc: SyntheticConfig, clip_index: int) -> ObjectTracks:
+    """The objects' positions in every frame of clip `clip_index` (what render_clip draws)."""
+    return _scene(sc, clip_index)[2]
+
+
+def render_clip(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 (T, H, W, 3), actions float (T,)) of one clip; a pure function of (sc, clip_index)."""
+    img, actions, tr = _scene(sc, clip_index)
+    h, w, n = sc.height, sc.width, sc.num_objects
+    px, py, radius, square, colours = tr.x, tr.y, tr.radius, tr.square, tr.colour
     ys = np.arange(h, dtype=np.float32)[None, :, None] + 0.5  # pixel centres
     xs = np.arange(w, dtype=np.float32)[None, None, :] + 0.5
     for k in range(n):  # fixed draw order: object k occludes objects < k

@@ -229,6 +229,7 @@ def test_overrides_on_defaults_and_later_wins():
     ("logging.wandb.mode=loud", "logging.wandb.mode", "not one of"),
     ("train.batch_size=10", "train.batch_size", "not divisible"),  # with grad_accum_steps=3 below
     ("train.lr.x=1", "train.lr", "expected float"),
+    ("train.mixed_precision=no", "train.mixed_precision", "quote it"),  # YAML 1.1: no -> False
 ])
 def test_overrides_go_through_the_same_checks(override, path, words):
     with pytest.raises(ConfigError) as info:

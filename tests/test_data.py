@@ -23,7 +23,7 @@ from data import (Clip, DataError, VideoWindowDataset, apply_bad_data_policy, bu
                   check_clips, count_frames, discover_clips, ensure_synthetic, from_unit, pil_to_frames,
                   read_clip_frames, read_cond, read_video_frames, render_clip, scan_clips, split_clips, to_uint8_hwc,
                   to_unit, uint8_to_frames)
-from data.synthetic import MARKER
+from data.synthetic import MARKER, object_tracks
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared/data/intel_sample_videos"
 SIZE = 16
@@ -439,6 +439,26 @@ def test_synthetic_pan_follows_the_action_sign(tmp_path):
     assert checked >= 5
     still, _ = render_clip(SyntheticConfig(**{**sc.__dict__, "action_pan": False}), 0)
     assert not np.array_equal(still, render_clip(sc, 0)[0])  # the frames depend on the actions
+
+
+def test_object_tracks_are_where_the_objects_are_drawn_and_bounce_off_the_walls():
+    """The tracks (bounce_check's ground truth) against the rendered frames: the drawn pixels of each object centre
+    on its track, and each object stays inside the frame, reflecting (its velocity flips) at the walls."""
+    sc = SyntheticConfig(enabled=True, frames_per_clip=64, height=48, width=64, num_objects=1, speed=2.0, seed=5)
+    flips = 0
+    for clip in range(4):
+        frames, _ = render_clip(sc, clip)
+        tr = object_tracks(sc, clip)
+        img = frames.astype(np.float32) / 255
+        for t in range(len(frames)):  # one object: never occluded
+            ys, xs = np.nonzero(np.abs(img[t] - tr.colour[0]).max(-1) < 0.1)
+            assert abs(xs.mean() + 0.5 - tr.x[t, 0]) < 0.6 and abs(ys.mean() + 0.5 - tr.y[t, 0]) < 0.6, (clip, t)
+        r = tr.radius[0]
+        assert (tr.x >= r - 1e-3).all() and (tr.x <= sc.width - r + 1e-3).all()
+        assert (tr.y >= r - 1e-3).all() and (tr.y <= sc.height - r + 1e-3).all()
+        v = np.diff(tr.x[:, 0])
+        flips += int((np.sign(v[1:]) * np.sign(v[:-1]) < 0).sum())
+    assert flips >= 2  # 4 clips x 64 frames at up to 2 px/frame across 64 px: walls are hit
 
 
 def test_synthetic_world_through_the_whole_pipeline(tmp_path):

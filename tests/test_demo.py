@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], tmp: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "WANDB_SILENT": "true", "WANDB_DIR": str(tmp),
-           "OMP_NUM_THREADS": "2"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_SILENT": "true", "WANDB_DIR": str(tmp), "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -83,3 +84,78 @@ def test_action_demo_and_ablation(tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((run / "eval" / "action_ablation.json").read_text())
     assert len(result["psnr"]["true_action"]) == len(result["psnr"]["shuffled_action"]) == 4
+
+
+PED2 = ROOT.parent / "shared" / "data" / "ucsd_ped2" / "training" / "frames"
+
+
+@pytest.mark.skipif(not PED2.is_dir(), reason=f"real video not here: {PED2} (only on the team's machines)")
+def test_ucsd_ped2_commands_shortened(tmp_path: Path):
+    """The README's two real-video commands (VAE tool, then the predictor with configs/ucsd_ped2.yaml) on real
+    UCSD Ped2 frames, shortened: 4 clips of 24 frames, a few steps each."""
+    frames = tmp_path / "ped2"
+    for clip in sorted(p for p in PED2.iterdir() if p.is_dir())[:4]:
+        (frames / clip.name).mkdir(parents=True)
+        for f in sorted(clip.glob("*.jpg"))[:24]:
+            shutil.copy(f, frames / clip.name / f.name)
+    vae = tmp_path / "vae_ucsd_ped2"
+    r = _run(["tools/train_vae.py", "--data-root", str(frames), "--height", "128", "--width", "192",
+              "--block-out-channels", "64", "128", "128", "--no-mid-attention", "--steps", "6", "--batch-size", "4",
+              "--lr", "1e-3", "--rec-loss", "l2", "--device", "cpu", "--threads", "2", "--scale-frames", "32",
+              "--val-frames", "8", "--out", str(vae)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (vae / "config.json").is_file() and (vae / "diffusion_pytorch_model.safetensors").is_file()
+    r = _run(["train_video_pred.py", "--config", "configs/ucsd_ped2.yaml", "--set", f"data.root={frames}",
+              f"vae.pretrained={vae}", "train.max_steps=3", "train.batch_size=4", "train.eval_clips=2",
+              "train.eval_steps=2", "train.vis_clips=1", f"train.cache_dir={tmp_path / 'cache'}",
+              f"logging.run_dir={tmp_path / 'runs'}", "data.num_workers=0", "data.val_fraction=0.25"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads(sorted((tmp_path / "runs" / "ucsd_ped2" / "eval").glob("step_*.json"))[-1].read_text())
+    assert ev["step"] == 3 and len(ev["psnr"]["copy_last"]) == 4
+
+
+def test_bounce_check_on_demo(demo_run: Path, tmp_path: Path):
+    r = _run(["tools/bounce_check.py", "--run", str(demo_run), "--windows", "4", "--steps", "3",
+              "--out", str(tmp_path / "b")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "b" / "bounce_check.json").read_text())
+    assert res["windows"] == 4 and (tmp_path / "b" / "bounce_windows.png").is_file()
+    # every visible object is either found in the prediction (and measured) or counted as lost
+    for kind in ("bouncing", "not_bouncing"):
+        assert all(n >= 0 for n in res[kind]["objects_per_step"]) and all(n >= 0 for n in res["lost"][kind])
+    # oracle of the definition: an object that does not bounce is on its straight line (within BOUNCE_PX); a
+    # 20-step model may lose every object, so the measured steps only
+    assert all(v is None or v <= 1.0 for v in res["not_bouncing"]["straight_line"])
+
+
+def test_bounce_check_window_geometry(tmp_path: Path):
+    """bounce_check's ground truth per window: the true future positions are the world's tracks (scaled to the
+    data size), the straight line goes through the last two past positions, and "bounce" is exactly a departure
+    from it by more than BOUNCE_PX; with 2 px/frame in a 32x48 world both kinds occur."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bounce_check
+    from configs.loader import config_from_dict
+    from data import VideoWindowDataset, discover_clips, ensure_synthetic
+    from data.synthetic import object_tracks
+
+    cfg = config_from_dict({"data": {"root": str(tmp_path / "w"), "height": 64, "width": 96, "t_past": 3,
+                                     "t_future": 4, "synthetic": {"enabled": True, "num_clips": 4,
+                                                                  "frames_per_clip": 24, "height": 32, "width": 48}}})
+    ensure_synthetic(cfg.data, progress=False)
+    ds = VideoWindowDataset(discover_clips(cfg.data), cfg.data)
+    kinds = set()
+    for i in range(len(ds)):
+        o = bounce_check.window_objects(ds, i, cfg.data.synthetic, {})
+        w = ds.windows[i]
+        tr = object_tracks(cfg.data.synthetic, int(ds.clips[w.clip].name.rsplit("_", 1)[1]))
+        f = list(w.frames)
+        np.testing.assert_allclose(o["true"][..., 0], tr.x[f[3:]] * 2, rtol=1e-6)  # 48 -> 96 px
+        np.testing.assert_allclose(o["true"][..., 1], tr.y[f[3:]] * 2, rtol=1e-6)
+        last, prev = (np.stack([tr.x[f[k]], tr.y[f[k]]], -1) for k in (2, 1))
+        np.testing.assert_allclose(o["straight"][0], 2 * (2 * last - prev), rtol=1e-5, atol=1e-4)
+        dev = np.linalg.norm(o["true"] - o["straight"], axis=-1).max(0)
+        assert ((dev > bounce_check.BOUNCE_PX) == o["bounce"]).all()
+        kinds |= set(o["bounce"].tolist())
+    assert kinds == {True, False}

@@ -126,8 +126,12 @@ def test_latent_cache_of_uneven_clips_matches_direct_encoding_with_one_encoder_s
     clips, data_cfg, vae = uneven_clips
     batch_sizes = []
     hook = vae.vae.encoder.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
-    try:
-        folder = build_or_load(clips, data_cfg, vae, tmp_path / "cache", DistInfo(), num_workers=0, log=lambda *a: None)
+    try:  # the CPU default does not pad (pure extra work there); the CUDA default does, forced here
+        build_or_load(clips, data_cfg, vae, tmp_path / "plain", DistInfo(), num_workers=0, log=lambda *a: None)
+        assert sorted(set(batch_sizes)) == [1, 3, 4], batch_sizes
+        batch_sizes.clear()
+        folder = build_or_load(clips, data_cfg, vae, tmp_path / "cache", DistInfo(), num_workers=0,
+                               log=lambda *a: None, pad_chunks=True)
     finally:
         hook.remove()
     assert set(batch_sizes) == {4}, batch_sizes  # the short last chunks were padded, not encoded at their own size

@@ -131,16 +131,16 @@ def _to_host(moments: torch.Tensor) -> torch.Tensor:
     return host.copy_(src, non_blocking=True)
 
 
-def _encode_chunk(vae, ci: int, a: int, frames: torch.Tensor) -> _EncodedChunk:
+def _encode_chunk(vae, ci: int, a: int, frames: torch.Tensor, pad: bool) -> _EncodedChunk:
     """Start encoding frames (t, 3, H, W) of clip ci from frame a; t <= vae.chunk_size.
 
-    A short chunk (a clip's last) is padded to vae.chunk_size by repeating its last frame, and the padded outputs
+    With `pad`, a short chunk (a clip's last) is padded to vae.chunk_size by repeating its last frame; the padded outputs
     are dropped: every encoder call then has one shape, so cuDNN autotuning and torch.compile keep one plan instead
     of re-tuning or recompiling for each clip's remainder. The encoder treats frames independently (convs,
     per-sample GroupNorm, attention within a frame), so the padding does not change the real frames' moments."""
     t = frames.shape[0]
     x = frames.to(vae.device, non_blocking=True)
-    if t < vae.chunk_size:
+    if pad and t < vae.chunk_size:
         x = torch.cat([x, x[-1:].expand(vae.chunk_size - t, *x.shape[1:])])
     mean, std = vae.encode_moments(x.unsqueeze(0))  # (1, chunk_size, C, h, w) each
     host_mean = _to_host(mean[0, :t])
@@ -159,9 +159,11 @@ def _wait_for(writes: deque[Future], keep: int) -> None:
 
 
 def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info: DistInfo, store_std: bool = True,
-                  num_workers: int = 2, log=print) -> Path:
+                  num_workers: int = 2, log=print, pad_chunks: bool | None = None) -> Path:
     """Return the folder of a valid cache for these clips and this VAE, building it (all ranks share the work)
-    when it is missing, stale or corrupt. Every rank must call this."""
+    when it is missing, stale or corrupt. Every rank must call this. pad_chunks: encode every chunk at
+    vae.chunk_size frames (None = on CUDA only, where fixed shapes keep one cuDNN/compiled plan; on a CPU the
+    padding is only extra work: 32-frame clips in 64-frame chunks doubled the demo's cache build)."""
     key, ident = cache_key(clips, data_cfg, vae.identity(), store_std)
     folder = Path(cache_dir) / key
     reason = _valid(folder, key, len(clips)) if info.is_main else None
@@ -210,12 +212,13 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info:
             _wait_for(writes, _MAX_QUEUED_CLIPS - 1)
             writes.append(pool.submit(_save_clip, folder, ci, arrays))
 
+    pad = vae.device.type == "cuda" if pad_chunks is None else pad_chunks
     # Pipelined: chunk k+1's encoder is queued before chunk k's results are waited for, so the GPU keeps working
     # while the host copies, the DataLoader hands over the next chunk and finished clips are written.
     try:
         in_flight: _EncodedChunk | None = None
         for ci, a, frames in loader:
-            launched = _encode_chunk(vae, ci, a, frames)
+            launched = _encode_chunk(vae, ci, a, frames, pad)
             if in_flight is not None:
                 store(in_flight.ready())
             in_flight = launched
