@@ -168,7 +168,10 @@ def test_config_trap_fails_before_any_process_group_identically_on_every_rank(wo
         assert err.startswith(prefix) and re.search(pattern, err), err
         messages[rank] = err[len(prefix):]
     assert messages[0] == messages[1]
-    assert max(seconds) < 10
+    # waiting for the missing rank would take dist_timeout_s (30 s); both calls must end before that. (A fixed 10 s
+    # here failed once in CI at 16 s on rank 0's first call, on the loaded 2-core machine, with no group created:
+    # a speed, not the property. The is_initialized check above catches any process group.)
+    assert max(seconds) < world.raw["train"]["dist_timeout_s"], seconds
     record(f"9 config trap {trap}", trials=2, seconds_to_exit=round(max(seconds), 2))
 
 
