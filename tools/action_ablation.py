@@ -18,10 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from data.pipeline import prepare_clips  # noqa: E402
-from data.dataset import VideoWindowDataset  # noqa: E402
 from data.windows import spread  # noqa: E402
-from model.loading import LoadError, load_model  # noqa: E402
+from tools.run_tools import add_run_args, load_run, val_windows  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
 from training.evaluation import evaluate, format_table  # noqa: E402
 
@@ -46,26 +44,20 @@ class ShuffledCond(torch.utils.data.Dataset):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run folder (its newest valid checkpoint is used)")
-    p.add_argument("--checkpoint", default="latest", help="latest or a checkpoint file")
+    add_run_args(p, "run folder (its newest valid checkpoint is used)",
+                 "noise seed (the same noise for both conditions)", "action_ablation.json")
     p.add_argument("--clips", type=int, default=32, help="validation windows evaluated (evenly spread)")
-    p.add_argument("--steps", type=int, default=0, help="DDIM steps; 0 = the run's sampler.num_inference_steps")
-    p.add_argument("--seed", type=int, default=777, help="noise seed (the same noise for both conditions)")
-    p.add_argument("--out", help="folder for action_ablation.json (default: <run>/eval)")
     args = p.parse_args(argv)
 
     # ---- model and validation windows
-    try:
-        loaded = load_model(run=args.run, checkpoint=args.checkpoint)
-    except LoadError as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_run(args)
+    if loaded is None:
         return 1
     cfg = loaded.cfg
     if cfg.cond_dim == 0:
         print("error: this run has no conditioning vector (data.cond_keys is empty)", file=sys.stderr)
         return 1
-    _, val_clips, _ = prepare_clips(cfg.data, scan=False, progress=False)
-    val = VideoWindowDataset(val_clips, cfg.data)
+    val = val_windows(loaded)
     indices = spread(len(val), args.clips)
 
     # ---- evaluate with true and shuffled vectors (same windows, same noise)

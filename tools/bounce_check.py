@@ -26,11 +26,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.dataset import VideoWindowDataset  # noqa: E402
-from data.pipeline import prepare_clips  # noqa: E402
 from data.pixels import to_unit  # noqa: E402
 from data.synthetic import object_tracks  # noqa: E402
 from data.windows import spread  # noqa: E402
-from model.loading import LoadError, load_model  # noqa: E402
+from tools.run_tools import add_run_args, load_run, val_windows  # noqa: E402
 from training.visualize import sample_grid  # noqa: E402
 
 COLOUR_TOL = 0.2  # per channel, in [0, 1]
@@ -70,18 +69,13 @@ def window_objects(ds: VideoWindowDataset, index: int, sc, cache: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run folder trained on the synthetic world")
-    p.add_argument("--checkpoint", default="latest", help="latest or a checkpoint file")
+    add_run_args(p, "run folder trained on the synthetic world", "noise seed",
+                 "bounce_check.json and bounce_windows.png")
     p.add_argument("--windows", type=int, default=48, help="validation windows WITH a bounce to predict")
-    p.add_argument("--steps", type=int, default=0, help="DDIM steps; 0 = the run's sampler.num_inference_steps")
-    p.add_argument("--seed", type=int, default=777, help="noise seed")
-    p.add_argument("--out", help="folder for bounce_check.json and bounce_windows.png (default: <run>/eval)")
     args = p.parse_args(argv)
 
-    try:
-        loaded = load_model(run=args.run, checkpoint=args.checkpoint)
-    except LoadError as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_run(args)
+    if loaded is None:
         return 1
     cfg = loaded.cfg
     sc = cfg.data.synthetic
@@ -89,8 +83,7 @@ def main(argv=None) -> int:
         print("error: this run was not trained on the synthetic world (data.synthetic.enabled is false)",
               file=sys.stderr)
         return 1
-    _, val_clips, _ = prepare_clips(cfg.data, scan=False, progress=False)
-    ds = VideoWindowDataset(val_clips, cfg.data)
+    ds = val_windows(loaded)
     cache: dict = {}
     objects = {i: window_objects(ds, i, sc, cache) for i in range(len(ds))}
     with_bounce = [i for i, o in objects.items() if o["bounce"].any()]
