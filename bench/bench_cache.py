@@ -56,7 +56,8 @@ def vae_for(cfg) -> FrozenVAE:
     """The FrozenVAE as the trainer gets it (from_config, then the vae.* speed settings)."""
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and torch.cuda.is_available()
     vae = FrozenVAE.from_config(cfg.vae).to(device())
-    return performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.train.compile_mode)
+    return performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.train.compile_mode,
+                                    cfg.vae.fuse_upsample)
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Prediction speed (goal 2): DDIM-20 for 64 clips of 4 past frames, then the VAE decode of the 4 predicted frames,
 through VideoPredictionDiffusion.predict_latents and FrozenVAE.decode, baseline and optimised, in one process.
 
-Baseline as in the issue: eager UNet under bf16 autocast, bf16 VAE decode, NCHW, chunk 32. Optimised variants
-switch on what a user switches on in the config (train.channels_last, vae.channels_last, sampler.compile,
-vae.compile, vae.chunk_size); each is a fresh model from `VideoPredictionDiffusion.from_config`.
+Baseline as in the issue: eager UNet under bf16 autocast, bf16 VAE decode with diffusers' own upsampling, NCHW,
+chunk 32. Optimised variants switch on what a user switches on in the config (train.channels_last,
+vae.channels_last, sampler.compile, vae.compile, vae.fuse_upsample, train.compile_mode, vae.chunk_size); each is a
+fresh model from `VideoPredictionDiffusion.from_config`.
 
     python bench/bench_sample.py [--tiny] [--budget-s 300]
 """
@@ -23,7 +24,10 @@ from bench.common import (device, elapsed_s, emit, emit_env, gpu_mem_gib, parse_
 from model import VideoPredictionDiffusion  # noqa: E402
 
 B = "sample"
-BASELINE = ["vae.dtype=bf16", "vae.channels_last=false", "train.channels_last=false", "train.cudnn_benchmark=false"]
+BASELINE = ["vae.dtype=bf16", "vae.channels_last=false", "train.channels_last=false", "train.cudnn_benchmark=false",
+            "vae.fuse_upsample=false"]
+FAST = ["vae.dtype=bf16", "sampler.compile=true", "vae.compile=true"]  # UNet NHWC (the config's), VAE NCHW
+GRAPHS = FAST + ["train.compile_mode=reduce-overhead"]
 
 
 def autocast():
@@ -92,25 +96,39 @@ def main() -> None:
     del base
     gc.collect()
 
-    fast = build(args, ["vae.dtype=bf16", "sampler.compile=true", "vae.compile=true"])
-    res = run(fast, "compiled_unet_and_decoder_channels_last", clips, 2, iters)
-    err = (res["latents"] - ref["latents"]).norm() / ref["latents"].norm()
-    emit(B, "compiled_vs_eager_latents", rel_err=float(err), note="same noise; bf16 autocast in both")
-    del fast
+    def compare(name: str, rec: dict, against: dict, what: str) -> None:
+        err = (rec["latents"] - against["latents"]).norm() / against["latents"].norm()
+        emit(B, name, rel_err=float(err), note=f"same noise; bf16 autocast in both; {what}")
+
+    # the sub-pixel upsampling alone, eager (same UNet: the latents must be identical; the pixels differ by rounding)
+    fused = build(args, BASELINE[:-1] + ["vae.fuse_upsample=true"])
+    res = run(fused, "eager_bf16_nchw_fused_upsample", clips, 1, iters)
+    compare("fused_vs_eager_latents", res, ref, "the UNet is untouched by vae.fuse_upsample")
+    with autocast():
+        emit(B, "fused_vs_plain_decode", rel_err=float((fused.vae.decode(lat).float() - bf16.float()).norm()
+                                                       / bf16.float().norm()), note="bf16, one clip")
+    del fused
     gc.collect()
 
-    # CUDA graphs: the 20 UNet calls (and the decoder chunks) replayed, no per-kernel launch cost
-    graphs = build(args, ["vae.dtype=bf16", "sampler.compile=true", "vae.compile=true",
-                          "train.compile_mode=reduce-overhead"])
-    res = run(graphs, "compiled_reduce_overhead_cuda_graphs", clips, 3, iters)
-    err = (res["latents"] - ref["latents"]).norm() / ref["latents"].norm()
-    emit(B, "cuda_graphs_vs_eager_latents", rel_err=float(err), note="same noise; bf16 autocast in both")
-    for chunk in (() if args.tiny else (64, 16)):  # decoder chunk: fewer, larger calls or more, smaller ones
-        if elapsed_s() < args.budget_s:
-            graphs.vae.chunk_size = chunk
-            run(graphs, f"compiled_reduce_overhead_cuda_graphs_chunk{chunk}", clips, 3, iters)
-    del graphs
-    gc.collect()
+    # CUDA graphs: the 20 UNet calls (and the decoder chunks) replayed, no per-kernel launch cost; with diffusers'
+    # upsampling (the best of the last session) and with the sub-pixel one (vae.fuse_upsample, the default)
+    for fuse, vae_nhwc in (("false", "false"), ("true", "false"), ("true", "true")):
+        if vae_nhwc == "true" and elapsed_s() > args.budget_s:
+            continue
+        graphs = build(args, GRAPHS + [f"vae.fuse_upsample={fuse}", f"vae.channels_last={vae_nhwc}"])
+        name = "compiled_reduce_overhead_cuda_graphs" + ("_fused_upsample" if fuse == "true" else "") + (
+            "_vae_nhwc" if vae_nhwc == "true" else "")
+        res = run(graphs, name, clips, 3, iters)
+        compare(f"{name}_vs_eager_latents", res, ref, "compiled, CUDA graphs")
+        del graphs
+        gc.collect()
+
+    if elapsed_s() < args.budget_s:
+        fast = build(args, FAST)  # compiled, no CUDA graphs, fused upsampling (the config's defaults)
+        res = run(fast, "compiled_unet_and_decoder_channels_last_fused_upsample", clips, 2, iters)
+        compare("compiled_vs_eager_latents", res, ref, "compiled")
+        del fast
+        gc.collect()
 
     if elapsed_s() < args.budget_s:
         cl = build(args, ["vae.dtype=bf16"])  # channels_last + cudnn benchmark, eager

@@ -8,7 +8,11 @@ compile.
 """
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
+from diffusers.models.upsampling import Upsample2D
 
 
 def on_gpu(module: torch.nn.Module) -> bool:
@@ -37,8 +41,66 @@ def compile_in_place(module: torch.nn.Module, mode: str = "default") -> torch.nn
     return module
 
 
-def speed_up_vae(vae, channels_last_format: bool, compile_modules: bool, mode: str = "default"):
-    """A FrozenVAE's convs in NHWC and/or its encoder and decoder compiled (GPU only); returns the same object."""
+# Which 3x3 taps of the conv land on which of two low-resolution rows (or columns), for the output row's phase a:
+# an output row 2i + a of conv3x3(nearest_up2(x)) reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. low-resolution
+# rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1.
+_PHASE_TAPS = ((( 1.0, 0.0, 0.0), (0.0, 1.0, 1.0)),
+               (( 1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O, I, 3, 3) conv weights -> (4 O, I, 2, 2): one 2x2 kernel per output phase (a, b), in the order (a, b, o)."""
+    taps = torch.tensor(_PHASE_TAPS, device=weight.device, dtype=torch.float32)  # (phase, 2 taps, 3 taps)
+    k = torch.einsum("ark,bsl,oikl->aboirs", taps, taps, weight.float())
+    return k.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
+
+
+def _subpixel_upsample_forward(self: Upsample2D, hidden_states: torch.Tensor, output_size=None, *args, **kwargs):
+    """Upsample2D.forward for nearest 2x + 3x3 conv (padding 1), computed without the 4x-larger upsampled input:
+    each output phase (a, b) is a 2x2 conv of the zero-padded low-resolution input with the kernel's taps summed as
+    nearest-neighbour upsampling would have them meet (`subpixel_weight`). The same function; 16 instead of 36 taps
+    per low-resolution pixel, i.e. 2.25x fewer FLOPs. `output_size` (odd sizes) falls back to the original."""
+    if output_size is not None or args or kwargs:
+        return Upsample2D.forward(self, hidden_states, output_size, *args, **kwargs)
+    conv = self.conv
+    n, _, h, w = hidden_states.shape
+    o = conv.out_channels
+    nhwc = hidden_states.is_contiguous(memory_format=torch.channels_last) and not hidden_states.is_contiguous()
+    weight = subpixel_weight(conv.weight)
+    if nhwc:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    bias = conv.bias.repeat(4) if conv.bias is not None else None
+    y = F.conv2d(F.pad(hidden_states, (1, 1, 1, 1)), weight, bias)  # (N, 4 O, H + 1, W + 1)
+    y = y.unflatten(1, (2, 2, o))  # (N, a, b, O, H + 1, W + 1); phase (a, b) is the window starting at (a, b)
+    if nhwc:  # interleave into (N, H, a, W, b, O) memory, returned as an NCHW view with channels_last strides
+        out = torch.stack([torch.stack([y[:, a, b, :, a:a + h, b:b + w].permute(0, 2, 3, 1) for b in (0, 1)], 3)
+                           for a in (0, 1)], 2)
+        return out.reshape(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
+    out = torch.stack([torch.stack([y[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], -1) for a in (0, 1)], 3)
+    return out.reshape(n, o, 2 * h, 2 * w)
+
+
+def fuse_upsample_convs(module: torch.nn.Module) -> int:
+    """Give every diffusers Upsample2D in `module` that is nearest 2x + a plain 3x3 conv (padding 1, no norm) the
+    sub-pixel forward above, in place; parameters and state_dict keys are untouched. Returns how many."""
+    count = 0
+    for m in module.modules():
+        conv = getattr(m, "conv", None)
+        if (type(m) is Upsample2D and m.use_conv and not m.use_conv_transpose and m.interpolate and m.norm is None
+                and m.name == "conv" and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
+                and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+                and conv.groups == 1 and conv.padding_mode == "zeros"):
+            m.forward = types.MethodType(_subpixel_upsample_forward, m)
+            count += 1
+    return count
+
+
+def speed_up_vae(vae, channels_last_format: bool, compile_modules: bool, mode: str = "default",
+                 fuse_upsample: bool = False):
+    """A FrozenVAE's decoder upsampling fused (any device), its convs in NHWC and/or its encoder and decoder
+    compiled (GPU only); returns the same object."""
+    if fuse_upsample:
+        fuse_upsample_convs(vae.vae)
     channels_last(vae.vae, channels_last_format)
     if compile_modules:
         for name in ("encoder", "decoder"):

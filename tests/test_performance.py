@@ -171,3 +171,43 @@ def test_latent_cache_write_failure_raises_and_leaves_no_manifest(uneven_clips, 
     assert logs[-1] == f"latent cache: using {folder}"
     expected = [f"{i:06d}.{what}.npy" for i in range(3) for what in ("mean", "std")]
     assert sorted(p.name for p in folder.glob("*.npy")) == expected
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_subpixel_upsample_equals_nearest_upsample_then_conv(memory_format):
+    """vae.fuse_upsample: the four 2x2 phase convs give diffusers' Upsample2D output (nearest 2x, then 3x3 conv), on
+    odd sizes, in both memory formats (NHWC stays NHWC), with the same input and weight gradients."""
+    from diffusers.models.upsampling import Upsample2D
+    torch.manual_seed(0)
+    ref = Upsample2D(6, use_conv=True, out_channels=5).to(memory_format=memory_format)
+    fused = Upsample2D(6, use_conv=True, out_channels=5).to(memory_format=memory_format)
+    fused.load_state_dict(ref.state_dict())
+    assert performance.fuse_upsample_convs(fused) == 1
+    x = torch.randn(3, 6, 7, 5).contiguous(memory_format=memory_format)
+    xr, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_ref, out_fused = ref(xr), fused(xf)
+    assert out_fused.shape == (3, 5, 14, 10)
+    torch.testing.assert_close(out_fused, out_ref, rtol=0, atol=1e-5)
+    assert out_fused.is_contiguous(memory_format=memory_format)
+    g = torch.randn_like(out_ref)
+    out_ref.backward(g)
+    out_fused.backward(g)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fused.conv.weight.grad, ref.conv.weight.grad, rtol=1e-5, atol=1e-4)
+    # an explicit output_size (odd target sizes) takes diffusers' own path
+    torch.testing.assert_close(fused(x, output_size=(13, 9)), ref(x, output_size=(13, 9)))
+
+
+def test_fused_decoder_decodes_like_diffusers_and_keeps_its_state_dict(tmp_path):
+    """Through the config, as the trainer and the sampler build it: same pixels (fp32), same state_dict keys (the
+    checkpoint and the VAE fingerprint do not change), and vae.fuse_upsample=false leaves diffusers' forward."""
+    from helpers import tiny_vae_folder
+    folder = tiny_vae_folder(tmp_path)
+    fused = VideoPredictionDiffusion.from_config(tiny_config(folder))
+    plain = VideoPredictionDiffusion.from_config(tiny_config(folder, **{"vae.fuse_upsample": False}))
+    ups = [m for m in fused.vae.vae.decoder.modules() if type(m).__name__ == "Upsample2D"]
+    assert ups and all("forward" in vars(m) for m in ups)
+    assert not any("forward" in vars(m) for m in plain.vae.vae.decoder.modules())
+    assert list(fused.vae.vae.state_dict()) == list(plain.vae.vae.state_dict())
+    latents = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fused.vae.decode(latents), plain.vae.decode(latents), rtol=0, atol=1e-5)
