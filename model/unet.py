@@ -11,6 +11,7 @@ import torch
 from diffusers import UNet2DModel
 
 from configs.schema import UNetConfig
+from model.performance import fuse_upsample_convs
 
 
 class ConditionalUNet(torch.nn.Module):
@@ -34,6 +35,8 @@ class ConditionalUNet(torch.nn.Module):
         )
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if cfg.fuse_upsample:
+            fuse_upsample_convs(self.unet)
         self.cond_proj = None
         if cond_dim:
             self.cond_proj = torch.nn.Sequential(

@@ -211,3 +211,33 @@ def test_fused_decoder_decodes_like_diffusers_and_keeps_its_state_dict(tmp_path)
     assert list(fused.vae.vae.state_dict()) == list(plain.vae.vae.state_dict())
     latents = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fused.vae.decode(latents), plain.vae.decode(latents), rtol=0, atol=1e-5)
+
+
+def test_fused_unet_upsampling_trains_like_diffusers_and_survives_the_ema_copy():
+    """unet.fuse_upsample: same loss and gradients as diffusers' up blocks (fp32), and the EMA's deepcopy of the net
+    keeps the sub-pixel forward bound to the copy (its own weights), not to the trained net."""
+    import copy
+    from model.unet import ConditionalUNet
+    torch.manual_seed(0)
+    cfgs = {f: tiny_config(**{"unet.fuse_upsample": f}).unet for f in (False, True)}
+    plain = ConditionalUNet(cfgs[False], 4, 2, 2)
+    fused = ConditionalUNet(cfgs[True], 4, 2, 2)
+    fused.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(1)
+    noisy, past = torch.randn(2, 2, 4, 8, 8, generator=g), torch.randn(2, 2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 900])
+    outs = []
+    for net in (plain, fused):
+        out = net(noisy, past, t)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    ema = copy.deepcopy(fused).requires_grad_(False)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(fused(noisy, past, t), outs[1])  # the copy's change does not leak back
+        up = next(m for m in ema.modules() if "forward" in vars(m))
+        assert up.forward.__self__ is up
