@@ -99,8 +99,8 @@ class Trainer:
         self.model = VideoPredictionDiffusion.from_config(cfg, self.device)  # NHWC on GPU per train.channels_last
         torch.manual_seed(rank_seed(tc.seed, info.rank))
         self.unet = self.model.unet.to(self.device)
-        self.net = DDP(self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if info.enabled else self.unet
+        self.net = DDP(self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       bucket_cap_mb=tc.ddp_bucket_mb) if info.enabled else self.unet
         if tc.compile and self.device.type == "cuda":  # like every speed switch, GPU only
             self.net = torch.compile(self.net, mode=tc.compile_mode)
         self.ema = None

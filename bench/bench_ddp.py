@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,11 +34,13 @@ def extra(p):
     p.add_argument("--set", nargs="*", default=[], help="more config overrides for both runs")
     p.add_argument("--clips", type=int, default=12, help="synthetic clips of the world (256x448)")
     p.add_argument("--frames", type=int, default=160, help="frames per synthetic clip")
+    p.add_argument("--variant", action="append", default=[], metavar="'KEY=VALUE ...'",
+                   help="another N-GPU run with these overrides (repeatable), each with its own scaling line")
     p.add_argument("--only-multi", action="store_true",
                    help="skip the 1-GPU run (its number must then come from another run: say so)")
 
 
-def run(args, gpus: int, name: str) -> dict:
+def run(args, gpus: int, name: str, extra: list[str] = ()) -> dict:
     work = Path(args.work)
     tiny = args.tiny
     h, w, clips, frames = (32, 32, 4, 24) if tiny else (256, 448, args.clips, args.frames)
@@ -53,7 +56,7 @@ def run(args, gpus: int, name: str) -> dict:
         f"train.cache_dir={work / 'ddp_latents'}",
         f"logging.run_dir={work / 'ddp_runs'}", f"logging.name={name}", "logging.wandb.mode=disabled",
     ] + (["unet.block_out_channels=[32, 64]", "unet.attention=[false, true]", "unet.attention_head_dim=16",
-          "unet.norm_num_groups=16"] if tiny else []) + args.set
+          "unet.norm_num_groups=16"] if tiny else []) + args.set + list(extra)
     script = [str(ROOT / "train_video_pred.py"), "--config", str(REFERENCE_CONFIG), "--set", *overrides]
     if gpus == 1:
         cmd = [sys.executable, *script]
@@ -62,6 +65,7 @@ def run(args, gpus: int, name: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     if gpus == 1 and torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = "0"
+    shutil.rmtree(work / "ddp_runs" / name, ignore_errors=True)  # a run of the same name would resume, not restart
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -74,7 +78,7 @@ def run(args, gpus: int, name: str) -> dict:
     rec = emit(B, name, gpus=gpus, global_batch=gpus * args.batch_per_gpu, batch_per_gpu=args.batch_per_gpu,
                steps=args.steps, samples_per_s_median=statistics.median(kept), samples_per_s_all=sps,
                per_gpu_samples_per_s=statistics.median(kept) / gpus, wall_s=wall,
-               final_loss=next((r["loss"] for r in reversed(lines) if "loss" in r), None))
+               final_loss=next((r["loss"] for r in reversed(lines) if "loss" in r), None), overrides=list(extra))
     return rec
 
 
@@ -87,12 +91,14 @@ def main() -> None:
     # the N-GPU run first: it pays for the world and the cache (both reused by the 1-GPU run), and its number is
     # the one a cut-short call must not lose
     many = run(args, args.gpus, f"ddp_{args.gpus}gpu")
+    variants = [run(args, args.gpus, f"ddp_{args.gpus}gpu_v{i}", v.split()) for i, v in enumerate(args.variant)]
     one = run(args, 1, "ddp_1gpu") if not args.only_multi else {}
-    if one and many:
-        eff = many["samples_per_s_median"] / (args.gpus * one["samples_per_s_median"])
-        emit(B, "scaling", gpus=args.gpus, batch_per_gpu=args.batch_per_gpu, efficiency=eff,
-             samples_per_s_1gpu=one["samples_per_s_median"], samples_per_s_ngpu=many["samples_per_s_median"],
-             overrides=args.set)
+    for rec in [many] + variants:
+        if one and rec:
+            eff = rec["samples_per_s_median"] / (args.gpus * one["samples_per_s_median"])
+            emit(B, "scaling", gpus=args.gpus, batch_per_gpu=args.batch_per_gpu, efficiency=eff,
+                 samples_per_s_1gpu=one["samples_per_s_median"], samples_per_s_ngpu=rec["samples_per_s_median"],
+                 overrides=args.set + rec["overrides"])
 
 
 if __name__ == "__main__":
