@@ -38,7 +38,7 @@ from trainer_helpers import (REPO, assert_bitwise_equal, explain, losses, make_w
 from video_prediction_trainer import Trainer, TrainingHalted
 
 T_PAST, T_FUTURE = 2, 2
-NAMES = ("model", "copy_last", "vae_roundtrip")  # rows every eval json must hold
+NAMES = ("model", "copy_last", "copy_last_vae", "vae_roundtrip")  # rows every eval json must hold
 
 
 @pytest.fixture(scope="module")
@@ -643,3 +643,28 @@ def test_frame_metrics_are_fp32_inside_bf16_autocast():
     assert torch.allclose(ssim16, ssim32, atol=1e-5) and torch.allclose(psnr16, psnr32, atol=1e-4)
     assert (ssim32 > 0.9).all() and (ssim32 < 1).all()
     assert torch.allclose(same_ssim, torch.ones_like(same_ssim), atol=1e-5) and (same_psnr > 99).all()
+
+
+def test_copy_last_vae_is_the_decoded_last_latent_and_equals_the_round_trip_on_a_still_clip():
+    """copy_last_vae (the copy made in latent space): on a clip where nothing moves it is the VAE round trip of the
+    future exactly, while copy_last is exact (PSNR at the clamp); on a moving clip it is the last past frame's round
+    trip, so its error against the truth is copy_last's plus the VAE's."""
+    from helpers import tiny_config, tiny_kl_vae
+    from model import FrozenVAE, VideoPredictionDiffusion
+    from training.evaluation import evaluate
+    torch.manual_seed(0)
+    model = VideoPredictionDiffusion(tiny_config(), FrozenVAE(tiny_kl_vae()))
+    g = torch.Generator().manual_seed(1)
+    still = (torch.rand(1, 3, 16, 16, generator=g) * 2 - 1).expand(T_PAST + T_FUTURE, 3, 16, 16)
+    moving = torch.rand(T_PAST + T_FUTURE, 3, 16, 16, generator=g) * 2 - 1
+    data = [{"frames": still, "cond": torch.zeros(0)}, {"frames": moving, "cond": torch.zeros(0)}]
+    info = DistInfo(device=torch.device("cpu"))
+    res = [evaluate(model, data, [i], info, {"model": model.unet}, steps=2, batch_size=1) for i in (0, 1)]
+    assert all(v > 99 for v in res[0]["psnr"]["copy_last"])
+    assert res[0]["psnr"]["copy_last_vae"] == res[0]["psnr"]["vae_roundtrip"]
+    with torch.no_grad():
+        decoded_last = model.vae.decode(model.vae.encode(moving[None, T_PAST - 1:T_PAST]))[0, 0]
+    mse = (((decoded_last + 1) / 2 - (moving[T_PAST:] + 1) / 2) ** 2).flatten(1).mean(1)
+    expected = (10 * torch.log10(1 / mse)).tolist()
+    assert res[1]["psnr"]["copy_last_vae"] == pytest.approx(expected, abs=1e-3)
+    assert res[1]["psnr"]["copy_last_vae"] != res[1]["psnr"]["vae_roundtrip"]

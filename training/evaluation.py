@@ -1,5 +1,8 @@
-"""PSNR and SSIM per horizon step on decoded frames in [0, 1], for the model and two references on the same clips:
-copy-the-last-past-frame (the floor to beat) and the VAE round trip of the true future (the latent ceiling).
+"""PSNR and SSIM per horizon step on decoded frames in [0, 1], for the model and three references on the same clips:
+copy-the-last-past-frame (the floor to beat), the same copy made in the model's latent space and decoded
+(copy_last_vae: what a model that predicts "nothing moves" perfectly would output, the VAE's reconstruction error
+included), and the VAE round trip of the true future (the latent ceiling). Where copy_last beats the model but
+copy_last_vae does not, the gap is the VAE's reconstruction floor, not the predictor.
 """
 from __future__ import annotations
 
@@ -29,9 +32,9 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
              seed: int = 1234) -> dict:
     """Evaluate `nets` (name -> UNet) on dataset[indices], the work split over ranks; every rank returns the
     same dict {"num_clips", "psnr": {name: [per horizon]}, "ssim": {...}} with keys per net plus
-    "copy_last" and "vae_roundtrip". Noise is seeded per clip index, so results do not depend on world size."""
+    "copy_last", "copy_last_vae" and "vae_roundtrip". Noise is seeded per clip index, so results do not depend on world size."""
     device = model.vae.device
-    names = [*nets, "copy_last", "vae_roundtrip"]
+    names = [*nets, "copy_last", "copy_last_vae", "vae_roundtrip"]
     Tf = model.t_future
     sums = torch.zeros(2, len(names), Tf, dtype=torch.float64)
     mine = indices[info.rank::info.world_size]
@@ -50,6 +53,7 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
                                                               net=net, noise=noise.clone()))
                  for name, net in nets.items()}
         preds["copy_last"] = past[:, -1:].expand_as(future)
+        preds["copy_last_vae"] = model.vae.decode(past_latents[:, -1:]).expand_as(future)
         preds["vae_roundtrip"] = model.vae.decode(model.vae.encode(future))
         for j, name in enumerate(names):
             psnr, ssim = frame_metrics(preds[name], future)
