@@ -423,3 +423,29 @@ def test_loading_refuses_a_unet_of_another_shape(healthy, tmp_path):
     with pytest.raises(LoadError, match="t_past"):
         load_model(run)
     assert load_checkpoint(next((run / "checkpoints").glob("ckpt_*.pt")))["model_args"]["t_past"] == 2
+
+
+def test_one_step_check_warns_when_copying_beats_the_model_on_a_still_camera(tmp_path):
+    """The one-step x0 curves measured on UCSD Ped2 (EMA weights after 2,000 steps, H100): copy-last's latent MSE is
+    0.24 % of E[x0^2], and the model's is 1.1x to 2.1x that at t = 100 .. 500. A floor of 1 % of E[x0^2] on the
+    copy-last side (the blind predictors' floor) passed this; the check must warn and say where."""
+    import types
+    from diagnosis.checks import check_one_step
+    ts = [0, 20, 50, 100, 200, 300, 400, 500, 599, 699, 799, 899, 999]
+    mse = {"ema": [8.93e-05, 0.0008846, 0.001657, 0.002987, 0.005093, 0.005471, 0.005178, 0.00541, 0.007792, 0.01545,
+                   0.02681, 0.03529, 0.04536],
+           "zero": [1.099] * 13, "copy_last": [0.002647] * 13,
+           "x_t/sqrt(ab)": [9.999e-05, 0.006303, 0.03097, 0.1171, 0.5235, 1.538, 4.165, 11.85, 37.63, 142.5, 651.6,
+                            3632.0, 24770.0],
+           "blind": [9.998e-05, 0.006267, 0.03013, 0.1059, 0.3546, 0.6409, 0.8694, 1.005, 1.067, 1.09, 1.097, 1.098,
+                     1.098]}
+    ctx = types.SimpleNamespace(one_step={"t": ts, "mse": mse}, net_name="ema", picture=lambda *a, **k: None,
+                                train_schedule=types.SimpleNamespace(num_train_timesteps=1000))
+    (check,) = check_one_step(ctx)
+    assert check.status == "warn", check
+    assert check.value["worst_ratio_to_copy_last"] == pytest.approx(0.005471 / 0.002647)
+    assert check.value["worst_copy_last_t"] == 300 and "t = 300" in check.hint
+    assert check.value["worst_ratio_to_blind"] < 0.1  # it has learned to denoise: a warning, not a failure
+    mse["ema"] = [min(m, 0.9 * c) for m, c in zip(mse["ema"], mse["copy_last"])]  # better than copying everywhere
+    (check,) = check_one_step(ctx)
+    assert check.status == "pass", check
