@@ -99,9 +99,13 @@ class Trainer:
         self.model = VideoPredictionDiffusion.from_config(cfg, self.device)  # NHWC on GPU per train.channels_last
         torch.manual_seed(rank_seed(tc.seed, info.rank))
         self.unet = self.model.unet.to(self.device)
-        self.net = DDP(self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       bucket_cap_mb=tc.ddp_bucket_mb) if info.enabled else self.unet
-        if tc.compile and self.device.type == "cuda":  # like every speed switch, GPU only
+        compiled = tc.compile and self.device.type == "cuda"  # like every speed switch, GPU only
+        if info.enabled:
+            self.net = DDP(self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           bucket_cap_mb=self._ddp_bucket_mb(compiled))
+        else:
+            self.net = self.unet
+        if compiled:
             self.net = torch.compile(self.net, mode=tc.compile_mode)
         self.ema = None
         self.ema_unet = self.unet
@@ -183,6 +187,13 @@ class Trainer:
             return 1.0
         progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
         return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _ddp_bucket_mb(self, compiled: bool) -> float:
+        """train.ddp_bucket_mb, or auto (0): one bucket holding every gradient when compiled, else DDP's 25 MiB."""
+        if self.cfg.train.ddp_bucket_mb > 0:
+            return self.cfg.train.ddp_bucket_mb
+        grad_mib = sum(p.numel() * p.element_size() for p in self.unet.parameters() if p.requires_grad) / 2 ** 20
+        return grad_mib + 1.0 if compiled else 25.0
 
     def _fixed_indices(self, n: int) -> list[int]:
         """n val windows evenly spread over the val split (deterministic, so pictures compare across steps)."""

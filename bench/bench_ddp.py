@@ -78,7 +78,8 @@ def run(args, gpus: int, name: str, extra: list[str] = ()) -> dict:
     rec = emit(B, name, gpus=gpus, global_batch=gpus * args.batch_per_gpu, batch_per_gpu=args.batch_per_gpu,
                steps=args.steps, samples_per_s_median=statistics.median(kept), samples_per_s_all=sps,
                per_gpu_samples_per_s=statistics.median(kept) / gpus, wall_s=wall,
-               final_loss=next((r["loss"] for r in reversed(lines) if "loss" in r), None), overrides=list(extra))
+               final_loss=next((r["loss"] for r in reversed(lines) if "loss" in r), None),
+               overrides=args.set + list(extra))
     return rec
 
 
@@ -98,7 +99,7 @@ def main() -> None:
             eff = rec["samples_per_s_median"] / (args.gpus * one["samples_per_s_median"])
             emit(B, "scaling", gpus=args.gpus, batch_per_gpu=args.batch_per_gpu, efficiency=eff,
                  samples_per_s_1gpu=one["samples_per_s_median"], samples_per_s_ngpu=rec["samples_per_s_median"],
-                 overrides=args.set + rec["overrides"])
+                 overrides=rec["overrides"])
 
 
 if __name__ == "__main__":

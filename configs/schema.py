@@ -255,9 +255,10 @@ class TrainConfig:
     eval_steps: int = 0  # DDIM steps in evaluation; 0 = sampler.num_inference_steps
     dist_timeout_s: int = 600  # process-group timeout: a stalled rank ends the job after this many seconds
     # DDP gradient bucket size in MiB (DistributedDataParallel's bucket_cap_mb). With train.compile, dynamo splits the
-    # compiled graph at every bucket boundary (one piece per bucket); a bucket above the UNet's gradient size keeps
-    # one graph and all-reduces once after the backward
-    ddp_bucket_mb: float = 25.0
+    # compiled graph at every bucket boundary; one bucket keeps one graph and all-reduces once after the backward
+    # (4 H100s: 92.6% scaling against 89.3% with 25 MiB, BENCHMARKS.md). 0 = auto: one bucket when compiled, else
+    # DDP's 25 MiB, whose all-reduces overlap the eager backward
+    ddp_bucket_mb: float = 0.0
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.batch_size", self.batch_size, 1)
@@ -283,8 +284,7 @@ class TrainConfig:
             _at_least(p, f"{path}.{name}", getattr(self, name), 0)
         _at_least(p, f"{path}.keep_last", self.keep_last, 2)
         _at_least(p, f"{path}.dist_timeout_s", self.dist_timeout_s, 10)
-        if not self.ddp_bucket_mb > 0:
-            p.append(f"{path}.ddp_bucket_mb: {self.ddp_bucket_mb} must be > 0")
+        _at_least(p, f"{path}.ddp_bucket_mb", self.ddp_bucket_mb, 0.0)
         if self.batch_size % self.grad_accum_steps:
             p.append(f"{path}.batch_size: {self.batch_size} is not divisible by "
                      f"train.grad_accum_steps={self.grad_accum_steps}")

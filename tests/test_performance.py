@@ -241,3 +241,19 @@ def test_fused_unet_upsampling_trains_like_diffusers_and_survives_the_ema_copy()
         torch.testing.assert_close(fused(noisy, past, t), outs[1])  # the copy's change does not leak back
         up = next(m for m in ema.modules() if "forward" in vars(m))
         assert up.forward.__self__ is up
+
+
+def test_ddp_bucket_auto_is_one_bucket_when_compiled_and_ddp_default_otherwise():
+    """train.ddp_bucket_mb = 0 (auto): a compiled step gets one bucket above the UNet's gradient size (dynamo splits
+    the compiled graph at every bucket); eager keeps DDP's 25 MiB; a set value is used as given."""
+    import types
+    from model.unet import ConditionalUNet
+    cfg = tiny_config()
+    unet = ConditionalUNet(cfg.unet, 4, 2, 2)
+    grad_mib = sum(p.numel() * 4 for p in unet.parameters()) / 2 ** 20
+    me = types.SimpleNamespace(cfg=cfg, unet=unet)
+    assert cfg.train.ddp_bucket_mb == 0
+    assert Trainer._ddp_bucket_mb(me, compiled=True) == pytest.approx(grad_mib + 1)
+    assert Trainer._ddp_bucket_mb(me, compiled=False) == 25.0
+    me.cfg = tiny_config(**{"train.ddp_bucket_mb": 4.0})
+    assert Trainer._ddp_bucket_mb(me, compiled=True) == Trainer._ddp_bucket_mb(me, compiled=False) == 4.0
