@@ -137,8 +137,11 @@ def fits(tr: BenchTrainer, size: int) -> float | None:
 
 
 def max_batch(tr: BenchTrainer, name: str, start: int, step: int) -> None:
-    """Largest per-GPU batch that trains: doubling from `start`, then bisecting to `step`."""
+    """Largest per-GPU batch that trains: doubling from `start`, then bisecting to `step`. cuDNN autotuning is off
+    meanwhile: every new batch shape would time every conv algorithm of the net (session 3: the first attempt, at
+    512, had not finished after two minutes), and the workspace it tries is not what training keeps."""
     good, bad, size, peaks = 0, None, start, {}
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
 
     def attempt(size: int) -> None:
         nonlocal good, bad
@@ -157,6 +160,7 @@ def max_batch(tr: BenchTrainer, name: str, start: int, step: int) -> None:
     total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     emit(B, name, max_batch=good, peak_alloc_gib=peaks.get(good), card_gib=total, step=step)
     tr.fixed_batch = None
+    torch.backends.cudnn.benchmark = benchmark
 
 
 def quick_flag(p):
