@@ -257,3 +257,19 @@ def test_ddp_bucket_auto_is_one_bucket_when_compiled_and_ddp_default_otherwise()
     assert Trainer._ddp_bucket_mb(me, compiled=False) == 25.0
     me.cfg = tiny_config(**{"train.ddp_bucket_mb": 4.0})
     assert Trainer._ddp_bucket_mb(me, compiled=True) == Trainer._ddp_bucket_mb(me, compiled=False) == 4.0
+
+
+def test_fused_decoder_traces_under_torch_compile():
+    """vae.compile compiles the decoder whose Upsample2D modules carry the sub-pixel forward as an instance
+    attribute: dynamo must trace it (no graph break, same pixels). backend="eager": tracing without code generation."""
+    from helpers import tiny_kl_vae
+    torch._dynamo.reset()
+    vae = tiny_kl_vae().eval()
+    assert performance.fuse_upsample_convs(vae) == 1
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = vae.decoder(z)
+        explanation = torch._dynamo.explain(vae.decoder)(z)
+        compiled = torch.compile(vae.decoder, backend="eager", fullgraph=True)(z)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.testing.assert_close(compiled, eager)
