@@ -31,8 +31,8 @@ def frame_metrics(pred: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor,
 def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, steps: int, batch_size: int,
              seed: int = 1234) -> dict:
     """Evaluate `nets` (name -> UNet) on dataset[indices], the work split over ranks; every rank returns the
-    same dict {"num_clips", "psnr": {name: [per horizon]}, "ssim": {...}} with keys per net plus
-    "copy_last", "copy_last_vae" and "vae_roundtrip". Noise is seeded per clip index, so results do not depend on world size."""
+    same dict {"num_clips", "psnr": {name: [per horizon]}, "ssim": {...}} with keys per net plus "copy_last",
+    "copy_last_vae" and "vae_roundtrip". Noise is seeded per clip index, so results do not depend on world size."""
     device = model.vae.device
     names = [*nets, "copy_last", "copy_last_vae", "vae_roundtrip"]
     Tf = model.t_future
