@@ -101,7 +101,7 @@ def main() -> None:
         emit(B, name, rel_err=float(err), note=f"same noise; bf16 autocast in both; {what}")
 
     # the sub-pixel upsampling alone, eager (same UNet: the latents must be identical; the pixels differ by rounding)
-    fused = build(args, BASELINE[:-1] + ["vae.fuse_upsample=true"])
+    fused = build(args, BASELINE + ["vae.fuse_upsample=true"])  # the later override wins
     res = run(fused, "eager_bf16_nchw_fused_upsample", clips, 1, iters)
     compare("fused_vs_eager_latents", res, ref, "the UNet is untouched by vae.fuse_upsample")
     with autocast():

@@ -152,15 +152,17 @@ def max_batch(tr: BenchTrainer, name: str, start: int, step: int) -> None:
         else:
             good, peaks[size] = size, peak
 
-    while bad is None and size <= 65536:  # double until it no longer fits
-        attempt(size)
-        size *= 2
-    while bad is not None and bad - good > step:  # then bisect to `step`
-        attempt((good + bad) // 2 // step * step)
+    try:
+        while bad is None and size <= 65536:  # double until it no longer fits
+            attempt(size)
+            size *= 2
+        while bad is not None and bad - good > step:  # then bisect to `step`
+            attempt((good + bad) // 2 // step * step)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     emit(B, name, max_batch=good, peak_alloc_gib=peaks.get(good), card_gib=total, step=step)
     tr.fixed_batch = None
-    torch.backends.cudnn.benchmark = benchmark
 
 
 def quick_flag(p):

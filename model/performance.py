@@ -44,8 +44,8 @@ def compile_in_place(module: torch.nn.Module, mode: str = "default") -> torch.nn
 # Which 3x3 taps of the conv land on which of two low-resolution rows (or columns), for the output row's phase a:
 # an output row 2i + a of conv3x3(nearest_up2(x)) reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. low-resolution
 # rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1.
-_PHASE_TAPS = ((( 1.0, 0.0, 0.0), (0.0, 1.0, 1.0)),
-               (( 1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+_PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)),
+               ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
 
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -72,12 +72,12 @@ def _subpixel_upsample_forward(self: Upsample2D, hidden_states: torch.Tensor, ou
     bias = conv.bias.repeat(4) if conv.bias is not None else None
     y = F.conv2d(F.pad(hidden_states, (1, 1, 1, 1)), weight, bias)  # (N, 4 O, H + 1, W + 1)
     y = y.unflatten(1, (2, 2, o))  # (N, a, b, O, H + 1, W + 1); phase (a, b) is the window starting at (a, b)
-    if nhwc:  # interleave into (N, H, a, W, b, O) memory, returned as an NCHW view with channels_last strides
-        out = torch.stack([torch.stack([y[:, a, b, :, a:a + h, b:b + w].permute(0, 2, 3, 1) for b in (0, 1)], 3)
-                           for a in (0, 1)], 2)
+    if nhwc:  # each phase as (N, H, W, O): interleaved into (N, H, a, W, b, O) memory, then an NHWC view of NCHW
+        y = y.permute(0, 1, 2, 4, 5, 3)
+        out = torch.stack([torch.stack([y[:, a, b, a:a + h, b:b + w] for b in (0, 1)], 3) for a in (0, 1)], 2)
         return out.reshape(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
     out = torch.stack([torch.stack([y[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], -1) for a in (0, 1)], 3)
-    return out.reshape(n, o, 2 * h, 2 * w)
+    return out.reshape(n, o, 2 * h, 2 * w)  # (N, O, H, a, W, b)
 
 
 def fuse_upsample_convs(module: torch.nn.Module) -> int:
