@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import EMAModel
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -32,6 +33,7 @@ from training.distributed import (DistInfo, StallWatchdog, all_gather_object, al
                                   rank_seed, rng_state, seed_everything, set_rng_state)
 from training.evaluation import evaluate, format_table
 from training.latent_cache import LatentWindowDataset, build_or_load
+from training.profiling import StepProfiler
 from training.tracking import Tracker, drop_records_after
 from training.visualize import clip_gif, sample_grid
 
@@ -102,7 +104,9 @@ class Trainer:
         compiled = tc.compile and self.device.type == "cuda"  # like every speed switch, GPU only
         if info.enabled:
             self.net = DDP(self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           bucket_cap_mb=self._ddp_bucket_mb(compiled))
+                           bucket_cap_mb=self._ddp_bucket_mb(compiled), gradient_as_bucket_view=tc.ddp_bucket_view)
+            if tc.ddp_grad_dtype == "bf16":
+                self.net.register_comm_hook(None, default_hooks.bf16_compress_hook)
         else:
             self.net = self.unet
         if compiled:
@@ -469,11 +473,15 @@ class Trainer:
         start = self.step
         # a rank stuck in a step exits by itself (multi-rank only; the first step may compile for minutes)
         watchdog = StallWatchdog(tc.dist_timeout_s, self.info.rank) if self.info.enabled else None
+        profiler = StepProfiler(tc.profile_at, tc.profile_steps, self.run_dir / "profile", self.info.rank, self.device)
         try:
             while self.step < tc.max_steps:
                 first = self.step == start
                 with contextlib.nullcontext() if watchdog is None or first else watchdog.guard(f"step {self.step}"):
+                    profiler.before_step(self.step)
                     metrics = self.train_step()
+                    if (written := profiler.after_step(self.step)) is not None:
+                        self.print(f"profile of steps {tc.profile_at}..{self.step - 1}: {written.parent}")
                     if self.deferred and (self.stop_requested or self._jobs_due()):
                         self._report(metrics, bar)  # the step before; then this one, before jobs read the weights
                         metrics = self.flush()

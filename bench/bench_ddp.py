@@ -36,6 +36,9 @@ def extra(p):
     p.add_argument("--frames", type=int, default=160, help="frames per synthetic clip")
     p.add_argument("--variant", action="append", default=[], metavar="'KEY=VALUE ...'",
                    help="another N-GPU run with these overrides (repeatable), each with its own scaling line")
+    p.add_argument("--profile-at", type=int, default=0,
+                   help="profile steps [N, N+5) of every run on every rank (train.profile_at); the summaries are "
+                        "printed and rank 0's trace is copied to $OUT/profile/<run>/")
     p.add_argument("--only-multi", action="store_true",
                    help="skip the 1-GPU run (its number must then come from another run: say so)")
 
@@ -55,6 +58,7 @@ def run(args, gpus: int, name: str, extra: list[str] = ()) -> dict:
         "sampler.compile=false",  # the final evaluation is not timed: compiling the sampler would only cost a minute
         f"train.cache_dir={work / 'ddp_latents'}",
         f"logging.run_dir={work / 'ddp_runs'}", f"logging.name={name}", "logging.wandb.mode=disabled",
+        f"train.profile_at={args.profile_at}",
     ] + (["unet.block_out_channels=[32, 64]", "unet.attention=[false, true]", "unet.attention_head_dim=16",
           "unet.norm_num_groups=16"] if tiny else []) + args.set + list(extra)
     script = [str(ROOT / "train_video_pred.py"), "--config", str(REFERENCE_CONFIG), "--set", *overrides]
@@ -80,6 +84,15 @@ def run(args, gpus: int, name: str, extra: list[str] = ()) -> dict:
                per_gpu_samples_per_s=statistics.median(kept) / gpus, wall_s=wall,
                final_loss=next((r["loss"] for r in reversed(lines) if "loss" in r), None),
                overrides=args.set + list(extra))
+    profiles = sorted((work / "ddp_runs" / name / "profile").glob("rank*.json"))
+    for path in profiles:
+        emit(B, f"{name}_profile", gpus=gpus, **{k: v for k, v in json.loads(path.read_text()).items() if k != "top"})
+    if profiles and os.environ.get("OUT"):
+        dest = Path(os.environ["OUT"]) / "profile" / name
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in profiles:
+            shutil.copy(path, dest)
+        shutil.copy(profiles[0].with_suffix(".trace.json.gz"), dest)
     return rec
 
 

@@ -259,6 +259,13 @@ class TrainConfig:
     # (4 H100s: 92.6% scaling against 89.3% with 25 MiB, BENCHMARKS.md). 0 = auto: one bucket when compiled, else
     # DDP's 25 MiB, whose all-reduces overlap the eager backward
     ddp_bucket_mb: float = 0.0
+    ddp_grad_dtype: str = "fp32"  # fp32 | bf16: all-reduce gradients in bf16 (DDP's bf16_compress_hook), half the bytes
+    ddp_bucket_view: bool = False  # DDP gradient_as_bucket_view: gradients live in the buckets (no copy in and out)
+    # torch.profiler over optimizer steps [profile_at, profile_at + profile_steps) on every rank: run_dir/profile/
+    # rank{r}.json (GPU busy/idle time, time by kernel kind, exposed NCCL time, top kernels) and rank{r}.trace.json.gz
+    # (Perfetto / chrome://tracing); profile_at 0 = off. Pick a step after compilation and warm-up (e.g. 50)
+    profile_at: int = 0
+    profile_steps: int = 5
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.batch_size", self.batch_size, 1)
@@ -285,6 +292,9 @@ class TrainConfig:
         _at_least(p, f"{path}.keep_last", self.keep_last, 2)
         _at_least(p, f"{path}.dist_timeout_s", self.dist_timeout_s, 10)
         _at_least(p, f"{path}.ddp_bucket_mb", self.ddp_bucket_mb, 0.0)
+        _choice(p, f"{path}.ddp_grad_dtype", self.ddp_grad_dtype, ("fp32", "bf16"))
+        _at_least(p, f"{path}.profile_at", self.profile_at, 0)
+        _at_least(p, f"{path}.profile_steps", self.profile_steps, 1)
         if self.batch_size % self.grad_accum_steps:
             p.append(f"{path}.batch_size: {self.batch_size} is not divisible by "
                      f"train.grad_accum_steps={self.grad_accum_steps}")
