@@ -170,6 +170,8 @@ def quick_flag(p):
     p.add_argument("--quick", action="store_true",
                    help="after the naive baseline, only the compiled variants, the largest batch, batch 512 and the "
                         "CUDA-graph step")
+    p.add_argument("--skip-naive", action="store_true",
+                   help="leave out the naive baseline (goal 1's ratio then comes from another run: say so)")
 
 
 def main() -> None:
@@ -189,8 +191,9 @@ def main() -> None:
     frames = naive.cfg.data.window_frames
     emit(B, "flops", gflop_per_sample_unet_fwd_bwd=flops / 1e9, gflop_per_frame_vae_encoder=enc_flops / 1e9,
          params_m=sum(p.numel() for p in naive.unet.parameters()) / 1e6)
-    measure(naive, "naive_fp32_encode_every_step", small, 1, 3 if tiny else 5, flops + frames * enc_flops, peak,
-            note="FLOPs/MFU here count the UNet step and the VAE encoder on every window frame")
+    if not args.skip_naive:
+        measure(naive, "naive_fp32_encode_every_step", small, 1, 3 if tiny else 5, flops + frames * enc_flops, peak,
+                note="FLOPs/MFU here count the UNet step and the VAE encoder on every window frame")
     del naive
     gc.collect()
 
@@ -231,7 +234,7 @@ def main() -> None:
              mfu=flops * sps / (peak * 1e12), note="Trainer.train_step in a block of steps")
     fixed_ms = block_deferred
     if torch.cuda.is_available():  # where the compiled step's GPU time goes, before choosing what to try
-        emit(B, "profile_compiled_channels_last", batch=big, **profile_steps(best.train_step, 2, 5))
+        emit(B, "profile_compiled_channels_last", batch=big, **profile_steps(best.train_step, 2, 5, "direct_copy"))
         best.flush()
 
     # ---- data loading from the latent cache through the Trainer's own DataLoader (several epochs), timed as the
@@ -262,10 +265,11 @@ def main() -> None:
     del best
     gc.collect()
 
-    def block_variant(name: str, overrides: list[str], size: int) -> None:
+    def block_variant(name: str, overrides: list[str], size: int, profile: bool = True) -> None:
         """A compiled Trainer's train_step in a block of steps (deferred checks), after compiling and warming up."""
         if not torch.cuda.is_available() or elapsed_s() > args.budget_s:
             return
+        reset_mem()
         tr = build(args, name, CACHED + ["train.compile=true", f"train.batch_size={size}"] + overrides)
         tr.fixed_batch = fixed_batch(tr, size)
         time_block(tr.train_step, 3, 3)  # compile (CUDA graphs: record) and warm up
@@ -275,23 +279,29 @@ def main() -> None:
         emit(B, f"{name}_deferred_block", batch=size, ms_per_step=ms, samples_per_s=sps, tflops=flops * sps / 1e12,
              mfu=flops * sps / (peak * 1e12), overrides=overrides, **gpu_mem_gib(),
              note="MFU counts the FLOPs of diffusers' UNet (79.6 GFLOP per sample) whatever the variant computes")
+        if profile and torch.cuda.is_available():
+            emit(B, f"profile_{name}", batch=size, **profile_steps(tr.train_step, 1, 3))
+            tr.flush()
         del tr
         gc.collect()
 
-    # the sub-pixel up blocks (fewer FLOPs for the same function), twice the batch (launch time amortised further),
-    # CUDA graphs for forward and backward (train.compile_mode=reduce-overhead; optimizer, EMA and flags outside)
-    # and attention heads of 64 channels instead of 32 (the same FLOPs; flash attention's better tile)
-    block_variant("compiled_512", [], 2 * big)
-    block_variant("compiled_reduce_overhead", ["train.compile_mode=reduce-overhead"], big)
-    block_variant("compiled_head_dim_64", ["unet.attention_head_dim=64"], big)
+    # diffusers' NCHW shortcut inputs (the same-run baseline of unet.nhwc_shortcuts, on by default above), the
+    # sub-pixel up blocks (fewer FLOPs for the same function, and no NCHW copy before the upsampling), twice the
+    # batch (launch time amortised further), the largest batch, NCHW (inductor picks the conv layouts itself),
+    # CUDA graphs for forward and backward (train.compile_mode=reduce-overhead; optimizer, EMA and flags outside),
+    # attention heads of 64 channels instead of 32 (the same FLOPs; flash attention's better tile)
+    block_variant("compiled_diffusers_shortcuts", ["unet.nhwc_shortcuts=false"], big)
     block_variant("compiled_fused_upsample", ["unet.fuse_upsample=true"], big)
-
-    # ---- memory: the largest per-GPU batch (eager, channels_last; with and without gradient checkpointing)
-    if torch.cuda.is_available() and elapsed_s() < args.budget_s:
+    block_variant("compiled_512", [], 2 * big)
+    if torch.cuda.is_available() and elapsed_s() < args.budget_s:  # the largest per-GPU batch (eager, NHWC)
         tr = build(args, "memory", CACHED + [f"train.batch_size={big}"])
         max_batch(tr, "max_batch_eager_channels_last", 512, 128)
         del tr
         gc.collect()
+    block_variant("compiled_nchw", ["train.channels_last=false"], big)
+    if not args.quick:
+        block_variant("compiled_reduce_overhead", ["train.compile_mode=reduce-overhead"], big)
+        block_variant("compiled_head_dim_64", ["unet.attention_head_dim=64"], big)
 
     if torch.cuda.is_available() and elapsed_s() < args.budget_s and not args.quick:
         tr = build(args, "memory_gc", CACHED + [f"train.batch_size={big}", "unet.gradient_checkpointing=true"])
@@ -303,10 +313,6 @@ def main() -> None:
         measure(tr, "compiled_channels_last", small, 3, iters, flops, peak, compile_mode="default")
         del tr
         gc.collect()
-    if elapsed_s() < args.budget_s and not args.quick:
-        nchw = build(args, "compiled_nchw", CACHED + ["train.compile=true", "train.channels_last=false",
-                                                      f"train.batch_size={big}"])
-        measure(nchw, "compiled_nchw", big, 3, iters, flops, peak, compile_mode="default")
     emit(B, "done", elapsed_s=elapsed_s())
 
 

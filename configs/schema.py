@@ -143,6 +143,9 @@ class UNetConfig:
     # up blocks: nearest-2x upsample + 3x3 conv as four 2x2 convs of the low-resolution input (vae.fuse_upsample's
     # sub-pixel form), the same function with 8% fewer UNet FLOPs at the reference size; false = diffusers' forward
     fuse_upsample: bool = False
+    # GPU with train.channels_last: the ResNet shortcut convs keep NHWC in training (diffusers makes their input NCHW,
+    # layout copies of the largest activations each step); the same function. false = diffusers' forward
+    nhwc_shortcuts: bool = True
 
     def validate(self, p: list[str], path: str) -> None:
         if not self.block_out_channels:

@@ -12,6 +12,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
 
@@ -31,6 +32,31 @@ def channels_last(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Mod
     if enabled and on_gpu(module):
         module.to(memory_format=torch.channels_last)
     return module
+
+
+def _train_children(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    """nn.Module.train for a block whose own flag stays False: its children (dropout) still follow `mode`."""
+    for child in self.children():
+        child.train(mode)
+    return self
+
+
+def nhwc_shortcuts(module: torch.nn.Module) -> int:
+    """Keep NHWC through the 1x1 shortcut convs of diffusers' ResnetBlock2D in training; returns the blocks changed.
+
+    In training mode ResnetBlock2D.forward makes its shortcut input `.contiguous()` (NCHW) before `conv_shortcut`, a
+    workaround for a DDP stride warning (diffusers#12975). On a channels_last net cuDNN converts it back, and the
+    backward converts the saved input and the gradients again: layout copies of the largest activations in every
+    up block. That is the block's only use of its own `training` flag (its dropout is a child module with a flag of
+    its own), so the flag is kept False on those blocks, and `train()` still sets their children. Same function,
+    same parameters and state_dict; GPU channels_last nets only (train.channels_last and unet.nhwc_shortcuts)."""
+    changed = 0
+    for m in module.modules():
+        if isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None:
+            m.train = types.MethodType(_train_children, m)
+            m.training = False
+            changed += 1
+    return changed
 
 
 def compile_in_place(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:

@@ -43,6 +43,8 @@ class VideoPredictionDiffusion:
         model = cls(cfg, vae)
         model.unet.to(device)
         performance.channels_last(model.unet, cfg.train.channels_last)
+        if cfg.train.channels_last and cfg.unet.nhwc_shortcuts and performance.on_gpu(model.unet):
+            performance.nhwc_shortcuts(model.unet)
         return model
 
     # ------------------------------------------------------------------ batches -> latents

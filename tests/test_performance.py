@@ -1,7 +1,12 @@
 """The speed switches' CPU-visible behaviour: a compiled net goes through the loss like the eager one, a resume into
 the other memory format keeps fused AdamW exact, the cached windows leave the std out when unused and keep fp16,
-and the Trainer's one endless DataLoader yields each epoch's DistributedSampler order (and resumes mid-epoch)."""
+the Trainer's one endless DataLoader yields each epoch's DistributedSampler order (and resumes mid-epoch), and the
+profiler's summary adds up."""
 from __future__ import annotations
+
+import gzip
+import json
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-
 from helpers import tiny_config, tiny_kl_vae
 from model import FrozenVAE, VideoPredictionDiffusion, performance
 from trainer_helpers import make_world
+from training import profiling
 from training.distributed import DistInfo
 from training.latent_cache import LatentWindowDataset, build_or_load
 from video_prediction_trainer import Trainer
@@ -243,6 +249,52 @@ def test_fused_unet_upsampling_trains_like_diffusers_and_survives_the_ema_copy()
         assert up.forward.__self__ is up
 
 
+def test_nhwc_shortcuts_keep_the_layout_and_the_function_and_still_train_the_dropout():
+    """performance.nhwc_shortcuts: in training, diffusers' ResNet shortcut conv gets its channels_last input as it
+    is (diffusers hands it an NCHW copy); outputs and gradients are those of diffusers' forward; dropout inside
+    the blocks still follows train()/eval(); the EMA's deepcopy keeps the change bound to the copy."""
+    import copy
+    from diffusers.models.resnet import ResnetBlock2D
+    from model.unet import ConditionalUNet
+    torch.manual_seed(0)
+    cfg = tiny_config(**{"unet.dropout": 0.1}).unet
+    plain = ConditionalUNet(cfg, 4, 2, 2).to(memory_format=torch.channels_last)
+    kept = copy.deepcopy(plain)
+    assert performance.nhwc_shortcuts(kept) == sum(isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None
+                                                   for m in kept.modules()) > 0
+    formats = {}
+
+    def record(name):
+        def hook(module, args):
+            formats.setdefault(name, []).append(args[0].is_contiguous(memory_format=torch.channels_last))
+        return hook
+    for name, net in (("plain", plain), ("kept", kept)):
+        for m in net.modules():
+            if isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None:
+                m.conv_shortcut.register_forward_pre_hook(record(name))
+    g = torch.Generator().manual_seed(1)
+    noisy, past = torch.randn(2, 2, 4, 8, 8, generator=g), torch.randn(2, 2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 900])
+    outs = []
+    for net in (plain, kept):
+        net.train()
+        torch.manual_seed(2)  # the same dropout masks
+        out = net(noisy, past, t)
+        out.square().mean().backward()
+        outs.append(out)
+    assert not any(formats["plain"]) and all(formats["kept"])  # diffusers: NCHW copies; kept: NHWC as produced
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), kept.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    block = next(m for m in kept.modules() if isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None)
+    assert not block.training and block.dropout.training  # train(): the children follow, the block's flag not
+    kept.eval()
+    assert not block.dropout.training
+    ema = copy.deepcopy(kept).train()
+    ema_block = next(m for m in ema.modules() if isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None)
+    assert ema_block.train.__self__ is ema_block and ema_block.dropout.training and not block.dropout.training
+
+
 def test_ddp_bucket_auto_is_one_bucket_when_compiled_and_ddp_default_otherwise():
     """train.ddp_bucket_mb = 0 (auto): a compiled step gets one bucket above the UNet's gradient size (dynamo splits
     the compiled graph at every bucket); eager keeps DDP's 25 MiB; a set value is used as given."""
@@ -273,3 +325,54 @@ def test_fused_decoder_traces_under_torch_compile():
         compiled = torch.compile(vae.decoder, backend="eager", fullgraph=True)(z)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch.testing.assert_close(compiled, eager)
+
+
+# ---------------------------------------------------------------- profiling: the summary's arithmetic
+
+def _kernel(name: str, start: float, end: float):
+    """A CUDA kernel as torch.profiler lists it (prof.events()): name, device type, time range in microseconds."""
+    return types.SimpleNamespace(name=name, device_type=torch.autograd.DeviceType.CUDA,
+                                 time_range=types.SimpleNamespace(start=start, end=end))
+
+
+def test_kernel_summary_counts_idle_time_and_only_the_nccl_time_no_compute_kernel_hides():
+    cpu_op = types.SimpleNamespace(name="aten::mm", device_type=torch.autograd.DeviceType.CPU,
+                                   time_range=types.SimpleNamespace(start=0, end=1000))
+    events = [cpu_op,  # a host op is not GPU time
+              _kernel("sm90_xmma_fprop_implicit_gemm_bf16", 0, 400),
+              _kernel("triton_poi_fused_silu_0", 400, 500),
+              _kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 450, 700),  # 50 us under the Triton kernel
+              _kernel("flash_fwd_kernel", 800, 900),  # 700..800: nothing runs
+              _kernel("multi_tensor_apply_kernel", 900, 1000)]
+    s = profiling.kernel_summary(events, steps=2)
+    ms = 1e-3 / 2  # microseconds over two steps -> ms per step
+    assert s["span_ms_per_step"] == pytest.approx(1000 * ms)
+    assert s["busy_ms_per_step"] == pytest.approx(900 * ms)
+    assert s["idle_ms_per_step"] == pytest.approx(100 * ms) and s["busy_fraction"] == pytest.approx(0.9)
+    assert s["exposed_nccl_ms_per_step"] == pytest.approx(200 * ms)
+    assert s["kinds_ms_per_step"] == pytest.approx({"conv": 400 * ms, "nccl": 250 * ms, "inductor_fused": 100 * ms,
+                                                   "attention": 100 * ms, "optimizer_ema": 100 * ms})
+    assert s["kernels_per_step"] == 2.5
+    assert s["top"][0]["kernel"].startswith("sm90_xmma_fprop") and s["top"][0]["kind"] == "conv"
+    assert profiling.kernel_summary([cpu_op], steps=1) == {"error": "no CUDA kernels recorded"}
+
+
+def test_step_profiler_writes_its_summary_and_a_trace_of_the_chosen_steps(tmp_path):
+    prof = profiling.StepProfiler(start=2, steps=2, folder=tmp_path / "profile", rank=1, device=torch.device("cpu"))
+    x = torch.randn(64, 64)
+    written = []
+    for step in range(6):
+        prof.before_step(step)
+        torch.mm(x, x)
+        if (path := prof.after_step(step + 1)) is not None:
+            written.append((step + 1, path))
+    assert written == [(4, tmp_path / "profile" / "rank1.json")]  # once, after steps 2 and 3
+    summary = json.loads(written[0][1].read_text())
+    assert summary["rank"] == 1 and summary["first_step"] == 2 and summary["steps"] == 2
+    assert summary["host_ms_per_step"] > 0
+    with gzip.open(tmp_path / "profile" / "rank1.trace.json.gz", "rt") as f:
+        trace = json.load(f)
+    assert sum(e.get("name") == "aten::mm" for e in trace["traceEvents"]) == 2  # the two profiled steps' products
+    off = profiling.StepProfiler(start=0, steps=5, folder=tmp_path / "off", rank=0, device=torch.device("cpu"))
+    off.before_step(0)
+    assert off.after_step(5) is None and not (tmp_path / "off").exists()

@@ -208,7 +208,7 @@ def ddp_runs(world, tmp_path_factory):
                        timeout=300)
         assert proc.returncode == 0, f"torchrun {name} max_steps={steps}: " + explain(proc)
         runs[name], procs[(name, steps)] = tmp / "runs" / name, proc
-    return types.SimpleNamespace(runs=runs, procs=procs, cfg=load_config(cfg))
+    return types.SimpleNamespace(runs=runs, procs=procs, cfg=load_config(cfg), common=common)
 
 
 @pytest.mark.slow
@@ -249,6 +249,32 @@ def test_exact_resume_two_ranks(ddp_runs):
     assert sorted(losses(resumed)) == [1, 2, 3, 4]  # 1-2 from the first invocation, 3-4 after the resume
     assert losses(resumed) == losses(straight)  # exact floats
     assert_same_training_state(final_state(straight)[1], final_state(resumed)[1])
+
+
+@pytest.mark.slow
+def test_torchrun_bf16_gradient_all_reduce_into_bucket_views_trains_like_fp32_and_profiles_each_rank(
+        world, ddp_runs, tmp_path):
+    """train.ddp_grad_dtype=bf16 (DDP's bf16_compress_hook) with train.ddp_bucket_view: the same 4 steps as the
+    fp32 run above, but gradients rounded to bf16 on the wire: weights close to the fp32 run's, not equal to them
+    (the hook ran). train.profile_at writes every rank's summary and trace."""
+    straight = ddp_runs.runs["straight"]
+    cfg = write_yaml(tmp_path / "bf16.yaml", world.config(tmp_path / "runs", **{
+        **ddp_runs.common, "logging.name": "bf16", "train.max_steps": 4, "train.ddp_grad_dtype": "bf16", "train.ddp_bucket_view": True,
+        "train.profile_at": 2, "train.profile_steps": 1}))
+    proc = run_cli(["--config", str(cfg)], tmp_path, torchrun_procs=2, timeout=300)
+    assert proc.returncode == 0, explain(proc)
+    run = tmp_path / "runs" / "bf16"
+    assert f"profile of steps 2..2: {run / 'profile'}" in proc.stdout
+    for rank in (0, 1):
+        summary = json.loads((run / "profile" / f"rank{rank}.json").read_text())
+        assert (summary["rank"], summary["first_step"], summary["steps"]) == (rank, 2, 1)
+        assert (run / "profile" / f"rank{rank}.trace.json.gz").stat().st_size > 0
+    fp32, bf16 = final_state(straight)[1]["unet"], final_state(run)[1]["unet"]
+    fp32_at_2 = ckpt.load_checkpoint(straight / "checkpoints" / "ckpt_000000002.pt")["unet"]
+    moved = sum((fp32[k].float() - fp32_at_2[k].float()).norm() ** 2 for k in fp32) ** 0.5  # steps 3 and 4
+    diff = sum((fp32[k].float() - bf16[k].float()).norm() ** 2 for k in fp32) ** 0.5
+    assert 0 < diff < 0.1 * moved, (diff, moved)
+    assert losses(run)[1] == losses(straight)[1]  # the first loss comes before any all-reduce
 
 
 def test_exact_resume_single_process_and_negative_control(world, tmp_path, monkeypatch):

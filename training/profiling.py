@@ -70,17 +70,50 @@ def kernel_summary(events, steps: int, top: int = 15) -> dict:
                     for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
-def profile_steps(fn, warmup: int = 2, steps: int = 5) -> dict:
-    """`kernel_summary` of `steps` back-to-back calls of fn after `warmup` calls (CUDA only)."""
+def kernel_sources(events, pattern: str, steps: int, top: int = 10, depth: int = 4) -> list[dict]:
+    """Which host ops launch the kernels whose name contains `pattern`: the launching op, its `depth` nearest
+    parents and its input shapes (record_shapes=True), with their kernels' time per step, largest first. Needs a
+    profile of CPU and CUDA activity."""
+    found: dict[tuple, list] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        us = sum(k.duration for k in getattr(e, "kernels", []) if pattern in k.name)
+        if not us:
+            continue
+        chain, parent = [e.name], e.cpu_parent
+        while parent is not None and len(chain) <= depth:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        key = (" <- ".join(chain), str(getattr(e, "input_shapes", "")))
+        entry = found.setdefault(key, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    ranked = sorted(found.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"ops": ops, "input_shapes": shapes[:200], "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
+            for (ops, shapes), (us, n) in ranked]
+
+
+def profile_steps(fn, warmup: int = 2, steps: int = 5, sources: str | None = None) -> dict:
+    """`kernel_summary` of `steps` back-to-back calls of fn after `warmup` calls (CUDA only); with `sources`, also
+    `kernel_sources` of the kernels whose name contains it (host ops recorded too, which slows the host)."""
     from torch.profiler import ProfilerActivity, profile
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if sources else [])
+    with profile(activities=activities, record_shapes=bool(sources)) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return kernel_summary(prof.events(), steps)
+    events = prof.events()
+    summary = kernel_summary(events, steps)
+    if sources:
+        try:
+            summary["sources"] = {"pattern": sources, "ops": kernel_sources(events, sources, steps)}
+        except Exception as e:  # a benchmark keeps its timings when the profiler's event tree is not as expected
+            summary["sources"] = {"pattern": sources, "error": repr(e)}
+    return summary
 
 
 class StepProfiler:
