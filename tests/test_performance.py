@@ -343,7 +343,10 @@ def test_kernel_summary_counts_idle_time_and_only_the_nccl_time_no_compute_kerne
               _kernel("triton_poi_fused_silu_0", 400, 500),
               _kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 450, 700),  # 50 us under the Triton kernel
               _kernel("flash_fwd_kernel", 800, 900),  # 700..800: nothing runs
-              _kernel("multi_tensor_apply_kernel", 900, 1000)]
+              _kernel("multi_tensor_apply_kernel", 900, 1000),
+              # an annotation on the GPU timeline spans kernels and idle time alike; it is not a kernel
+              types.SimpleNamespace(name="DistributedDataParallel.forward", device_type=torch.autograd.DeviceType.CUDA,
+                                    time_range=types.SimpleNamespace(start=0, end=1000), is_user_annotation=True)]
     s = profiling.kernel_summary(events, steps=2)
     ms = 1e-3 / 2  # microseconds over two steps -> ms per step
     assert s["span_ms_per_step"] == pytest.approx(1000 * ms)

@@ -39,12 +39,18 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _annotation(e) -> bool:
+    """A user annotation drawn on the GPU timeline ("DistributedDataParallel.forward", "nccl:all_reduce",
+    "Optimizer.step#AdamW.step"): it spans kernels, it is not one."""
+    return bool(getattr(e, "is_user_annotation", False)) or "annotation" in str(getattr(e, "activity_type", ""))
+
+
 def kernel_summary(events, steps: int, top: int = 15) -> dict:
     """Summary of the CUDA kernels among profiler `events` (prof.events()) recorded over `steps` steps, per step:
     span (first kernel start to last kernel end), busy (some kernel running), idle, time by kind (a kernel's own
     duration; kernels of different streams may overlap), exposed NCCL time (NCCL running, no other kernel), and the
     `top` kernels by time."""
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e)]
     if not kernels:
         return {"error": "no CUDA kernels recorded"}
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
