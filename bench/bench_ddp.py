@@ -102,17 +102,21 @@ def main() -> None:
     if args.gpus < 2:
         emit(B, "skipped", reason=f"{args.gpus} GPU(s) visible; DDP scaling needs 2 or more")
         return
-    # the N-GPU run first: it pays for the world and the cache (both reused by the 1-GPU run), and its number is
-    # the one a cut-short call must not lose
+    # the N-GPU run first (it pays for the world and the cache, reused by the others), then the 1-GPU reference,
+    # then the variants: a call cut short keeps a scaling number
     many = run(args, args.gpus, f"ddp_{args.gpus}gpu")
-    variants = [run(args, args.gpus, f"ddp_{args.gpus}gpu_v{i}", v.split()) for i, v in enumerate(args.variant)]
     one = run(args, 1, "ddp_1gpu") if not args.only_multi else {}
-    for rec in [many] + variants:
-        if one and rec:
-            eff = rec["samples_per_s_median"] / (args.gpus * one["samples_per_s_median"])
-            emit(B, "scaling", gpus=args.gpus, batch_per_gpu=args.batch_per_gpu, efficiency=eff,
-                 samples_per_s_1gpu=one["samples_per_s_median"], samples_per_s_ngpu=rec["samples_per_s_median"],
-                 overrides=rec["overrides"])
+    scaling(args, one, many)
+    for i, v in enumerate(args.variant):
+        scaling(args, one, run(args, args.gpus, f"ddp_{args.gpus}gpu_v{i}", v.split()))
+
+
+def scaling(args, one: dict, rec: dict) -> None:
+    if one and rec:
+        eff = rec["samples_per_s_median"] / (args.gpus * one["samples_per_s_median"])
+        emit(B, "scaling", gpus=args.gpus, batch_per_gpu=args.batch_per_gpu, efficiency=eff,
+             samples_per_s_1gpu=one["samples_per_s_median"], samples_per_s_ngpu=rec["samples_per_s_median"],
+             overrides=rec["overrides"])
 
 
 if __name__ == "__main__":
