@@ -168,8 +168,8 @@ def max_batch(tr: BenchTrainer, name: str, start: int, step: int) -> None:
 
 def quick_flag(p):
     p.add_argument("--quick", action="store_true",
-                   help="after the naive baseline, only the compiled variants, the largest batch, batch 512 and the "
-                        "CUDA-graph step")
+                   help="after the naive baseline, only the compiled step, its profile, the loader and the layout, "
+                        "sub-pixel and batch variants, and the largest batch (as --budget-s allows)")
     p.add_argument("--skip-naive", action="store_true",
                    help="leave out the naive baseline (goal 1's ratio then comes from another run: say so)")
 
@@ -197,8 +197,6 @@ def main() -> None:
     del naive
     gc.collect()
 
-    if args.quick:
-        args.budget_s = max(args.budget_s, 1e9)  # the optional variants below are what --quick is for
     eager = build(args, "eager", CACHED + BASELINE + [f"train.batch_size={big}"]) if not args.quick else None
     if eager is not None:
         measure(eager, "eager_bf16_nchw", small, 3, iters, flops, peak, note="the issue's cached-latent baseline")
@@ -285,19 +283,21 @@ def main() -> None:
         del tr
         gc.collect()
 
-    # diffusers' NCHW shortcut inputs (the same-run baseline of unet.nhwc_shortcuts, on by default above), the
-    # sub-pixel up blocks (fewer FLOPs for the same function, and no NCHW copy before the upsampling), twice the
-    # batch (launch time amortised further), the largest batch, NCHW (inductor picks the conv layouts itself),
-    # CUDA graphs for forward and backward (train.compile_mode=reduce-overhead; optimizer, EMA and flags outside),
+    # the same-run baselines of the NHWC switches (on by default above): ATen's GroupNorm, then diffusers' NCHW
+    # shortcut inputs too; the sub-pixel up blocks (fewer FLOPs for the same function, and no NCHW copy before the
+    # upsampling), alone and at twice the batch; the largest batch; NCHW (inductor picks the conv layouts itself);
+    # CUDA graphs for forward and backward (train.compile_mode=reduce-overhead; optimizer, EMA and flags outside);
     # attention heads of 64 channels instead of 32 (the same FLOPs; flash attention's better tile)
-    block_variant("compiled_diffusers_shortcuts", ["unet.nhwc_shortcuts=false"], big)
+    block_variant("compiled_aten_group_norm", ["unet.nhwc_group_norm=false"], big)
     block_variant("compiled_fused_upsample", ["unet.fuse_upsample=true"], big)
-    block_variant("compiled_512", [], 2 * big)
+    block_variant("compiled_512_fused_upsample", ["unet.fuse_upsample=true"], 2 * big)
     if torch.cuda.is_available() and elapsed_s() < args.budget_s:  # the largest per-GPU batch (eager, NHWC)
         tr = build(args, "memory", CACHED + [f"train.batch_size={big}"])
         max_batch(tr, "max_batch_eager_channels_last", 512, 128)
         del tr
         gc.collect()
+    block_variant("compiled_diffusers_layouts", ["unet.nhwc_group_norm=false", "unet.nhwc_shortcuts=false"], big)
+    block_variant("compiled_512", [], 2 * big)
     block_variant("compiled_nchw", ["train.channels_last=false"], big)
     if not args.quick:
         block_variant("compiled_reduce_overhead", ["train.compile_mode=reduce-overhead"], big)

@@ -146,6 +146,9 @@ class UNetConfig:
     # GPU with train.channels_last: the ResNet shortcut convs keep NHWC in training (diffusers makes their input NCHW,
     # layout copies of the largest activations each step); the same function. false = diffusers' forward
     nhwc_shortcuts: bool = True
+    # GPU with train.channels_last: GroupNorm as var-mean and elementwise ops, which keep NHWC through the compiled
+    # graph (ATen's group_norm outputs NCHW, and every conv backward then copies); the same function
+    nhwc_group_norm: bool = True
 
     def validate(self, p: list[str], path: str) -> None:
         if not self.block_out_channels:

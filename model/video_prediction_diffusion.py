@@ -43,8 +43,11 @@ class VideoPredictionDiffusion:
         model = cls(cfg, vae)
         model.unet.to(device)
         performance.channels_last(model.unet, cfg.train.channels_last)
-        if cfg.train.channels_last and cfg.unet.nhwc_shortcuts and performance.on_gpu(model.unet):
-            performance.nhwc_shortcuts(model.unet)
+        if cfg.train.channels_last and performance.on_gpu(model.unet):
+            if cfg.unet.nhwc_shortcuts:
+                performance.nhwc_shortcuts(model.unet)
+            if cfg.unet.nhwc_group_norm:
+                performance.nhwc_group_norms(model.unet)
         return model
 
     # ------------------------------------------------------------------ batches -> latents

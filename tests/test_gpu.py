@@ -53,6 +53,41 @@ def test_bf16_training_steps_run_with_finite_loss_and_move_the_weights(world, tm
     assert all(torch.isfinite(p).all() for p in trainer.unet.parameters())
 
 
+def test_nhwc_unet_switches_match_diffusers_under_bf16_autocast_and_keep_nhwc_on_cuda():
+    """unet.nhwc_shortcuts + nhwc_group_norm on CUDA: ATen's group_norm returns NCHW here, ours NHWC; under bf16
+    autocast the patched UNet's output and gradients match diffusers' forward to bf16 rounding."""
+    import copy
+    from model import performance
+    from model.unet import ConditionalUNet
+    from helpers import tiny_config
+    torch.manual_seed(0)
+    plain = ConditionalUNet(tiny_config().unet, 4, 2, 2).to(CUDA).to(memory_format=torch.channels_last).train()
+    kept = copy.deepcopy(plain)
+    performance.nhwc_shortcuts(kept)
+    performance.nhwc_group_norms(kept)
+    x = torch.randn(8, 16, 8, 8, device=CUDA).to(memory_format=torch.channels_last)
+    gn_plain = next(m for m in plain.modules() if isinstance(m, torch.nn.GroupNorm))
+    gn_kept = next(m for m in kept.modules() if isinstance(m, torch.nn.GroupNorm))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = gn_plain(x), gn_kept(x)
+    assert a.dtype == b.dtype == torch.float32
+    assert not a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    g = torch.Generator(CUDA).manual_seed(1)
+    noisy = torch.randn(4, 2, 4, 8, 8, device=CUDA, generator=g)
+    past = torch.randn(4, 2, 4, 8, 8, device=CUDA, generator=g)
+    t = torch.tensor([1, 10, 500, 999], device=CUDA)
+    outs = []
+    for net in (plain, kept):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(noisy, past, t)
+        out.float().square().mean().backward()
+        outs.append(out.float())
+    assert (outs[1] - outs[0]).norm() / outs[0].norm() < 0.02  # bf16 rounding, different op order
+    for (name, p), q in zip(plain.named_parameters(), kept.parameters()):
+        assert (q.grad - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-6, name
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_compiled_sampler_equals_eager_sampler(world, tmp_path, autocast):
     cfg = gpu_config(world, tmp_path, **{"sampler.num_inference_steps": 4})

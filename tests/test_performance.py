@@ -4,6 +4,7 @@ the Trainer's one endless DataLoader yields each epoch's DistributedSampler orde
 profiler's summary adds up."""
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import types
@@ -293,6 +294,60 @@ def test_nhwc_shortcuts_keep_the_layout_and_the_function_and_still_train_the_dro
     ema = copy.deepcopy(kept).train()
     ema_block = next(m for m in ema.modules() if isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None)
     assert ema_block.train.__self__ is ema_block and ema_block.dropout.training and not block.dropout.training
+
+
+def test_nhwc_group_norms_compute_group_norm_and_keep_nhwc_where_aten_returns_nchw():
+    """performance.nhwc_group_norms: GroupNorm's values, gradients and autocast dtype, in NCHW and NHWC; and in fake
+    tensors (what torch.compile traces) the output keeps NHWC where ATen's group_norm gives NCHW strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    torch.manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        plain = torch.nn.GroupNorm(4, 16)
+        with torch.no_grad():
+            plain.weight.normal_()
+            plain.bias.normal_()
+        kept = copy.deepcopy(plain)
+        assert performance.nhwc_group_norms(kept) == 1
+        x = (torch.randn(3, 16, 5, 7) * 3 + 1).to(memory_format=fmt).requires_grad_()
+        grads = []
+        for gn in (plain, kept):
+            out = gn(x)
+            grads.append((out, *torch.autograd.grad(out.square().sum(), [x, gn.weight, gn.bias])))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kept(x.detach().bfloat16()).dtype == plain(x.detach().bfloat16()).dtype
+        assert kept(x.detach().bfloat16()).dtype == torch.bfloat16  # no autocast: the input's dtype, as ATen's
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(3, 16, 5, 7).to(memory_format=torch.channels_last)
+        assert not plain(x).is_contiguous(memory_format=torch.channels_last)
+        assert kept(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nhwc_switches_give_every_unet_conv_but_the_first_an_nhwc_input_as_the_compiler_sees_it():
+    """With nhwc_shortcuts, nhwc_group_norms and the sub-pixel up blocks, a channels_last UNet traced with fake
+    tensors (torch.compile's view of strides) feeds NHWC to every conv but conv_in (whose input is the stacked
+    latents); diffusers' own forward feeds NCHW to nearly all of them, which each conv backward then copies."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from model.unet import ConditionalUNet
+
+    def nchw_inputs(kept: bool) -> list[str]:
+        net = ConditionalUNet(tiny_config(**{"unet.fuse_upsample": kept}).unet, 4, 2, 2)
+        net = net.to(memory_format=torch.channels_last).train()
+        if kept:
+            performance.nhwc_shortcuts(net)
+            performance.nhwc_group_norms(net)
+        found = []
+        for name, m in net.named_modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_pre_hook(lambda mod, args, name=name: found.append(name)
+                                            if not args[0].is_contiguous(memory_format=torch.channels_last) else None)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            net(torch.randn(64, 2, 4, 8, 8), torch.randn(64, 2, 4, 8, 8), torch.zeros(64, dtype=torch.long))
+        return found
+
+    assert nchw_inputs(kept=True) == ["unet.conv_in"]
+    assert len(nchw_inputs(kept=False)) > 10
 
 
 def test_ddp_bucket_auto_is_one_bucket_when_compiled_and_ddp_default_otherwise():
