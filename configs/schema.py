@@ -147,8 +147,9 @@ class UNetConfig:
     # layout copies of the largest activations each step); the same function. false = diffusers' forward
     nhwc_shortcuts: bool = True
     # GPU with train.channels_last: GroupNorm as var-mean and elementwise ops, which keep NHWC through the compiled
-    # graph (ATen's group_norm outputs NCHW, and every conv backward then copies); the same function
-    nhwc_group_norm: bool = True
+    # graph (ATen's group_norm outputs NCHW, and every conv backward then copies); the same function. Off until
+    # measured on a GPU (BENCHMARKS.md, goal 1: predicted to remove most of the 15 ms of copies per 96 ms step)
+    nhwc_group_norm: bool = False
 
     def validate(self, p: list[str], path: str) -> None:
         if not self.block_out_channels:
