@@ -99,6 +99,12 @@ def flops_per_sample(tr: Trainer) -> tuple[float, float]:
     return fc.get_total_flops() / 4, fe.get_total_flops()
 
 
+def throughput(size: int, ms: float, flops: float, peak: float) -> dict:
+    """samples/s, TFLOP/s and MFU of a step of `size` samples taking `ms`, at `flops` per sample."""
+    sps = size / (ms / 1e3)
+    return {"samples_per_s": sps, "tflops": flops * sps / 1e12, "mfu": flops * sps / (peak * 1e12)}
+
+
 def measure(tr: BenchTrainer, name: str, size: int, warmup: int, iters: int, flops: float, peak: float,
             **extra) -> dict | None:
     tr.fixed_batch = fixed_batch(tr, size)
@@ -110,9 +116,7 @@ def measure(tr: BenchTrainer, name: str, size: int, warmup: int, iters: int, flo
         tr.optimizer.zero_grad(set_to_none=True)
         emit(B, name, batch=size, error="out of memory")
         return None
-    sps = size / (s["median_ms"] / 1e3)
-    return emit(B, name, batch=size, **s, samples_per_s=sps, tflops=flops * sps / 1e12,
-                mfu=flops * sps / (peak * 1e12), **gpu_mem_gib(), **extra)
+    return emit(B, name, batch=size, **s, **throughput(size, s["median_ms"], flops, peak), **gpu_mem_gib(), **extra)
 
 
 def fits(tr: BenchTrainer, size: int) -> float | None:
@@ -227,9 +231,8 @@ def main() -> None:
          deferred_cost_fraction=(block_deferred - block_pure) / block_pure, speedup_deferred=block_sync / block_deferred)
     for name, ms in (("compiled_channels_last_sync_block", block_sync),
                      ("compiled_channels_last_deferred_block", block_deferred)):
-        sps = big / (ms / 1e3)
-        emit(B, name, batch=big, ms_per_step=ms, samples_per_s=sps, tflops=flops * sps / 1e12,
-             mfu=flops * sps / (peak * 1e12), note="Trainer.train_step in a block of steps")
+        emit(B, name, batch=big, ms_per_step=ms, **throughput(big, ms, flops, peak),
+             note="Trainer.train_step in a block of steps")
     fixed_ms = block_deferred
     if torch.cuda.is_available():  # where the compiled step's GPU time goes, before choosing what to try
         emit(B, "profile_compiled_channels_last", batch=big, **profile_steps(best.train_step, 2, 5, "direct_copy"))
@@ -263,8 +266,9 @@ def main() -> None:
     del best
     gc.collect()
 
-    def block_variant(name: str, overrides: list[str], size: int, profile: bool = True) -> None:
-        """A compiled Trainer's train_step in a block of steps (deferred checks), after compiling and warming up."""
+    def block_variant(name: str, overrides: list[str], size: int) -> None:
+        """A compiled Trainer's train_step in a block of steps (deferred checks), after compiling and warming up,
+        then a profile of three of its steps."""
         if not torch.cuda.is_available() or elapsed_s() > args.budget_s:
             return
         reset_mem()
@@ -273,13 +277,11 @@ def main() -> None:
         time_block(tr.train_step, 3, 3)  # compile (CUDA graphs: record) and warm up
         ms = time_block(tr.train_step, 2, iters)
         tr.flush()
-        sps = size / (ms / 1e3)
-        emit(B, f"{name}_deferred_block", batch=size, ms_per_step=ms, samples_per_s=sps, tflops=flops * sps / 1e12,
-             mfu=flops * sps / (peak * 1e12), overrides=overrides, **gpu_mem_gib(),
+        emit(B, f"{name}_deferred_block", batch=size, ms_per_step=ms, **throughput(size, ms, flops, peak),
+             overrides=overrides, **gpu_mem_gib(),
              note="MFU counts the FLOPs of diffusers' UNet (79.6 GFLOP per sample) whatever the variant computes")
-        if profile and torch.cuda.is_available():
-            emit(B, f"profile_{name}", batch=size, **profile_steps(tr.train_step, 1, 3))
-            tr.flush()
+        emit(B, f"profile_{name}", batch=size, **profile_steps(tr.train_step, 1, 3))
+        tr.flush()
         del tr
         gc.collect()
 
