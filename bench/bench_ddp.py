@@ -39,6 +39,8 @@ def extra(p):
     p.add_argument("--profile-at", type=int, default=0,
                    help="profile steps [N, N+5) of every run on every rank (train.profile_at); the summaries are "
                         "printed and rank 0's trace is copied to $OUT/profile/<run>/")
+    p.add_argument("--variant-reference", action="store_true",
+                   help="give each --variant its own 1-GPU run with the same overrides (exact scaling per variant)")
     p.add_argument("--only-multi", action="store_true",
                    help="skip the 1-GPU run (its number must then come from another run: say so)")
 
@@ -108,7 +110,9 @@ def main() -> None:
     one = run(args, 1, "ddp_1gpu") if not args.only_multi else {}
     scaling(args, one, many)
     for i, v in enumerate(args.variant):
-        scaling(args, one, run(args, args.gpus, f"ddp_{args.gpus}gpu_v{i}", v.split()))
+        rec = run(args, args.gpus, f"ddp_{args.gpus}gpu_v{i}", v.split())
+        ref = run(args, 1, f"ddp_1gpu_v{i}", v.split()) if args.variant_reference and rec else one
+        scaling(args, ref, rec)
 
 
 def scaling(args, one: dict, rec: dict) -> None:

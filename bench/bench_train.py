@@ -11,7 +11,11 @@ on the GPU; the data-loading variants feed it from the latent cache through its 
 from __future__ import annotations
 
 import gc
+import json
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -176,15 +180,188 @@ def quick_flag(p):
                         "sub-pixel and batch variants, and the largest batch (as --budget-s allows)")
     p.add_argument("--skip-naive", action="store_true",
                    help="leave out the naive baseline (goal 1's ratio then comes from another run: say so)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated parts to run after the baselines, in this order (default: all; --list "
+                        "names them), e.g. compiled,compiled_nhwc_group_norm")
+    p.add_argument("--list", action="store_true", help="print the parts --variants can name, and exit")
 
 
 def main() -> None:
     args = parse_args(__doc__, quick_flag)
-    emit_env(B)
     tiny = args.tiny
     big = 8 if tiny else 256  # the optimised batch
     small = 4 if tiny else 64  # the issue's batch
     iters = 3 if tiny else 15
+    n_real = 8 if tiny else 60  # steps fed by the DataLoader in a loader block
+
+    def block_variant(name: str, overrides: list[str], size: int) -> None:
+        """A compiled Trainer's train_step in a block of steps (deferred checks), after compiling and warming up,
+        then a profile of three of its steps. MFU counts diffusers' UNet FLOPs (the model the issue names);
+        mfu_own_flops counts what this variant's net computes (fewer with unet.fuse_upsample)."""
+        if not torch.cuda.is_available():
+            return
+        reset_mem()
+        tr = build(args, name, CACHED + ["train.compile=true", f"train.batch_size={size}"] + overrides)
+        own = flops_per_sample(tr)[0]
+        tr.fixed_batch = fixed_batch(tr, size)
+        time_block(tr.train_step, 3, 3)  # compile (CUDA graphs: record) and warm up
+        ms = time_block(tr.train_step, 2, iters)
+        tr.flush()
+        emit(B, f"{name}_deferred_block", batch=size, ms_per_step=ms, **throughput(size, ms, flops, peak),
+             mfu_own_flops=throughput(size, ms, own, peak)["mfu"], gflop_per_sample_own=own / 1e9,
+             overrides=overrides, **gpu_mem_gib())
+        emit(B, f"profile_{name}", batch=size, **profile_steps(tr.train_step, 1, 3))
+        tr.flush()
+        del tr
+        gc.collect()
+
+    def compiled() -> None:
+        """The config switches as a user sets them (channels_last, cudnn benchmark, compile): the step, the cost of
+        the per-step flags, its profile, and data loading from the latent cache."""
+        best = build(args, "compiled", CACHED + ["train.compile=true", f"train.batch_size={big}"])
+        measure(best, "compiled_channels_last", big, 3, iters, flops, peak, compile_mode="default")
+        # the per-step flags (non-finite check, loss, stop): read at once (sync) or one step late (deferred, the GPU
+        # default), against the same step with no flags at all; blocks of steps, as the training loop runs them
+        block_pure = time_block(lambda: pure_step(best), 2, iters)
+        best.flush()
+        best.deferred = False
+        block_sync = time_block(best.train_step, 2, iters)
+        best.deferred = bool(best.optimizer.defaults.get("fused"))  # the CPU's foreach AdamW cannot mask a step
+        block_deferred = time_block(best.train_step, 2, iters)
+        best.flush()
+        emit(B, "per_step_sync_cost", batch=big, pure_step_ms=block_pure, sync_step_ms=block_sync,
+             deferred_step_ms=block_deferred, sync_cost_fraction=(block_sync - block_pure) / block_pure,
+             deferred_cost_fraction=(block_deferred - block_pure) / block_pure,
+             speedup_deferred=block_sync / block_deferred)
+        for name, ms in (("compiled_channels_last_sync_block", block_sync),
+                         ("compiled_channels_last_deferred_block", block_deferred)):
+            emit(B, name, batch=big, ms_per_step=ms, **throughput(big, ms, flops, peak),
+                 note="Trainer.train_step in a block of steps")
+        if torch.cuda.is_available():  # where the compiled step's GPU time goes, before choosing what to try
+            emit(B, "profile_compiled_channels_last", batch=big, **profile_steps(best.train_step, 2, 5, "direct_copy"))
+            best.flush()
+
+        # data loading from the latent cache through the Trainer's own DataLoader (several epochs), timed as the
+        # fixed-batch step above: a block of back-to-back steps. (Session 3 timed each loader step with a host sync
+        # around it against the unsynced block: 12.7%, the sync's own cost; both are kept below to show it.)
+        synced_fixed = time_each(best.train_step, 2, 10)
+        best.flush()
+        best.fixed_batch = None
+        best.train_step()  # starts the workers
+        real_block = time_block(best.train_step, 3, n_real)
+        best.flush()
+        real_each = time_each(best.train_step, 2, 10)
+        best.flush()
+        emit(B, "real_loader_epoch_stream", batch=big, block_ms=real_block, fixed_batch_block_ms=block_deferred,
+             data_loading_fraction=(real_block - block_deferred) / block_deferred, steps=n_real,
+             synced_each_step_real_median_ms=stats(real_each)["median_ms"],
+             synced_each_step_fixed_median_ms=stats(synced_fixed)["median_ms"],
+             epochs_seen=best.epoch, num_workers=best.cfg.data.num_workers,
+             note="block_ms: mean of back-to-back steps fed by the DataLoader; synced_*: per-step timing with a sync")
+        if elapsed_s() < args.budget_s and not args.quick:
+            best.restart_workers = True
+            old = time_block(best.train_step, 2, n_real)
+            best.flush()
+            emit(B, "real_loader_new_loader_each_epoch", batch=big, block_ms=old,
+                 data_loading_fraction=(old - block_deferred) / block_deferred,
+                 note="the loader before the epoch stream")
+            best.restart_workers = False
+        del best
+        gc.collect()
+
+    def loader(name: str, overrides: list[str]) -> None:
+        """Data loading's share of the step under other settings (CUDA graphs free the host thread that the
+        loader's workers compete with): fixed-batch block, loader block, twice, alternating, in one Trainer."""
+        tr = build(args, name, CACHED + ["train.compile=true", f"train.batch_size={big}"] + overrides)
+        batch = fixed_batch(tr, big)
+        tr.fixed_batch = batch
+        time_block(tr.train_step, 3, 3)  # compile (CUDA graphs: record) and warm up
+        tr.fixed_batch = None
+        tr.train_step()  # starts the workers
+        for rep in range(2):
+            tr.fixed_batch = batch
+            fixed_ms = time_block(tr.train_step, 2, iters)
+            tr.flush()
+            tr.fixed_batch = None
+            real_ms = time_block(tr.train_step, 3, n_real)
+            tr.flush()
+            emit(B, f"{name}_loader", batch=big, rep=rep, block_ms=real_ms, fixed_batch_block_ms=fixed_ms,
+                 data_loading_fraction=(real_ms - fixed_ms) / fixed_ms, steps=n_real,
+                 num_workers=tr.cfg.data.num_workers, overrides=overrides)
+        del tr
+        gc.collect()
+
+    def max_batch_eager() -> None:  # the largest per-GPU batch (eager, NHWC)
+        if torch.cuda.is_available():
+            tr = build(args, "memory", CACHED + [f"train.batch_size={big}"])
+            max_batch(tr, "max_batch_eager_channels_last", 1024, 128)
+            del tr
+            gc.collect()
+
+    def fit_reduce_overhead() -> None:
+        """Trainer.fit, the real loop, with CUDA graphs for the training step (train.compile_mode=reduce-overhead)
+        and for the sampler (sampler.compile) in one process: sample grids and an evaluation are due mid-run, and
+        training goes on after them. Its own log gives samples/s; a grid is copied to $OUT."""
+        steps = 20 if tiny else 120
+        tr = build(args, "fit_reduce_overhead",
+                   CACHED + ["train.compile=true", f"train.batch_size={big}", "train.compile_mode=reduce-overhead",
+                             "sampler.compile=true", f"train.max_steps={steps}", f"train.log_every={steps // 12}",
+                             f"train.visualize_every={steps // 3}", f"train.eval_every={steps // 2}",
+                             "train.eval_clips=16", "train.vis_clips=2", "train.save_every=0"])
+        t = time.perf_counter()
+        result = tr.fit()
+        wall = time.perf_counter() - t
+        lines = [json.loads(x) for x in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
+        sps = [(r["step"], r["samples_per_s"]) for r in lines if "samples_per_s" in r]
+        grids = sorted((tr.run_dir / "samples").glob("step_*.png"))
+        if os.environ.get("OUT"):
+            for g in grids:
+                shutil.copy(g, Path(os.environ["OUT"]) / f"fit_reduce_overhead_{g.name}")
+        emit(B, "fit_reduce_overhead", batch=big, steps=steps, wall_s=wall, samples_per_s_by_step=sps,
+             samples_per_s_last=sps[-1][1] if sps else None, grids=[g.name for g in grids],
+             eval_psnr=(result or {}).get("psnr"), **gpu_mem_gib(),
+             note="samples/s per log interval; intervals after a grid or evaluation include it")
+        del tr
+        gc.collect()
+
+    # in the order of what is left to learn: the NHWC GroupNorm (off by default until measured) alone and with the
+    # sub-pixel up blocks at twice the batch; data loading under CUDA graphs; the real loop under CUDA graphs with
+    # compiled sampling; the largest batch; then the same-run baselines of earlier switches: the sub-pixel up blocks
+    # (fewer FLOPs for the same function), diffusers' NCHW shortcut inputs, NCHW (inductor picks the conv layouts
+    # itself), CUDA graphs on the fixed batch, attention heads of 64 channels instead of 32
+    parts = {
+        "compiled": compiled,
+        "compiled_nhwc_group_norm": lambda: block_variant("compiled_nhwc_group_norm", ["unet.nhwc_group_norm=true"],
+                                                          big),
+        "compiled_512_nhwc_group_norm_fused_upsample": lambda: block_variant(
+            "compiled_512_nhwc_group_norm_fused_upsample", ["unet.nhwc_group_norm=true", "unet.fuse_upsample=true"],
+            2 * big),
+        "loader_reduce_overhead": lambda: loader("loader_reduce_overhead", ["train.compile_mode=reduce-overhead"]),
+        "fit_reduce_overhead": fit_reduce_overhead,
+        "max_batch": max_batch_eager,
+        "compiled_fused_upsample": lambda: block_variant("compiled_fused_upsample", ["unet.fuse_upsample=true"], big),
+        "compiled_512_fused_upsample": lambda: block_variant("compiled_512_fused_upsample",
+                                                             ["unet.fuse_upsample=true"], 2 * big),
+        "compiled_diffusers_layouts": lambda: block_variant("compiled_diffusers_layouts",
+                                                            ["unet.nhwc_shortcuts=false"], big),
+        "compiled_512": lambda: block_variant("compiled_512", [], 2 * big),
+        "compiled_nchw": lambda: block_variant("compiled_nchw", ["train.channels_last=false"], big),
+        "compiled_reduce_overhead": lambda: block_variant("compiled_reduce_overhead",
+                                                          ["train.compile_mode=reduce-overhead"], big),
+        "compiled_head_dim_64": lambda: block_variant("compiled_head_dim_64", ["unet.attention_head_dim=64"], big),
+        "grad_checkpointing": lambda: grad_checkpointing(args, big, flops, peak),
+        "compiled_64": lambda: compiled_small(args, small, iters, flops, peak),
+    }
+    quick_parts = list(parts)[:11]  # --quick leaves out the rest
+    if args.list:
+        print("\n".join(parts))
+        return
+    chosen = [v for v in args.variants.split(",") if v] or (quick_parts if args.quick else list(parts))
+    unknown = [v for v in chosen if v not in parts]
+    if unknown:
+        sys.exit(f"--variants: unknown {unknown}; one of {list(parts)}")
+
+    emit_env(B)
     torch._dynamo.config.automatic_dynamic_shapes = False  # a new batch size compiles a static graph, as in training
     peak = peak_matmul_tflops()
     emit(B, "peak_bf16_matmul", tflops=peak, note="8192^3 torch.matmul on random bf16, median of 30")
@@ -200,122 +377,46 @@ def main() -> None:
                 note="FLOPs/MFU here count the UNet step and the VAE encoder on every window frame")
     del naive
     gc.collect()
+    if not args.quick and not args.variants:
+        eager_baselines(args, big, small, iters, flops, peak)
 
-    eager = build(args, "eager", CACHED + BASELINE + [f"train.batch_size={big}"]) if not args.quick else None
-    if eager is not None:
-        measure(eager, "eager_bf16_nchw", small, 3, iters, flops, peak, note="the issue's cached-latent baseline")
-        torch.backends.cudnn.benchmark = True
-        measure(eager, "eager_bf16_nchw_cudnn_benchmark", small, 3, iters, flops, peak)
-        del eager
-        gc.collect()
-        eager = build(args, "eager_cl", CACHED + [f"train.batch_size={big}"])  # channels_last + cudnn benchmark on
-        measure(eager, "eager_bf16_channels_last", small, 3, iters, flops, peak)
-        measure(eager, "eager_bf16_channels_last", big, 3, iters, flops, peak)
-        del eager
-        gc.collect()
+    for i, name in enumerate(chosen):
+        if i > 0 and elapsed_s() > args.budget_s:
+            emit(B, "budget_spent", skipped=chosen[i:], elapsed_s=elapsed_s())
+            break
+        parts[name]()
+    emit(B, "done", elapsed_s=elapsed_s())
 
-    # ---- optimised: the config switches as a user sets them (channels_last, cudnn benchmark, compile)
-    best = build(args, "compiled", CACHED + ["train.compile=true", f"train.batch_size={big}"])
-    measure(best, "compiled_channels_last", big, 3, iters, flops, peak, compile_mode="default")
-    # the per-step flags (non-finite check, loss, stop): read at once (sync) or one step late (deferred, the GPU
-    # default), against the same step with no flags at all; blocks of steps, as the training loop runs them
-    block_pure = time_block(lambda: pure_step(best), 2, iters)
-    best.flush()
-    best.deferred = False
-    block_sync = time_block(best.train_step, 2, iters)
-    best.deferred = bool(best.optimizer.defaults.get("fused"))  # the CPU's foreach AdamW cannot mask a step
-    block_deferred = time_block(best.train_step, 2, iters)
-    best.flush()
-    emit(B, "per_step_sync_cost", batch=big, pure_step_ms=block_pure, sync_step_ms=block_sync,
-         deferred_step_ms=block_deferred, sync_cost_fraction=(block_sync - block_pure) / block_pure,
-         deferred_cost_fraction=(block_deferred - block_pure) / block_pure, speedup_deferred=block_sync / block_deferred)
-    for name, ms in (("compiled_channels_last_sync_block", block_sync),
-                     ("compiled_channels_last_deferred_block", block_deferred)):
-        emit(B, name, batch=big, ms_per_step=ms, **throughput(big, ms, flops, peak),
-             note="Trainer.train_step in a block of steps")
-    fixed_ms = block_deferred
-    if torch.cuda.is_available():  # where the compiled step's GPU time goes, before choosing what to try
-        emit(B, "profile_compiled_channels_last", batch=big, **profile_steps(best.train_step, 2, 5, "direct_copy"))
-        best.flush()
 
-    # ---- data loading from the latent cache through the Trainer's own DataLoader (several epochs), timed as the
-    # fixed-batch step above: a block of back-to-back steps. (Session 3 timed each loader step with a host sync
-    # around it against the unsynced block: 12.7%, the sync's own cost; both are kept below to show it.)
-    n_real = 8 if tiny else 60
-    synced_fixed = time_each(best.train_step, 2, 10)
-    best.flush()
-    best.fixed_batch = None
-    best.train_step()  # starts the workers
-    real_block = time_block(best.train_step, 3, n_real)
-    best.flush()
-    real_each = time_each(best.train_step, 2, 10)
-    best.flush()
-    emit(B, "real_loader_epoch_stream", batch=big, block_ms=real_block, fixed_batch_block_ms=fixed_ms,
-         data_loading_fraction=(real_block - fixed_ms) / fixed_ms, steps=n_real,
-         synced_each_step_real_median_ms=stats(real_each)["median_ms"],
-         synced_each_step_fixed_median_ms=stats(synced_fixed)["median_ms"],
-         epochs_seen=best.epoch, num_workers=best.cfg.data.num_workers,
-         note="block_ms: mean of back-to-back steps fed by the DataLoader; synced_*: per-step timing with a sync")
-    if elapsed_s() < args.budget_s and not args.quick:
-        best.restart_workers = True
-        old = time_block(best.train_step, 2, n_real)
-        best.flush()
-        emit(B, "real_loader_new_loader_each_epoch", batch=big, block_ms=old,
-             data_loading_fraction=(old - fixed_ms) / fixed_ms, note="the loader before the epoch stream")
-        best.restart_workers = False
-    del best
+def eager_baselines(args, big: int, small: int, iters: int, flops: float, peak: float) -> None:
+    """The issue's cached-latent baseline (eager bf16, NCHW) and eager channels_last, cuDNN autotuning off and on."""
+    eager = build(args, "eager", CACHED + BASELINE + [f"train.batch_size={big}"])
+    measure(eager, "eager_bf16_nchw", small, 3, iters, flops, peak, note="the issue's cached-latent baseline")
+    torch.backends.cudnn.benchmark = True
+    measure(eager, "eager_bf16_nchw_cudnn_benchmark", small, 3, iters, flops, peak)
+    del eager
+    gc.collect()
+    eager = build(args, "eager_cl", CACHED + [f"train.batch_size={big}"])  # channels_last + cudnn benchmark on
+    measure(eager, "eager_bf16_channels_last", small, 3, iters, flops, peak)
+    measure(eager, "eager_bf16_channels_last", big, 3, iters, flops, peak)
+    del eager
     gc.collect()
 
-    def block_variant(name: str, overrides: list[str], size: int) -> None:
-        """A compiled Trainer's train_step in a block of steps (deferred checks), after compiling and warming up,
-        then a profile of three of its steps."""
-        if not torch.cuda.is_available() or elapsed_s() > args.budget_s:
-            return
-        reset_mem()
-        tr = build(args, name, CACHED + ["train.compile=true", f"train.batch_size={size}"] + overrides)
-        tr.fixed_batch = fixed_batch(tr, size)
-        time_block(tr.train_step, 3, 3)  # compile (CUDA graphs: record) and warm up
-        ms = time_block(tr.train_step, 2, iters)
-        tr.flush()
-        emit(B, f"{name}_deferred_block", batch=size, ms_per_step=ms, **throughput(size, ms, flops, peak),
-             overrides=overrides, **gpu_mem_gib(),
-             note="MFU counts the FLOPs of diffusers' UNet (79.6 GFLOP per sample) whatever the variant computes")
-        emit(B, f"profile_{name}", batch=size, **profile_steps(tr.train_step, 1, 3))
-        tr.flush()
-        del tr
-        gc.collect()
 
-    # the same-run baselines of the NHWC switches (on by default above): ATen's GroupNorm, then diffusers' NCHW
-    # shortcut inputs too; the sub-pixel up blocks (fewer FLOPs for the same function, and no NCHW copy before the
-    # upsampling), alone and at twice the batch; the largest batch; NCHW (inductor picks the conv layouts itself);
-    # CUDA graphs for forward and backward (train.compile_mode=reduce-overhead; optimizer, EMA and flags outside);
-    # attention heads of 64 channels instead of 32 (the same FLOPs; flash attention's better tile)
-    block_variant("compiled_aten_group_norm", ["unet.nhwc_group_norm=false"], big)
-    block_variant("compiled_fused_upsample", ["unet.fuse_upsample=true"], big)
-    block_variant("compiled_512_fused_upsample", ["unet.fuse_upsample=true"], 2 * big)
-    if torch.cuda.is_available() and elapsed_s() < args.budget_s:  # the largest per-GPU batch (eager, NHWC)
-        tr = build(args, "memory", CACHED + [f"train.batch_size={big}"])
-        max_batch(tr, "max_batch_eager_channels_last", 512, 128)
-        del tr
-        gc.collect()
-    block_variant("compiled_diffusers_layouts", ["unet.nhwc_group_norm=false", "unet.nhwc_shortcuts=false"], big)
-    block_variant("compiled_512", [], 2 * big)
-    block_variant("compiled_nchw", ["train.channels_last=false"], big)
-    if not args.quick:
-        block_variant("compiled_reduce_overhead", ["train.compile_mode=reduce-overhead"], big)
-        block_variant("compiled_head_dim_64", ["unet.attention_head_dim=64"], big)
-
-    if torch.cuda.is_available() and elapsed_s() < args.budget_s and not args.quick:
+def grad_checkpointing(args, big: int, flops: float, peak: float) -> None:
+    if torch.cuda.is_available():
         tr = build(args, "memory_gc", CACHED + [f"train.batch_size={big}", "unet.gradient_checkpointing=true"])
         measure(tr, "eager_channels_last_grad_checkpointing", big, 2, 10, flops, peak)
         max_batch(tr, "max_batch_eager_channels_last_grad_checkpointing", 1024, 256)
         del tr
-    if elapsed_s() < args.budget_s and not args.quick:
-        tr = build(args, "compiled_small", CACHED + ["train.compile=true", f"train.batch_size={small}"])
-        measure(tr, "compiled_channels_last", small, 3, iters, flops, peak, compile_mode="default")
-        del tr
         gc.collect()
-    emit(B, "done", elapsed_s=elapsed_s())
+
+
+def compiled_small(args, small: int, iters: int, flops: float, peak: float) -> None:
+    tr = build(args, "compiled_small", CACHED + ["train.compile=true", f"train.batch_size={small}"])
+    measure(tr, "compiled_channels_last", small, 3, iters, flops, peak, compile_mode="default")
+    del tr
+    gc.collect()
 
 
 if __name__ == "__main__":
