@@ -294,7 +294,7 @@ def main() -> None:
     def max_batch_eager() -> None:  # the largest per-GPU batch (eager, NHWC)
         if torch.cuda.is_available():
             tr = build(args, "memory", CACHED + [f"train.batch_size={big}"])
-            max_batch(tr, "max_batch_eager_channels_last", 1024, 128)
+            max_batch(tr, "max_batch_eager_channels_last", 2048, 256)
             del tr
             gc.collect()
 

@@ -146,10 +146,11 @@ class UNetConfig:
     # GPU with train.channels_last: the ResNet shortcut convs keep NHWC in training (diffusers makes their input NCHW,
     # layout copies of the largest activations each step); the same function. false = diffusers' forward
     nhwc_shortcuts: bool = True
-    # GPU with train.channels_last: GroupNorm as var-mean and elementwise ops, which keep NHWC through the compiled
-    # graph (ATen's group_norm outputs NCHW, and every conv backward then copies); the same function. Off until
-    # measured on a GPU (BENCHMARKS.md, goal 1: predicted to remove most of the 15 ms of copies per 96 ms step)
-    nhwc_group_norm: bool = False
+    # GPU with train.channels_last and train.compile: GroupNorm as var-mean and elementwise ops, which keep NHWC
+    # through the compiled graph (ATen's group_norm outputs NCHW, and every conv backward then copies); the same
+    # function. H100, batch 256: 92.0 -> 87.4 ms per compiled step (1.05x), peak memory 9.9 -> 12.2 GiB; eager
+    # would keep more activations (largest batch 2,048 -> 1,280), so eager nets keep ATen's (BENCHMARKS.md)
+    nhwc_group_norm: bool = True
 
     def validate(self, p: list[str], path: str) -> None:
         if not self.block_out_channels:

@@ -46,7 +46,7 @@ class VideoPredictionDiffusion:
         if cfg.train.channels_last and performance.on_gpu(model.unet):
             if cfg.unet.nhwc_shortcuts:
                 performance.nhwc_shortcuts(model.unet)
-            if cfg.unet.nhwc_group_norm:
+            if cfg.unet.nhwc_group_norm and cfg.train.compile:  # measured compiled; eager keeps ATen's (memory)
                 performance.nhwc_group_norms(model.unet)
         return model
 

@@ -84,8 +84,13 @@ def test_nhwc_unet_switches_match_diffusers_under_bf16_autocast_and_keep_nhwc_on
         out.float().square().mean().backward()
         outs.append(out.float())
     assert (outs[1] - outs[0]).norm() / outs[0].norm() < 0.02  # bf16 rounding, different op order
+    scale = torch.cat([p.grad.flatten() for p in plain.parameters()]).norm()
     for (name, p), q in zip(plain.named_parameters(), kept.parameters()):
-        assert (q.grad - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-6, name
+        if name.endswith("to_k.bias"):  # analytically zero (softmax ignores a shift shared by all keys): both are
+            # rounding noise, so compare them with the whole gradient instead of with each other
+            assert max(p.grad.norm(), q.grad.norm()) <= 1e-4 * scale, name
+        else:
+            assert (q.grad - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-6, name
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
