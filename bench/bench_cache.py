@@ -89,7 +89,10 @@ def main() -> None:
     variants = {"encoder_fp32_nchw": ["vae.dtype=fp32", "vae.channels_last=false", "train.cudnn_benchmark=false"],
                 "encoder_bf16_nchw": ["vae.dtype=bf16", "vae.channels_last=false"],
                 "encoder_bf16_channels_last": ["vae.dtype=bf16"],
-                "encoder_bf16_channels_last_compiled": ["vae.dtype=bf16", "vae.compile=true"]}
+                "encoder_bf16_channels_last_compiled": ["vae.dtype=bf16", "vae.compile=true",
+                                                        "train.compile_mode=default"],
+                "encoder_bf16_channels_last_compiled_cuda_graphs": ["vae.dtype=bf16", "vae.compile=true",
+                                                                    "train.compile_mode=reduce-overhead"]}
     x = torch.rand(1, cfg.vae.chunk_size, 3, cfg.data.height, cfg.data.width, device=device()) * 2 - 1
     ref = None
     for name, over in variants.items():
@@ -107,7 +110,12 @@ def main() -> None:
               "build_bf16_nchw_12workers": ["vae.dtype=bf16", "vae.channels_last=false",
                                             f"data.num_workers={workers_hi}"],
               "build_bf16_compiled_channels_last_12workers": ["vae.dtype=bf16", "vae.channels_last=true",
-                                                              "vae.compile=true", f"data.num_workers={workers_hi}"]}
+                                                              "vae.compile=true", f"data.num_workers={workers_hi}",
+                                                              "train.compile_mode=default"],
+              # what the reference config's mode (CUDA graphs for every compile) gives a user who sets vae.compile
+              "build_bf16_compiled_cuda_graphs_12workers": ["vae.dtype=bf16", "vae.channels_last=true",
+                                                            "vae.compile=true", f"data.num_workers={workers_hi}",
+                                                            "train.compile_mode=reduce-overhead"]}
     folder = None
     for name, over in builds.items():
         c = reference_config(args, data + over)
