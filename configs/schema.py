@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 
 def _choice(problems: list[str], path: str, value, choices) -> None:
     if value not in choices:
@@ -116,7 +118,11 @@ class VAEConfig:
     # GPU: weights and activations in NHWC memory format; false = NCHW. For vae.compile: in eager mode CUDA's
     # GroupNorm copies NHWC back to NCHW and the SD-VAE encoder ran 25% slower (BENCHMARKS.md)
     channels_last: bool = False
-    compile: bool = False  # GPU: torch.compile the encoder and decoder (mode train.compile_mode); false = eager
+    compile: bool = False  # GPU: torch.compile the encoder and decoder (mode vae.compile_mode); false = eager
+    # torch.compile mode of vae.compile, its own: CUDA graphs (reduce-overhead) made the encoder slower (H100: cache
+    # build 625 -> 553 frames/s) and the decoder no faster (BENCHMARKS.md); default | reduce-overhead | max-autotune
+    # | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     # decoder: each nearest-2x upsample + 3x3 conv computed as four 2x2 convs of the low-resolution input (sub-pixel),
     # the same function with 2.25x fewer FLOPs in those convs (equal to 1e-5 in fp32); false = diffusers' own forward
     fuse_upsample: bool = True
@@ -127,6 +133,7 @@ class VAEConfig:
         _choice(p, f"{path}.latent", self.latent, ("mean", "sample"))
         _choice(p, f"{path}.dtype", self.dtype, ("fp32", "bf16", "fp16"))
         _at_least(p, f"{path}.chunk_size", self.chunk_size, 1)
+        _choice(p, f"{path}.compile_mode", self.compile_mode, COMPILE_MODES)
 
 
 @dataclass
@@ -248,8 +255,8 @@ class TrainConfig:
     cache_std: bool = True  # cache the posterior std too, so vae.latent=sample still works from the cache
     cache_dir: str = "data_cache/latents"  # latent cache folder (keyed by VAE, resolution and data fingerprint)
     compile: bool = False  # GPU: torch.compile the UNet's training step (the first steps compile); false = eager
-    # torch.compile mode of train.compile, sampler.compile and vae.compile: default | reduce-overhead (CUDA graphs)
-    # | max-autotune | max-autotune-no-cudagraphs (the autotuning modes compile for minutes)
+    # torch.compile mode of train.compile and sampler.compile: default | reduce-overhead (CUDA graphs) | max-autotune
+    # | max-autotune-no-cudagraphs (the autotuning modes compile for minutes); vae.compile has its own vae.compile_mode
     compile_mode: str = "default"
     channels_last: bool = False  # GPU: UNet in NHWC memory format, for train.compile (eager: 18% slower); false = NCHW
     cudnn_benchmark: bool = False  # GPU: cuDNN times its conv algorithms per new input shape; false = its heuristics
@@ -291,8 +298,7 @@ class TrainConfig:
         _in_unit(p, f"{path}.ema_decay", self.ema_decay, closed_high=False)
         _at_least(p, f"{path}.ema_warmup_power", self.ema_warmup_power, 0.0)
         _choice(p, f"{path}.nonfinite", self.nonfinite, ("halt", "skip"))
-        _choice(p, f"{path}.compile_mode", self.compile_mode,
-                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        _choice(p, f"{path}.compile_mode", self.compile_mode, COMPILE_MODES)
         _at_least(p, f"{path}.max_nonfinite_skips", self.max_nonfinite_skips, 1)
         _choice(p, f"{path}.step_checks", self.step_checks, ("auto", "sync", "deferred"))
         for name in ("log_every", "visualize_every", "eval_every", "save_every", "vis_clips", "eval_clips", "eval_steps"):

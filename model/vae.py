@@ -149,7 +149,7 @@ class FrozenVAE(torch.nn.Module):
             raise ValueError(f"expected latents (B, T, {self.latent_channels}, h, w), got {tuple(latents.shape)}")
         B, T = latents.shape[:2]
         flat = latents.reshape(B * T, *latents.shape[2:])
-        # copy=True: a decoder compiled with CUDA graphs (vae.compile, compile_mode reduce-overhead) returns its
+        # copy=True: a decoder compiled with CUDA graphs (vae.compile, vae.compile_mode=reduce-overhead) returns its
         # graph's output buffer, which the next chunk's replay overwrites; an fp32 `.float()` would alias it
         out = [self.vae.decode(self.unscale(c.to(self.device, torch.float32)).to(self.dtype)).sample.to(
                torch.float32, copy=True) for c in flat.split(self.chunk_size)]

@@ -38,7 +38,7 @@ class VideoPredictionDiffusion:
     def from_config(cls, cfg: Config, device: torch.device | str = "cpu") -> "VideoPredictionDiffusion":
         """Frozen VAE and UNet on `device`; on GPU in NHWC and compiled as vae.* and train.channels_last say."""
         vae = FrozenVAE.from_config(cfg.vae).to(device)
-        performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.train.compile_mode,
+        performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.vae.compile_mode,
                                  cfg.vae.fuse_upsample)
         model = cls(cfg, vae)
         model.unet.to(device)

@@ -227,6 +227,8 @@ def test_overrides_on_defaults_and_later_wins():
     ("train.batch_size=abc", "train.batch_size", "expected int"),
     ("sampler.eta=2", "sampler.eta", "must be in"),
     ("logging.wandb.mode=loud", "logging.wandb.mode", "not one of"),
+    ("vae.compile_mode=fast", "vae.compile_mode", "not one of"),
+    ("train.compile_mode=cudagraphs", "train.compile_mode", "not one of"),
     ("train.batch_size=10", "train.batch_size", "not divisible"),  # with grad_accum_steps=3 below
     ("train.lr.x=1", "train.lr", "expected float"),
     ("train.mixed_precision=no", "train.mixed_precision", "quote it"),  # YAML 1.1: no -> False

@@ -298,7 +298,8 @@ def test_nhwc_shortcuts_keep_the_layout_and_the_function_and_still_train_the_dro
 
 def test_nhwc_group_norms_compute_group_norm_and_keep_nhwc_where_aten_returns_nchw():
     """performance.nhwc_group_norms: GroupNorm's values, gradients and autocast dtype, in NCHW and NHWC; and in fake
-    tensors (what torch.compile traces) the output keeps NHWC where ATen's group_norm gives NCHW strides."""
+    tensors (what torch.compile traces) the output keeps NHWC where ATen's group_norm gives NCHW strides, in
+    training; with gradients off (sampling) it is ATen's own group_norm, strides included."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     torch.manual_seed(0)
     for fmt in (torch.contiguous_format, torch.channels_last):
@@ -322,6 +323,11 @@ def test_nhwc_group_norms_compute_group_norm_and_keep_nhwc_where_aten_returns_nc
         x = torch.empty(3, 16, 5, 7).to(memory_format=torch.channels_last)
         assert not plain(x).is_contiguous(memory_format=torch.channels_last)
         assert kept(x).is_contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert not kept(x).is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 16, 5, 7).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(kept(x), plain(x))  # bit for bit: the same ATen op
 
 
 def test_nhwc_switches_give_every_unet_conv_but_the_first_an_nhwc_input_as_the_compiler_sees_it():
