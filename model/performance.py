@@ -9,6 +9,7 @@ compile.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -171,20 +172,35 @@ def speed_up_vae(vae, channels_last_format: bool, compile_modules: bool, mode: s
     return vae
 
 
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
+def copy_out(fn: Callable) -> Callable:
+    """fn with its output cloned. A CUDA-graph replay returns its graph's static output buffer, and torch.compile
+    starts a new iteration at every call in inference, so the next call overwrites (and frees) the previous
+    output: guidance's two or three calls per DDIM step, or a callback keeping a step's output, would read
+    another call's numbers or fail. The clone is one latent-sized copy per call."""
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs).clone()
+    return call
+
+
 class CompiledNets:
     """torch.compile wrappers of the nets a sampler is given, made once per net (GPU nets only; CPU nets are
     returned as they are). The wrapper shares the net's parameters, so EMA updates and loaded weights show
-    through. It holds the net (a model has two or three nets, the raw, EMA and DDP-free ones, for its lifetime)."""
+    through; in a CUDA-graph mode it returns a copy of each output (`copy_out`). It holds the net (a model has two
+    or three nets, the raw, EMA and DDP-free ones, for its lifetime)."""
 
     def __init__(self, mode: str = "default"):
         self.mode = mode
-        self._compiled: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}  # id(net) -> (net, compiled)
+        self._compiled: dict[int, tuple[torch.nn.Module, Callable]] = {}  # id(net) -> (net, compiled call)
 
-    def __call__(self, net: torch.nn.Module) -> torch.nn.Module:
+    def __call__(self, net: torch.nn.Module) -> torch.nn.Module | Callable:
         if not on_gpu(net):
             return net
         if id(net) not in self._compiled:
-            self._compiled[id(net)] = (net, torch.compile(net, mode=self.mode))
+            compiled = torch.compile(net, mode=self.mode)
+            self._compiled[id(net)] = (net, copy_out(compiled) if self.mode in GRAPH_MODES else compiled)
         return self._compiled[id(net)][1]
 
 

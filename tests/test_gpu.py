@@ -96,6 +96,18 @@ def test_nhwc_unet_switches_match_diffusers_under_bf16_autocast_and_keep_nhwc_on
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_compiled_sampler_equals_eager_sampler(world, tmp_path, autocast):
     cfg = gpu_config(world, tmp_path, **{"sampler.num_inference_steps": 4})
+    eager_and_compiled_are_close(cfg, autocast)
+
+
+def test_cuda_graph_sampler_with_guidance_equals_eager_sampler(world, tmp_path):
+    """sampler.compile with CUDA graphs (the reference config's train.compile_mode) and guidance: two UNet calls
+    per DDIM step, whose outputs a graph replay shares unless CompiledNets copies them out."""
+    cfg = gpu_config(world, tmp_path, **{"sampler.num_inference_steps": 4, "train.compile_mode": "reduce-overhead",
+                                         "diffusion.past_dropout": 0.1, "sampler.guidance_past": 2.0})
+    eager_and_compiled_are_close(cfg, autocast=True)
+
+
+def eager_and_compiled_are_close(cfg, autocast: bool) -> None:
     torch.manual_seed(0)
     model = VideoPredictionDiffusion.from_config(cfg, CUDA)
     g = torch.Generator(CUDA).manual_seed(1)

@@ -280,6 +280,33 @@ def test_guidance_runs_and_changes_the_prediction(vae):
     assert not torch.allclose(guided, plain)
 
 
+def test_guidance_with_a_net_that_reuses_its_output_buffer_needs_copy_out(vae):
+    """A CUDA-graph replay (sampler.compile in a reduce-overhead or max-autotune mode) returns the same static
+    buffer at every call, so guidance's second call overwrote the first call's output. Here a net that writes into
+    one buffer plays that part on the CPU: guided by hand it gives the wrong numbers; through performance.copy_out,
+    which CompiledNets applies in those modes, the numbers of a plain net."""
+    from model import performance
+    model = build(vae, **COND)
+    net = RecordingNet()
+    buffer = {}
+
+    def replay(*args):  # the static-output semantics of a graph replay
+        out = net(*args)
+        buffer.setdefault("out", torch.empty_like(out)).copy_(out)
+        return buffer["out"]
+
+    past, x_t = latents(5)
+    cond, t = torch.randn(B, 2), torch.tensor([999, 999])
+    guide = dict(guidance_past=3.0, guidance_cond=2.5)
+    with torch.no_grad():
+        expected = model.denoiser(past, cond, net, **guide)(x_t, t)
+        shared = model.denoiser(past, cond, replay, **guide)(x_t, t)
+        copied = model.denoiser(past, cond, performance.copy_out(replay), **guide)(x_t, t)
+    assert not torch.allclose(shared, expected)  # the hazard is real for this formula
+    torch.testing.assert_close(copied, expected, rtol=0, atol=0)
+    assert performance.GRAPH_MODES == ("reduce-overhead", "max-autotune")
+
+
 @pytest.mark.parametrize("g_past, g_cond", [(1.0, 1.0), (3.0, 1.0), (1.0, 2.5)])
 def test_guidance_formula(vae, g_past, g_cond):
     """out = uncond + g (cond - uncond) (Ho & Salimans 2022), the unconditional branch dropping the past frames
