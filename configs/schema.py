@@ -156,7 +156,8 @@ class UNetConfig:
     # GPU with train.channels_last and train.compile: GroupNorm as var-mean and elementwise ops, which keep NHWC
     # through the compiled graph (ATen's group_norm outputs NCHW, and every conv backward then copies); the same
     # function. H100, batch 256: 92.0 -> 87.4 ms per compiled step (1.05x), peak memory 9.9 -> 12.2 GiB; eager
-    # would keep more activations (largest batch 2,048 -> 1,280), so eager nets keep ATen's (BENCHMARKS.md)
+    # would keep more activations (largest batch 2,048 -> 1,280), so eager nets keep ATen's, and so does sampling
+    # (gradients off), where this form was slower (BENCHMARKS.md)
     nhwc_group_norm: bool = True
 
     def validate(self, p: list[str], path: str) -> None:
