@@ -440,3 +440,29 @@ def test_step_profiler_writes_its_summary_and_a_trace_of_the_chosen_steps(tmp_pa
     off = profiling.StepProfiler(start=0, steps=5, folder=tmp_path / "off", rank=0, device=torch.device("cpu"))
     off.before_step(0)
     assert off.after_step(5) is None and not (tmp_path / "off").exists()
+
+
+def test_bench_train_parts_run_through_the_trainer_on_a_cpu(tmp_path):
+    """bench/bench_train.py --tiny, the parts a device call picks with --variants: the loader blocks and the real
+    fit loop (CUDA-graph mode on a GPU; here torch.compile traces only). Every part prints its JSON line, the fit's
+    sample grids reach $OUT, and an unknown part is refused by name."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(root / "bench" / "bench_train.py"), "--tiny", "--skip-naive",
+           "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd + ["--variants", "loader_reduce_overhead,fit_reduce_overhead"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    names = [r["name"] for r in recs]
+    assert names.count("loader_reduce_overhead_loader") == 2 and names[-1] == "done"
+    fit = next(r for r in recs if r["name"] == "fit_reduce_overhead")
+    assert fit["steps"] == 20 and all(sps > 0 for _, sps in fit["samples_per_s_by_step"])
+    assert sorted(p.name for p in tmp_path.glob("fit_reduce_overhead_step_*.png")) == \
+        [f"fit_reduce_overhead_{g}" for g in fit["grids"]] and len(fit["grids"]) >= 3
+    bad = subprocess.run(cmd + ["--variants", "compiled,nope"], env=env, cwd=root, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown ['nope']" in bad.stderr
