@@ -6,6 +6,7 @@ as subprocesses. Every run reads one synthetic world and one tiny VAE built for 
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -249,6 +250,37 @@ def test_exact_resume_two_ranks(ddp_runs):
     assert sorted(losses(resumed)) == [1, 2, 3, 4]  # 1-2 from the first invocation, 3-4 after the resume
     assert losses(resumed) == losses(straight)  # exact floats
     assert_same_training_state(final_state(straight)[1], final_state(resumed)[1])
+
+
+def test_teardown_frees_a_ddp_model_held_in_a_reference_cycle_before_the_group_goes(tmp_path):
+    """A DDP model kept alive only by a reference cycle (as the Trainer's is) must be gone when teardown returns:
+    left to the interpreter's final collection, its reducer destroys gloo's work objects while the GIL is being
+    torn down and a finished run dies with SIGABRT. Automatic collection is off so only teardown can free it."""
+    import weakref
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        net = DDP(torch.nn.Linear(3, 2))
+        net(torch.randn(4, 3)).sum().backward()  # the reducer has buckets and has all-reduced once
+        holder = {"net": net}
+        holder["self"] = holder  # the cycle
+        alive = weakref.ref(net)
+        del net, holder
+        assert alive() is not None, "negative control: the cycle keeps the model alive without a collection"
+        distributed.teardown()
+        assert alive() is None, "the DDP model (and its process group) outlived teardown"
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if was_enabled:
+            gc.enable()
 
 
 @pytest.mark.slow
