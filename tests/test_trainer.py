@@ -18,11 +18,14 @@ import sys
 import textwrap
 import time
 import types
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_video_pred
 import video_prediction_trainer
@@ -256,11 +259,6 @@ def test_teardown_frees_a_ddp_model_held_in_a_reference_cycle_before_the_group_g
     """A DDP model kept alive only by a reference cycle (as the Trainer's is) must be gone when teardown returns:
     left to the interpreter's final collection, its reducer destroys gloo's work objects while the GIL is being
     torn down and a finished run dies with SIGABRT. Automatic collection is off so only teardown can free it."""
-    import weakref
-
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     was_enabled = gc.isenabled()

@@ -81,8 +81,8 @@ def teardown() -> None:
     Why the gc.collect(): destroy_process_group only drops c10d's own references. The Trainer and its DDP wrapper
     sit in reference cycles, so DDP's reducer (which holds the group and its bucket tensors) would otherwise live
     until the interpreter's final collection, where destroying gloo's work objects needs a GIL that is being torn
-    down: a finished run then died with SIGABRT ("terminate called without an active exception", seen once in CI
-    after the last checkpoint was written) and torchrun reported the whole job as failed."""
+    down. That is the likely cause (inferred, not reproduced) of a finished 2-rank run that died once in CI with
+    SIGABRT ("terminate called without an active exception") after its last checkpoint, failing the whole job."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
