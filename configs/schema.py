@@ -187,6 +187,14 @@ class DiffusionConfig:
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0; 0 = off (plain MSE)
     past_dropout: float = 0.0  # probability of zeroing the past latents in training (for guidance); 0 = off
     cond_dropout: float = 0.0  # probability of zeroing the conditioning vector in training; 0 = off
+    # what is diffused: absolute = the future latents; residual = (future latents - last past latent) * residual_scale,
+    # so "nothing moves" is x0 = 0 and costs nothing to learn (after RVD, Yang et al. 2022). The sampler and its
+    # clip bound work in this space; predictions leave the model as absolute latents either way
+    target: str = "absolute"
+    residual_scale: float = 1.0  # residual target only: multiplies the residual before noising; 1 = unscaled
+    # rescale the betas to zero terminal SNR (Lin et al. 2024, "Common diffusion noise schedules are flawed", alg. 1,
+    # diffusers' rescale_betas_zero_snr): t = T-1 is pure noise, as trailing spacing assumes; needs v_prediction
+    zero_terminal_snr: bool = False
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_train_timesteps", self.num_train_timesteps, 2)
@@ -198,6 +206,11 @@ class DiffusionConfig:
         _at_least(p, f"{path}.snr_gamma", self.snr_gamma, 0.0)
         _in_unit(p, f"{path}.past_dropout", self.past_dropout, closed_high=False)
         _in_unit(p, f"{path}.cond_dropout", self.cond_dropout, closed_high=False)
+        _choice(p, f"{path}.target", self.target, ("absolute", "residual"))
+        _at_least(p, f"{path}.residual_scale", self.residual_scale, 0.0, strict=True)
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            p.append(f"{path}.zero_terminal_snr: needs prediction_type v_prediction (epsilon cannot give x0 at "
+                     "alpha_bar_T = 0)")
 
 
 @dataclass
@@ -213,9 +226,17 @@ class SamplerConfig:
     guidance_past: float = 1.0  # classifier-free guidance scale on the past frames; 1 = off (needs diffusion.past_dropout > 0)
     guidance_cond: float = 1.0  # guidance scale on the conditioning vector; 1 = off (needs diffusion.cond_dropout > 0)
     compile: bool = False  # GPU: torch.compile the denoiser for sampling (mode train.compile_mode); false = eager
+    # residual decoding: add the last past frame's VAE reconstruction error back to the decoded prediction,
+    # x = D(z) + m * (x_last - D(z_last)), so a still camera's background is not limited by the VAE (copy_last_vae).
+    # off = D(z); full: m = 1; masked: m = 1 where the prediction did not change from D(z_last), falling linearly to 0
+    # at a change of residual_decode_threshold
+    residual_decode: str = "off"
+    residual_decode_threshold: float = 0.1  # masked: pixel change (units of [-1, 1], per pixel, max over RGB) where m = 0
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_inference_steps", self.num_inference_steps, 1)
+        _choice(p, f"{path}.residual_decode", self.residual_decode, ("off", "masked", "full"))
+        _at_least(p, f"{path}.residual_decode_threshold", self.residual_decode_threshold, 0.0, strict=True)
         _in_unit(p, f"{path}.eta", self.eta)
         _choice(p, f"{path}.timestep_spacing", self.timestep_spacing, ("trailing", "leading", "linspace"))
         _choice(p, f"{path}.clip_x0", self.clip_x0, ("none", "static", "dynamic"))
@@ -269,6 +290,9 @@ class TrainConfig:
     vis_clips: int = 4  # val clips in each sample grid
     eval_clips: int = 64  # val clips in each evaluation (0 = all)
     eval_steps: int = 0  # DDIM steps in evaluation; 0 = sampler.num_inference_steps
+    # samples per val window in evaluation: K > 1 adds rows for the mean over samples, the best of K per window and
+    # the metric of the K-sample average (training/evaluation.py); the one-sample row stays the headline. 1 = off
+    eval_samples: int = 1
     dist_timeout_s: int = 600  # process-group timeout: a stalled rank ends the job after this many seconds
     # DDP gradient bucket size in MiB (DistributedDataParallel's bucket_cap_mb). With train.compile, dynamo splits the
     # compiled graph at every bucket boundary; one bucket keeps one graph and all-reduces once after the backward
@@ -304,6 +328,7 @@ class TrainConfig:
         _choice(p, f"{path}.step_checks", self.step_checks, ("auto", "sync", "deferred"))
         for name in ("log_every", "visualize_every", "eval_every", "save_every", "vis_clips", "eval_clips", "eval_steps"):
             _at_least(p, f"{path}.{name}", getattr(self, name), 0)
+        _at_least(p, f"{path}.eval_samples", self.eval_samples, 1)
         _at_least(p, f"{path}.keep_last", self.keep_last, 2)
         _at_least(p, f"{path}.dist_timeout_s", self.dist_timeout_s, 10)
         _at_least(p, f"{path}.ddp_bucket_mb", self.ddp_bucket_mb, 0.0)

@@ -116,6 +116,11 @@ class Context:
         return self.latents[:, self.model.t_past:self.model.t_past + self.model.t_future]
 
     @property
+    def x0(self) -> torch.Tensor:
+        """The true windows' x0 in the sampler's space (the future latents, or their residual: diffusion.target)."""
+        return self.model.to_x0(self.future, self.past)
+
+    @property
     def cond(self) -> torch.Tensor | None:
         c = self.windows.cond
         return None if c is None or not c.numel() else c[:, :len(self.cfg.data.cond_keys) * self.model.t_future]
@@ -129,15 +134,17 @@ class Context:
     def noise(self, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
         return torch.randn(like.shape, generator=self.generator(offset))
 
-    def run_net(self, net, x_t: torch.Tensor, t: int, past=None, cond=None) -> torch.Tensor:
-        """x0 predicted in one step from x_t at timestep t, converted as in training (the stored config's schedule)."""
+    def run_net(self, net, x_t: torch.Tensor, t: int, past=None, cond=None, latents: bool = True) -> torch.Tensor:
+        """Future latents (latents=False: the sampler-space x0) predicted in one step from x_t (sampler space) at
+        timestep t, converted as in training (the stored config's schedule)."""
         dev = self.model.vae.device
         past = self.past if past is None else past
         cond = self.cond if cond is None else cond
         tb = torch.full((x_t.shape[0],), t, dtype=torch.long, device=dev)
         with torch.no_grad():
             out = net(x_t.to(dev), past.to(dev), tb, None if cond is None else cond.to(dev), None).float()
-        return self.train_schedule.split_output(out, x_t.to(dev), tb)[0].cpu()
+        x0 = self.train_schedule.split_output(out, x_t.to(dev), tb)[0].cpu()
+        return self.model.from_x0(x0, past.cpu()) if latents else x0
 
     @cached_property
     def trace(self) -> Trace:
@@ -162,22 +169,23 @@ class Context:
         (the Wiener filter for x0 of variance s2 in unit noise; it beats both x0 = 0 and x_t/sqrt(ab) at every t)."""
         T = self.train_schedule.num_train_timesteps
         ts = sorted({round(f * (T - 1)) for f in (0, .02, .05, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1)})
-        future, noise = self.future, self.noise(self.future, 2)
+        future, x0, noise = self.future, self.x0, self.noise(self.future, 2)
         last = self.past[:, -1:].expand_as(future)
+        to_latents = lambda v: self.model.from_x0(v, self.past)  # noqa: E731  (sampler space -> latents)
         nets = {"ema": self.loaded.ema_unet, "raw": self.loaded.raw_unet}
         curves = {name: [] for name, net in nets.items() if net is not None}
         curves.update({"zero": [], "copy_last": [], "x_t/sqrt(ab)": [], "blind": []})
-        s2 = float(future.double().pow(2).mean())
+        s2 = float(x0.double().pow(2).mean())
         for t in ts:
             ab = float(self.train_schedule.alpha_bar(t))
-            x_t = self.train_schedule.add_noise(future, noise, torch.full((future.shape[0],), t))
+            x_t = self.train_schedule.add_noise(x0, noise, torch.full((future.shape[0],), t))
             for name, net in nets.items():
                 if net is not None:
                     curves[name].append(_mse(self.run_net(net, x_t, t), future))
             curves["zero"].append(_mse(torch.zeros_like(future), future))
             curves["copy_last"].append(_mse(last, future))
-            curves["x_t/sqrt(ab)"].append(_mse(x_t / math.sqrt(ab), future))
-            curves["blind"].append(_mse(x_t * (math.sqrt(ab) * s2 / (ab * s2 + 1 - ab)), future))
+            curves["x_t/sqrt(ab)"].append(_mse(to_latents(x_t / math.sqrt(max(ab, 1e-12))), future))
+            curves["blind"].append(_mse(to_latents(x_t * (math.sqrt(ab) * s2 / (ab * s2 + 1 - ab))), future))
         return {"t": ts, "mse": curves}
 
     def picture(self, img, file: str, caption: str) -> None:
@@ -268,7 +276,7 @@ def check_latent_scale(ctx: Context) -> list[Check]:
 # ---------------------------------------------------------------------------------------------- 3. clip bound
 def check_clip_bound(ctx: Context) -> list[Check]:
     s = ctx.cfg.sampler
-    z = ctx.latents
+    z = ctx.x0  # the sampler clips in its own space (diffusion.target)
     peak = float(z.abs().max())
     frac = float((z.abs() > s.clip_bound).double().mean())
     suggested = math.ceil(2 * 1.1 * peak) / 2  # 10 % above the measured peak, to the next 0.5
@@ -378,14 +386,14 @@ def check_schedule(ctx: Context) -> list[Check]:
 # ---------------------------------------------------------------------------------------------- 5. oracle
 def check_oracle(ctx: Context) -> list[Check]:
     """A perfect denoiser for known x0 (the true future latents) through the model's own sampling path."""
-    x0 = ctx.future
+    x0, future = ctx.x0, ctx.future
     dev = ctx.model.vae.device
 
     def run(**overrides) -> float:
         out = ctx.model.predict_latents(ctx.past.to(dev), None if ctx.cond is None else ctx.cond.to(dev),
                                         net=OracleNet(x0, ctx.train_schedule), generator=ctx.generator(3),
                                         noise=ctx.noise(x0, 3), **overrides).cpu()
-        return float((out - x0).abs().max() / x0.abs().max())
+        return float((out - future).abs().max() / future.abs().max())
 
     err = run()
     ok = err < 1e-3
@@ -467,7 +475,7 @@ def check_trace(ctx: Context) -> list[Check]:
             "eps rms": [_rms(s["eps_pred"]) for s in steps]}
     bound = ctx.cfg.sampler.clip_bound
     panels = [plots.line_plot({"std(x_t)": (xs, rows["latent std (x_t)"])}, "latent std per step", "step",
-                              hlines={"data std": _rms(ctx.future - ctx.future.mean())}),
+                              hlines={"data std": _rms(ctx.x0 - ctx.x0.mean())}),
               plots.line_plot({"min": (xs, rows["x0_pred min"]), "max": (xs, rows["x0_pred max"])},
                               "x0_pred range (before clipping)", "step",
                               hlines={f"+{bound:g}": bound, f"-{bound:g}": -bound} if ctx.cfg.sampler.clip_x0 != "none"
@@ -477,7 +485,9 @@ def check_trace(ctx: Context) -> list[Check]:
     ctx.picture(plots.tile(panels), "sampling_trace.png", "sampling trace: per-step statistics")
     # film strip: decoded x0_pred of the first window across (up to 10) steps, then the final sample and the truth
     pick = sorted({round(i * (len(steps) - 1) / 9) for i in range(10)}) if len(steps) > 10 else xs
-    x0s = torch.stack([steps[i]["x0_pred"][0] for i in pick] + [final[0], ctx.future[0]])  # (S+2, Tf, C, h, w)
+    past0 = ctx.past[:1]
+    x0s = torch.cat([ctx.model.from_x0(steps[i]["x0_pred"][:1], past0) for i in pick]
+                    + [final[:1], ctx.future[:1]])  # (S+2, Tf, C, h, w) latents
     decoded = ctx.model.vae.decode(x0s.to(ctx.model.vae.device)).cpu()  # (S+2, Tf, 3, H, W)
     labels = [f"t={steps[i]['t']}" for i in pick] + ["sample", "truth*"]
     ctx.picture(plots.frame_rows({f"t+{k + 1}": decoded[:, k] for k in range(decoded.shape[1])}, column_labels=labels),
@@ -556,15 +566,16 @@ def check_weights(ctx: Context) -> list[Check]:
 # ---------------------------------------------------------------------------------------------- 10. context
 def _context_gain(ctx: Context, swap: Callable[[torch.Tensor | None], torch.Tensor | None], what: str) -> dict:
     """x0 MSE with another window's `what` over x0 MSE with the window's own, at noise levels where the past matters
-    (alpha_bar 0.3, 0.1, 0.03: the picture is mostly noise, so the prediction must come from the context)."""
+    (alpha_bar 0.3, 0.1, 0.03: the picture is mostly noise, so the prediction must come from the context).
+    Compared in the sampler's space, so a residual target (diffusion.target) cannot pass by its own arithmetic."""
     ab = ctx.train_schedule.alphas_cumprod
     ts = sorted({int((ab - target).abs().argmin()) for target in (0.3, 0.1, 0.03)})
-    future, noise = ctx.future, ctx.noise(ctx.future, 4)
+    future, noise = ctx.x0, ctx.noise(ctx.future, 4)
     own = other = change = 0.0
     for t in ts:
         x_t = ctx.train_schedule.add_noise(future, noise, torch.full((future.shape[0],), t))
-        a = ctx.run_net(ctx.net, x_t, t)
-        b = ctx.run_net(ctx.net, x_t, t, **{what: swap(getattr(ctx, what))})
+        a = ctx.run_net(ctx.net, x_t, t, latents=False)
+        b = ctx.run_net(ctx.net, x_t, t, latents=False, **{what: swap(getattr(ctx, what))})
         own, other, change = own + _mse(a, future), other + _mse(b, future), change + _rms(a - b) / max(_rms(a), 1e-12)
     return {"gain": other / own if own > 0 else float("nan"), "relative_change": change / len(ts), "t": ts}
 

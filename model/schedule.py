@@ -32,7 +32,7 @@ class NoiseSchedule:
         self.scheduler = DDPMScheduler(
             num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
             beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,
-            clip_sample=False)
+            clip_sample=False, rescale_betas_zero_snr=cfg.zero_terminal_snr)
         self.betas = self.scheduler.betas.to(torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64, (T,)
         self._alpha_bar_tables: dict[torch.device, torch.Tensor] = {}  # alpha_bar padded with 1 at t=-1, per device

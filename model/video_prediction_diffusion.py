@@ -5,6 +5,8 @@ and the frozen VAE never enters checkpoints or DDP. Methods take an optional `ne
 its EMA copy); it defaults to `self.unet`.
 
 Spaces: frames are pixels in [-1, 1], (B, T, 3, H, W); latents are scaled VAE latents, (B, T, C, h, w).
+The diffused variable `x0` is the future latents themselves (diffusion.target = absolute) or their residual from
+the last past latent (residual); `to_x0` / `from_x0` convert, and only they know which.
 """
 from __future__ import annotations
 
@@ -67,6 +69,21 @@ class VideoPredictionDiffusion:
             return self.vae.latents_from_moments(mean, std, generator=generator)
         return self.vae.encode(batch["frames"].to(device, non_blocking=True), generator=generator)
 
+    # ------------------------------------------------------------------ latents <-> diffused variable
+    def to_x0(self, future: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """Future latents (B, Tf, C, h, w) -> the variable the schedule noises and the sampler returns."""
+        d = self.cfg.diffusion
+        if d.target == "residual":
+            return (future - past[:, -1:]) * d.residual_scale
+        return future
+
+    def from_x0(self, x0: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_x0`: the sampler's x0 -> future latents (B, Tf, C, h, w)."""
+        d = self.cfg.diffusion
+        if d.target == "residual":
+            return past[:, -1:] + x0 / d.residual_scale
+        return x0
+
     # ------------------------------------------------------------------ training
     def loss(self, past: torch.Tensor, future: torch.Tensor, cond: torch.Tensor | None = None,
              generator: torch.Generator | None = None, net: torch.nn.Module | None = None) -> torch.Tensor:
@@ -82,14 +99,15 @@ class VideoPredictionDiffusion:
         t = (rand(B) * self.schedule.num_train_timesteps).long().clamp_max(self.schedule.num_train_timesteps - 1)
         noise = torch.randn(future.shape, generator=generator,
                             device=generator.device if generator else "cpu").to(device)
-        noisy = self.schedule.add_noise(future, noise, t)
+        x0 = self.to_x0(future, past)  # before past dropout: the target never depends on the dropped context
+        noisy = self.schedule.add_noise(x0, noise, t)
         d = self.cfg.diffusion
         if d.past_dropout > 0:
             keep_past = (rand(B) >= d.past_dropout).to(past.dtype).reshape(B, 1, 1, 1, 1)
             past = past * keep_past
         cond_keep = (rand(B) >= d.cond_dropout).float() if (cond is not None and d.cond_dropout > 0) else None
         out = net(noisy, past, t, cond, cond_keep).float()
-        target = self.schedule.target(future, noise, t)
+        target = self.schedule.target(x0, noise, t)
         per_sample = (out - target).pow(2).flatten(1).mean(1)
         return (per_sample * self.schedule.loss_weights(t).to(device)).mean()
 
@@ -139,7 +157,8 @@ class VideoPredictionDiffusion:
                         **sampler_overrides) -> torch.Tensor:
         """Past latents (B, Tp, C, h, w) -> predicted future latents (B, Tf, C, h, w). Sampler settings come
         from cfg.sampler; keyword overrides (eta, spacing, clip, clip_bound, ...) replace them for this call.
-        `noise` (B, Tf, C, h, w) is x_T; drawn from `generator` when not given."""
+        `noise` (B, Tf, C, h, w) is x_T; drawn from `generator` when not given. The callback sees the sampler's
+        own space (`to_x0`); the return value is latents."""
         net = self.unet if net is None else net  # not `net or`: a torch.compile wrapper has no truth value
         s = self.cfg.sampler
         kw = dict(eta=s.eta, spacing=s.timestep_spacing, clip=s.clip_x0, clip_bound=s.clip_bound,
@@ -154,8 +173,9 @@ class VideoPredictionDiffusion:
         net.eval()
         try:
             call = self.compiled_nets(net) if s.compile else net  # same weights, compiled forward (GPU only)
-            return ddim_sample(self.denoiser(past, cond, call, **guidance), noise, self.schedule,
-                               steps or s.num_inference_steps, generator=generator, callback=callback, **kw)
+            x0 = ddim_sample(self.denoiser(past, cond, call, **guidance), noise, self.schedule,
+                             steps or s.num_inference_steps, generator=generator, callback=callback, **kw)
+            return self.from_x0(x0, past)
         finally:
             net.train(was_training)
 
@@ -170,4 +190,25 @@ class VideoPredictionDiffusion:
         if cond is not None:
             cond = cond.to(past.device) if cond.numel() else None
         future = self.predict_latents(past, cond, steps, generator, net, **sampler_overrides)
-        return self.vae.decode(future)
+        return self.decode_future(future, past_frames.to(self.vae.device), past)
+
+    @torch.no_grad()
+    def decode_future(self, future: torch.Tensor, past_frames: torch.Tensor, past: torch.Tensor,
+                      mode: str | None = None) -> torch.Tensor:
+        """Predicted future latents (B, Tf, C, h, w) -> frames (B, Tf, 3, H, W) in [-1, 1], with residual decoding
+        (sampler.residual_decode, or `mode`): the last past frame's VAE reconstruction error x_last - D(z_last) is
+        added back where the prediction did not move away from D(z_last), so pixels that stay put come out as the
+        camera saw them rather than as the VAE redraws them. past_frames (B, Tp, 3, H, W), past their latents."""
+        s = self.cfg.sampler
+        mode = s.residual_decode if mode is None else mode
+        pred = self.vae.decode(future)
+        if mode == "off":
+            return pred
+        last = past_frames[:, -1:].to(pred.device, torch.float32)  # (B, 1, 3, H, W)
+        last_rec = self.vae.decode(past[:, -1:])
+        correction = last - last_rec
+        if mode == "full":
+            return (pred + correction).clamp(-1, 1)
+        change = (pred - last_rec).abs().amax(dim=2, keepdim=True)  # (B, Tf, 1, H, W): how far this pixel moved
+        keep = (1 - change / s.residual_decode_threshold).clamp(0, 1)
+        return (pred + keep * correction).clamp(-1, 1)

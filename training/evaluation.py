@@ -10,6 +10,7 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from data.pixels import to_unit
+from model.sliding import WindowKey, decode_predictions, precision_context, predict_windows
 from training.distributed import DistInfo, all_reduce
 
 
@@ -27,38 +28,82 @@ def frame_metrics(pred: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor,
     return psnr, ssim.reshape(B, T)
 
 
+def sample_rows(name: str, samples: int) -> dict[str, str]:
+    """The rows a net gets with K samples per window, and what each one means (written into the result)."""
+    rows = {name: "one sample per window (sample 0, the headline row)"}
+    if samples > 1:
+        rows[f"{name}.k{samples}_mean"] = f"metric averaged over {samples} samples per window (expected quality)"
+        rows[f"{name}.k{samples}_best"] = (f"best of {samples} samples per window, chosen by its mean over the horizons "
+                                           "of that metric (SVG / SRVP / MCVD protocol)")
+        rows[f"{name}.k{samples}_avg"] = f"metric of the pixel average of {samples} samples (posterior mean)"
+    return rows
+
+
+REFERENCE_ROWS = {
+    "copy_last": "the last past frame repeated",
+    "copy_last_vae": "the last past latent decoded and repeated",
+    "vae_roundtrip": "the true future encoded (posterior mean) and decoded: the latent ceiling",
+}
+
+
+def _window_key(item: dict, index: int) -> WindowKey:
+    """The window's seed key: its clip and first frame (any dataset of windows), else its index."""
+    if "clip" in item and "frame_indices" in item:
+        return WindowKey(str(item["clip"]), int(item["frame_indices"][0]))
+    return WindowKey("", index)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, steps: int, batch_size: int,
-             seed: int = 1234) -> dict:
-    """Evaluate `nets` (name -> UNet) on dataset[indices], the work split over ranks; every rank returns the
-    same dict {"num_clips", "psnr": {name: [per horizon]}, "ssim": {...}} with keys per net plus "copy_last",
-    "copy_last_vae" and "vae_roundtrip". Noise is seeded per clip index, so results do not depend on world size."""
+             seed: int = 1234, samples: int = 1, rounds: int = 1, precision: str = "no") -> dict:
+    """Evaluate `nets` (name -> UNet) on dataset[indices], the work split over ranks; every rank returns the same dict
+    {"num_clips", "samples", "rounds", "precision", "protocol": {row: meaning}, "psnr": {row: [per horizon]},
+    "ssim": {...}} with rows per net (K-sample rows when samples > 1, `sample_rows`) plus the references.
+
+    Items hold "frames" (t_past + rounds * t_future, 3, H, W) and "cond"; windows are predicted by
+    model/sliding.predict_windows, seeded by (seed, clip, first frame, sample), so results depend neither on world size
+    nor batch size. precision: "bf16" | "no" (train.mixed_precision), through sliding.precision_context."""
     device = model.vae.device
-    names = [*nets, "copy_last", "copy_last_vae", "vae_roundtrip"]
-    Tf = model.t_future
-    sums = torch.zeros(2, len(names), Tf, dtype=torch.float64)
+    Tp, Hz = model.t_past, rounds * model.t_future
+    protocol = {row: text for name in nets for row, text in sample_rows(name, samples).items()}
+    protocol.update(REFERENCE_ROWS)
+    names = list(protocol)
+    sums = torch.zeros(2, len(names), Hz, dtype=torch.float64)
     mine = indices[info.rank::info.world_size]
-    for start in range(0, len(mine), batch_size):
-        items = [dataset[i] for i in mine[start:start + batch_size]]
-        frames = torch.stack([it["frames"] for it in items]).to(device)
-        cond = torch.stack([it["cond"] for it in items]).to(device)
-        cond = cond if cond.numel() else None
-        past, future = frames[:, :model.t_past], frames[:, model.t_past:]
-        past_latents = model.vae.encode(past)
-        # noise seeded per clip by its dataset index: the same prediction whatever the sharding or batch size
-        noise = torch.stack([model.noise_like(past_latents[0], torch.Generator().manual_seed(seed + i))
-                             for i in mine[start:start + batch_size]])
-        g = torch.Generator().manual_seed(seed + mine[start])
-        preds = {name: model.vae.decode(model.predict_latents(past_latents, cond, steps=steps, generator=g,
-                                                              net=net, noise=noise.clone()))
-                 for name, net in nets.items()}
-        preds["copy_last"] = past[:, -1:].expand_as(future)
-        preds["copy_last_vae"] = model.vae.decode(past_latents[:, -1:]).expand_as(future)
-        preds["vae_roundtrip"] = model.vae.decode(model.vae.encode(future))
-        for j, name in enumerate(names):
-            psnr, ssim = frame_metrics(preds[name], future)
-            sums[0, j] += psnr.double().sum(0).cpu()
-            sums[1, j] += ssim.double().sum(0).cpu()
+    with precision_context(device, precision):
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            items = [dataset[i] for i in chunk]
+            frames = torch.stack([it["frames"] for it in items]).to(device)
+            assert frames.shape[1] == Tp + Hz, f"windows of {frames.shape[1]} frames, evaluating {Tp} + {Hz}"
+            cond = torch.stack([it["cond"] for it in items]).to(device)
+            cond = cond if cond.numel() else None
+            past, future = frames[:, :Tp], frames[:, Tp:]
+            past_mean, past_std = model.vae.encode_moments(past)
+            keys = [_window_key(it, i) for it, i in zip(items, chunk)]
+            metrics = {}  # row -> (psnr (B, Hz), ssim (B, Hz))
+            for name, net in nets.items():
+                per_sample, frame_sum = [], torch.zeros_like(future)
+                for k in range(samples):
+                    latents = predict_windows(model, net, past_mean, keys, past_std, cond, rounds, steps, seed, k)
+                    pred = decode_predictions(model, latents, past, past_mean)
+                    per_sample.append(frame_metrics(pred, future))
+                    frame_sum += pred
+                metrics[name] = per_sample[0]
+                if samples > 1:
+                    psnr, ssim = (torch.stack([m[j] for m in per_sample]) for j in (0, 1))  # (K, B, Hz)
+                    best = [m.gather(0, m.mean(2).argmax(0)[None, :, None].expand(1, *m.shape[1:]))[0]
+                            for m in (psnr, ssim)]
+                    metrics[f"{name}.k{samples}_mean"] = (psnr.mean(0), ssim.mean(0))
+                    metrics[f"{name}.k{samples}_best"] = tuple(best)
+                    metrics[f"{name}.k{samples}_avg"] = frame_metrics(frame_sum / samples, future)
+            metrics["copy_last"] = frame_metrics(past[:, -1:].expand_as(future), future)
+            metrics["copy_last_vae"] = frame_metrics(model.vae.decode(past_mean[:, -1:]).expand_as(future), future)
+            metrics["vae_roundtrip"] = frame_metrics(model.vae.decode(model.vae.encode_moments(future)[0]), future)
+            for j, name in enumerate(names):
+                psnr, ssim = metrics[name]
+                sums[0, j] += psnr.double().sum(0).cpu()
+                sums[1, j] += ssim.double().sum(0).cpu()
     count = torch.tensor([float(len(mine))], dtype=torch.float64)
     if info.device.type == "cuda":
         sums, count = sums.to(info.device), count.to(info.device)
@@ -66,21 +111,28 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
     all_reduce(count, info)
     n = max(int(count.item()), 1)
     mean = (sums / n).cpu()
-    return {"num_clips": int(count.item()),
+    return {"num_clips": int(count.item()), "samples": samples, "rounds": rounds, "precision": precision,
+            "protocol": protocol,
             "psnr": {name: [round(float(v), 4) for v in mean[0, j]] for j, name in enumerate(names)},
             "ssim": {name: [round(float(v), 5) for v in mean[1, j]] for j, name in enumerate(names)}}
 
 
-def format_table(result: dict) -> str:
-    """A plain-text table: rows = model / references, columns = horizon steps t+1 .. t+T and mean."""
+def format_table(result: dict, what: str = "val clips") -> str:
+    """A plain-text table: rows = model / references, columns = horizon steps t+1 .. t+H and mean; then what each
+    row means when the result carries K-sample rows."""
     names = list(result["psnr"])
     Tf = len(result["psnr"][names[0]])
-    head = f"{'':<16}" + "".join(f"{'t+' + str(k + 1):>9}" for k in range(Tf)) + f"{'mean':>9}"
-    lines = [f"evaluation on {result['num_clips']} val clips", "PSNR (dB)", head]
+    width = max(16, 2 + max(len(n) for n in names))
+    head = f"{'':<{width}}" + "".join(f"{'t+' + str(k + 1):>9}" for k in range(Tf)) + f"{'mean':>9}"
+    extra = [f"{k} {result[k]}" for k in ("samples", "rounds", "precision") if k in result]
+    lines = [f"evaluation on {result['num_clips']} {what}" + (f" ({', '.join(extra)})" if extra else ""),
+             "PSNR (dB)", head]
     for metric, fmt in (("psnr", "{:9.2f}"), ("ssim", "{:9.4f}")):
         if metric == "ssim":
             lines += ["SSIM", head]
         for name in names:
             vals = result[metric][name]
-            lines.append(f"{name:<16}" + "".join(fmt.format(v) for v in vals) + fmt.format(sum(vals) / len(vals)))
+            lines.append(f"{name:<{width}}" + "".join(fmt.format(v) for v in vals) + fmt.format(sum(vals) / len(vals)))
+    if result.get("samples", 1) > 1:
+        lines += ["rows:"] + [f"  {row}: {text}" for row, text in result["protocol"].items()]
     return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The quality switches of issue 14, each against an oracle: the residual target (what is diffused is the change
+from the last past latent), residual decoding (the last frame's VAE error added back where nothing moved), and
+zero-terminal-SNR betas."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from configs.loader import ConfigError
+from diagnosis.checks import OracleNet
+from helpers import LATENT_CHANNELS, smooth_frames, tiny_config, tiny_kl_vae
+from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from model.schedule import NoiseSchedule
+from model.vae import FrozenVAE
+from model.video_prediction_diffusion import VideoPredictionDiffusion
+
+B, TP, TF, h, w = 2, 2, 2, 8, 8
+RESIDUAL = {"diffusion.target": "residual", "diffusion.residual_scale": 2.0}
+
+
+@pytest.fixture(scope="module")
+def vae() -> FrozenVAE:
+    return FrozenVAE(tiny_kl_vae(seed=0))
+
+
+def build(vae, **overrides) -> VideoPredictionDiffusion:
+    torch.manual_seed(0)
+    return VideoPredictionDiffusion(tiny_config(**overrides), vae)
+
+
+def latents(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, TP, LATENT_CHANNELS, h, w, generator=g),
+            torch.randn(B, TF, LATENT_CHANNELS, h, w, generator=g))
+
+
+# ---------------------------------------------------------------- residual target
+
+def test_residual_target_round_trips_and_is_zero_when_nothing_moves(vae):
+    model = build(vae, **RESIDUAL)
+    past, future = latents()
+    assert torch.allclose(model.from_x0(model.to_x0(future, past), past), future, atol=1e-6)
+    still = past[:, -1:].expand_as(future)
+    assert model.to_x0(still, past).abs().max() == 0
+    assert torch.equal(model.to_x0(future, past), (future - past[:, -1:]) * 2.0)
+    absolute = build(vae)
+    assert torch.equal(absolute.to_x0(future, past), future)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_trains_the_residual(vae, prediction_type):
+    """A net that outputs the exact target for the residual has zero loss; one exact for the absolute latents
+    does not (the loss really noises the residual)."""
+    model = build(vae, **RESIDUAL, **{"diffusion.prediction_type": prediction_type, "diffusion.snr_gamma": 0.0})
+    past, future = latents()
+    residual_oracle = OracleNet(model.to_x0(future, past), model.schedule)
+    absolute_oracle = OracleNet(future, model.schedule)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert model.loss(past, future, generator=g(), net=residual_oracle) < 1e-8
+    assert model.loss(past, future, generator=g(), net=absolute_oracle) > 1e-2
+
+
+def test_sampler_with_a_perfect_residual_denoiser_returns_the_future_latents(vae):
+    model = build(vae, **RESIDUAL, **{"sampler.clip_x0": "none"})
+    past, future = latents(1)
+    out = model.predict_latents(past, net=OracleNet(model.to_x0(future, past), model.schedule),
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, future, atol=1e-4)
+
+
+# ---------------------------------------------------------------- residual decoding
+
+def test_residual_decoding_of_a_still_prediction_is_the_last_frame_exactly(vae):
+    """Predict "nothing moves" (the last past latent): full and masked residual decoding give the camera's last
+    frame, not its VAE reconstruction; off gives the reconstruction."""
+    frames = smooth_frames(B, TP + TF, 16, 16)
+    past_frames = frames[:, :TP]
+    past = vae.encode(past_frames)
+    still = past[:, -1:].expand(B, TF, *past.shape[2:])
+    last = past_frames[:, -1:].expand(B, TF, *past_frames.shape[2:])
+    for mode in ("full", "masked"):
+        out = build(vae).decode_future(still, past_frames, past, mode=mode)
+        assert torch.allclose(out, last, atol=1e-4), mode  # batched decodes differ by float rounding
+    off = build(vae).decode_future(still, past_frames, past, mode="off")
+    assert torch.allclose(off, vae.decode(still), atol=1e-6)
+    assert (off - last).abs().max() > 1e-2  # the tiny VAE's reconstruction is not the frame
+
+
+def test_masked_residual_decoding_leaves_changed_pixels_to_the_model(vae):
+    model = build(vae, **{"sampler.residual_decode": "masked", "sampler.residual_decode_threshold": 0.05})
+    frames = smooth_frames(B, TP + TF, 16, 16)
+    past_frames, past = frames[:, :TP], vae.encode(frames[:, :TP])
+    future = vae.encode(frames[:, TP:])  # other frames: most pixels change by more than the threshold
+    pred = vae.decode(future)
+    base = vae.decode(past[:, -1:])
+    moved = ((pred - base).abs().amax(2, keepdim=True) >= 0.05).expand_as(pred)
+    out = model.decode_future(future, past_frames, past)
+    assert moved.float().mean() > 0.3
+    assert torch.allclose(out[moved], pred[moved], atol=1e-6)
+    assert not torch.allclose(out[~moved], pred[~moved], atol=1e-4)
+
+
+def test_predict_uses_the_configured_decoding(vae):
+    frames = smooth_frames(1, TP, 16, 16)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    off = build(vae).predict(frames, generator=g())
+    full = build(vae, **{"sampler.residual_decode": "full"}).predict(frames, generator=g())
+    past = vae.encode(frames)
+    correction = frames[:, -1:] - vae.decode(past[:, -1:])
+    assert torch.allclose(full, (off + correction).clamp(-1, 1), atol=1e-5)
+
+
+# ---------------------------------------------------------------- zero terminal SNR
+
+def test_zero_terminal_snr_ends_in_pure_noise_and_needs_v_prediction():
+    cfg = tiny_config(**{"diffusion.prediction_type": "v_prediction", "diffusion.zero_terminal_snr": True})
+    s = NoiseSchedule(cfg.diffusion)
+    assert float(s.alpha_bar(torch.tensor(s.num_train_timesteps - 1))) < 1e-12
+    plain = NoiseSchedule(tiny_config(**{"diffusion.prediction_type": "v_prediction"}).diffusion)
+    assert float(plain.alpha_bar(torch.tensor(plain.num_train_timesteps - 1))) > 1e-5
+    with pytest.raises(ConfigError, match="zero_terminal_snr"):
+        tiny_config(**{"diffusion.zero_terminal_snr": True})
+
+
+def test_zero_terminal_snr_sampler_recovers_x0_with_a_perfect_denoiser(vae):
+    model = build(vae, **{"diffusion.prediction_type": "v_prediction", "diffusion.zero_terminal_snr": True,
+                          "sampler.clip_x0": "none"})
+    past, future = latents(2)
+    out = model.predict_latents(past, net=OracleNet(future, model.schedule), generator=torch.Generator())
+    assert torch.isfinite(out).all() and torch.allclose(out, future, atol=1e-4)
+    loss = model.loss(past, future, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
