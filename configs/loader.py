@@ -143,8 +143,29 @@ def _build(cls: type, raw: dict, path: str, problems: list[str]):
         return cls()
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PATH_FIELDS = (("data", "root"), ("vae", "pretrained"))  # local paths a run folder's config must find from anywhere
+
+
+def resolve_paths(cfg: Config, project_root: Path = PROJECT_ROOT) -> Config:
+    """Relative data.root / vae.pretrained that do not exist from the working directory but do under the project
+    root (where the demo and the configs/ YAMLs are run from, and so where a stored run config's relative paths
+    point) become absolute there; any other value is left as it is. So a run folder loads from any directory, and a
+    relative VAE folder is never tried as a hub id (`assets/vae_synthetic` also reads as owner/name)."""
+    for section, key in PATH_FIELDS:
+        part = getattr(cfg, section)
+        value = getattr(part, key)
+        if not value or Path(value).expanduser().is_absolute() or Path(value).exists():
+            continue
+        candidate = project_root / value
+        if candidate.exists():
+            setattr(part, key, str(candidate))
+    return cfg
+
+
 def config_from_dict(raw: dict | None, source: str = "config") -> Config:
-    """Build and validate a Config from plain data; raises ConfigError listing every problem."""
+    """Build and validate a Config from plain data; raises ConfigError listing every problem. Relative paths are
+    resolved as `resolve_paths` says."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -157,7 +178,7 @@ def config_from_dict(raw: dict | None, source: str = "config") -> Config:
         pass
     if problems:
         raise ConfigError(problems, source)
-    return cfg
+    return resolve_paths(cfg)
 
 
 def config_to_dict(cfg: Config) -> dict:

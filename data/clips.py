@@ -11,7 +11,7 @@ from configs.schema import DataConfig
 from data.errors import DataError
 from data.video import VIDEO_EXTENSIONS, count_frames
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # .tif: UCSD Ped1/Ped2's own release
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ def natural_key(text: str) -> list:
 
 def list_frames(clip_dir: Path, frame_glob: str) -> tuple[Path, ...]:
     """Image files matching `frame_glob` under `clip_dir`, naturally sorted by their path relative to it."""
-    found = [p for p in clip_dir.glob(frame_glob) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    # hidden files are not frames: macOS archives carry "._001.tif" resource forks beside each frame
+    found = [p for p in clip_dir.glob(frame_glob)
+             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
     return tuple(sorted(found, key=lambda p: natural_key(p.relative_to(clip_dir).as_posix())))
 
 
