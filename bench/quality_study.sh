@@ -1,0 +1,108 @@
+#!/bin/bash
+# The quality study of issue 14 on one GPU: several training runs share the card (small models, each far from
+# filling it), then bench/quality_eval.py evaluates every run under each residual-decoding mode, bounce_check /
+# action_ablation where they apply. Every variant is a list of --set overrides on a shipped config.
+#
+#   bash bench/quality_study.sh PHASE OUTDIR      # PHASE: vae | demo | ped2 | car (several: "vae demo")
+#
+# Data the GPU machine lacks is read from $STUDY_DATA (default .gpu_data): ped2/<clip>/*.png (UCSD Ped2 training
+# frames resized to 192x128 as the config's crop does), car/{train_0..3,test_last20}/*.jpg (car-detection.mp4 at
+# 256x144, first 80% in four clips, last 20% as the val clip: data.split_seed=3 puts exactly it in val).
+# STUDY_TIMEOUT_S bounds each training run; STUDY_VARIANTS="name ..." picks variants of a phase (default: all).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+PY=${PYTHON:-python3}
+DATA=${STUDY_DATA:-.gpu_data}
+OUT=${2:-study_out}
+TO=${STUDY_TIMEOUT_S:-540}
+mkdir -p "$OUT"
+
+declare -A DEMO=(
+  [base]=""
+  [res]="diffusion.target=residual"
+  [res_s2]="diffusion.target=residual diffusion.residual_scale=2.0"
+  [res_g0]="diffusion.target=residual diffusion.snr_gamma=0.0"
+  [g0]="diffusion.snr_gamma=0.0"
+  [res_zt]="diffusion.target=residual diffusion.zero_terminal_snr=true"
+)
+declare -A ACTION=(
+  [act_base]=""
+  [act_res]="diffusion.target=residual"
+)
+declare -A PED2=(
+  [base]=""
+  [res]="diffusion.target=residual"
+  [res_g0]="diffusion.target=residual diffusion.snr_gamma=0.0"
+  [g0]="diffusion.snr_gamma=0.0"
+)
+declare -A CAR=(
+  [base]=""
+  [res]="diffusion.target=residual"
+)
+
+picked() { [ -z "${STUDY_VARIANTS:-}" ] || [[ " $STUDY_VARIANTS " == *" $1 "* ]]; }
+
+train() {  # name config overrides... : one training run in the background, its log in $OUT
+  local name=$1 config=$2; shift 2
+  timeout "$TO" $PY train_video_pred.py --config "$config" --set logging.name="$name" logging.wandb.mode=disabled \
+    train.visualize_every=0 "$@" > "$OUT/train_$name.log" 2>&1 &
+}
+
+evaluate() {  # name [extra quality_eval args]
+  local name=$1; shift
+  $PY bench/quality_eval.py --run "runs/$name" --label "$name" --out "$OUT/study.jsonl" "$@" \
+    > "$OUT/eval_$name.log" 2>&1 || echo "eval of $name failed (see eval_$name.log)"
+  cp "runs/$name"/samples/step_*.png "$OUT/grid_$name.png" 2>/dev/null
+}
+
+for phase in $1; do
+  case $phase in
+  vae)  # the two camera VAEs (README's Ped2 command), saved in fp16 too for carrying to the next call
+    timeout "$TO" $PY tools/train_vae.py --data-root "$DATA/ped2" --height 128 --width 192 \
+      --block-out-channels 64 128 128 --no-mid-attention --steps 4000 --batch-size 16 --lr 1e-3 --rec-loss l2 \
+      --fp16 --out runs/vae_ucsd_ped2 > "$OUT/vae_ped2.log" 2>&1 &
+    timeout "$TO" $PY tools/train_vae.py --data-root "$DATA/car" --height 144 --width 256 --val-fraction 0.2 \
+      --split-seed 3 --block-out-channels 64 128 128 --no-mid-attention --steps 4000 --batch-size 16 --lr 1e-3 \
+      --rec-loss l2 --fp16 --out runs/vae_car > "$OUT/vae_car.log" 2>&1 &
+    ;;
+  demo)  # fp32 as on the CPU the demo is made for
+    for v in "${!DEMO[@]}"; do picked "$v" && train "demo_$v" configs/demo.yaml train.mixed_precision=no ${DEMO[$v]}; done
+    for v in "${!ACTION[@]}"; do picked "$v" && train "demo_$v" configs/demo_action.yaml train.mixed_precision=no ${ACTION[$v]}; done
+    ;;
+  ped2)
+    for v in "${!PED2[@]}"; do picked "$v" && train "ped2_$v" configs/ucsd_ped2.yaml data.root="$DATA/ped2" ${PED2[$v]}; done
+    ;;
+  car)
+    for v in "${!CAR[@]}"; do picked "$v" && train "car_$v" configs/car_detection.yaml data.root="$DATA/car" ${CAR[$v]}; done
+    ;;
+  esac
+done
+wait
+
+for phase in $1; do
+  case $phase in
+  vae)
+    for v in vae_ucsd_ped2 vae_car; do
+      $PY -c "import sys; from diffusers import AutoencoderKL; import torch; m = AutoencoderKL.from_pretrained(sys.argv[1]); m.to(torch.float16).save_pretrained(sys.argv[2])" "runs/$v" "$OUT/${v}_fp16" || true
+      tail -3 "$OUT/vae_${v#vae_}.log" 2>/dev/null
+    done
+    ;;
+  demo)
+    for v in "${!DEMO[@]}"; do
+      picked "$v" || continue
+      evaluate "demo_$v" --threshold 0.05 0.2
+      $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1
+    done
+    for v in "${!ACTION[@]}"; do
+      picked "$v" || continue
+      evaluate "demo_$v"
+      $PY tools/action_ablation.py --run "runs/demo_$v" --out "$OUT/ablation_demo_$v" > "$OUT/ablation_demo_$v.log" 2>&1
+    done
+    ;;
+  ped2) for v in "${!PED2[@]}"; do picked "$v" && evaluate "ped2_$v" --threshold 0.05 0.2; done ;;
+  car) for v in "${!CAR[@]}"; do picked "$v" && evaluate "car_$v" --threshold 0.05 0.2; done ;;
+  esac
+done
+echo "study done: $OUT/study.jsonl"
