@@ -111,7 +111,8 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
     all_reduce(count, info)
     n = max(int(count.item()), 1)
     mean = (sums / n).cpu()
-    return {"num_clips": int(count.item()), "samples": samples, "rounds": rounds, "precision": precision,
+    effective = "bf16 autocast" if device.type == "cuda" and precision == "bf16" else "fp32"
+    return {"num_clips": int(count.item()), "samples": samples, "rounds": rounds, "precision": effective,
             "protocol": protocol,
             "psnr": {name: [round(float(v), 4) for v in mean[0, j]] for j, name in enumerate(names)},
             "ssim": {name: [round(float(v), 5) for v in mean[1, j]] for j, name in enumerate(names)}}
