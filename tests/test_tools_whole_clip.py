@@ -51,3 +51,47 @@ def test_evaluate_rollout_samples_and_window_selection(run, tmp_path):
     assert evaluate.main(["--run", str(run), "--out", str(out), "--last-fraction", "0.5", "--windows", "1"]) == 0
     res = json.loads((out / "evaluate.json").read_text())
     assert res["num_clips"] == 1 and int(res["windows"][0].split("@")[1]) >= 4  # inside the last half of 8 frames
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_predict_every_frame_of_a_folder_and_a_video(run, tmp_path):
+    """Every frame after the first t_past gets a prediction at t+1, and at t+h from the frame t_past+h-1 on; the mp4
+    and the GIF hold one frame per input frame; the numbers do not depend on the batch size; a video of the same
+    frames gives a prediction for every frame too."""
+    import numpy as np
+    from PIL import Image
+
+    from data.video import count_frames
+    from tools import predict
+    clip = run.parents[1] / "world" / "clip_0000"  # 8 frames of 16x16
+    out = tmp_path / "p"
+    assert predict.main(["--run", str(run), "--input", str(clip), "--out", str(out), "--rollout", "2", "--png",
+                         "--batch-size", "4"]) == 0
+    rows = read_csv(out / "frames.csv")
+    assert [int(r["frame"]) for r in rows] == list(range(8))
+    for f, r in enumerate(rows):
+        for h in range(1, 5):
+            assert (r[f"psnr_t+{h}"] != "") == (f >= 2 + h - 1), (f, h)
+        assert (r["copy_last_psnr_t+1"] != "") == (f >= 1)
+    assert count_frames(out / "predict.mp4") == 8
+    with Image.open(out / "predict.gif") as gif:
+        assert gif.n_frames == 8
+    assert sorted(p.name for p in (out / "predicted").iterdir()) == [f"{f:06d}.png" for f in range(2, 8)]
+    again = tmp_path / "q"
+    assert predict.main(["--run", str(run), "--input", str(clip), "--out", str(again), "--rollout", "2",
+                         "--batch-size", "1"]) == 0
+    for a, b in zip(rows, read_csv(again / "frames.csv")):
+        assert a["psnr_t+1"] == b["psnr_t+1"] and a["psnr_t+4"] == b["psnr_t+4"]
+
+    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(clip.glob("*.png"))])
+    video = tmp_path / "clip.mp4"
+    predict.write_mp4(frames, video, 10)
+    assert predict.main(["--run", str(run), "--input", str(video), "--out", str(tmp_path / "v")]) == 0
+    rows = read_csv(tmp_path / "v" / "frames.csv")
+    assert len(rows) == 8 and all(r["psnr_t+1"] for r in rows[2:]) and json.loads(
+        (tmp_path / "v" / "summary.json").read_text())["predicted_frames"] == 6
