@@ -1,17 +1,17 @@
 #!/usr/bin/env python
 """The quality study's evaluation of one trained run: the trainer's table (EMA model, raw, copy_last, copy_last_vae,
 vae_roundtrip) under each residual-decoding mode, on the same windows with the same noise as the trainer's final
-evaluation, plus the mean over K samples per window. One JSON line per run on stdout (and in --out).
+evaluation, with K samples per window (training/evaluation.py's protocol rows). One JSON line per run on stdout
+(and appended to --out).
 
     python bench/quality_eval.py --run runs/demo --decode off masked full --samples 4 --out study.jsonl
 
-Sampling runs under the trainer's precision (bf16 autocast on a GPU with train.mixed_precision=bf16), so the
-`off` row of the run's own decoding mode equals its eval/step_*.json.
+Sampling runs under the trainer's precision (train.mixed_precision), so the row of the run's own decoding mode
+equals its eval/step_*.json.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode", nargs="+", default=["off", "masked", "full"], help="sampler.residual_decode modes")
     p.add_argument("--threshold", type=float, nargs="+", default=[],
                    help="extra masked-mode thresholds to try (sampler.residual_decode_threshold)")
-    p.add_argument("--samples", type=int, default=1, help="K: samples per window for the mean-over-samples row")
+    p.add_argument("--samples", type=int, default=1, help="K: samples per window (mean, best-of-K and K-average rows)")
     p.add_argument("--label", default="", help="name of this variant in the output (default: the run folder)")
     p.add_argument("--out", help="append the JSON line to this file")
     args = p.parse_args(argv)
@@ -51,28 +51,20 @@ def main(argv=None) -> int:
     indices = spread(len(val), cfg.train.eval_clips or 10 ** 9)
     steps = cfg.train.eval_steps or cfg.sampler.num_inference_steps
     seed = cfg.train.seed + 777  # the trainer's evaluation seed: same windows, same noise
-    bf16 = device.type == "cuda" and cfg.train.mixed_precision == "bf16"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    precision = cfg.train.mixed_precision  # the trainer's switch: bf16 autocast on a GPU
     info = DistInfo(device=device)
 
     modes = [(m, m, cfg.sampler.residual_decode_threshold) for m in args.decode]
     modes += [(f"masked@{t:g}", "masked", t) for t in args.threshold]
     out = {"run": str(args.run), "label": args.label or Path(args.run).name, "step": loaded.step,
-           "eval_windows": len(indices), "ddim_steps": steps, "bf16": bf16, "decode": {}}
+           "eval_windows": len(indices), "ddim_steps": steps, "decode": {}}
     start = time.perf_counter()
     for key, mode, threshold in modes:
         cfg.sampler.residual_decode, cfg.sampler.residual_decode_threshold = mode, threshold
-        with autocast():
-            one = evaluate(model, val, indices, info, {"model": ema, "raw": model.unet}, steps, batch_size=32,
-                           seed=seed)
-            rows = {"psnr": dict(one["psnr"]), "ssim": dict(one["ssim"])}
-            if args.samples > 1:  # K samples per window: the mean of the per-sample metrics (expected quality)
-                more = [one] + [evaluate(model, val, indices, info, {"model": ema}, steps, batch_size=32,
-                                         seed=seed + 100_003 * k) for k in range(1, args.samples)]
-                for metric in ("psnr", "ssim"):
-                    per = [r[metric]["model"] for r in more]
-                    rows[metric][f"model_mean_of_{args.samples}"] = [round(sum(v) / len(v), 4) for v in zip(*per)]
-        out["decode"][key] = rows
+        result = evaluate(model, val, indices, info, {"model": ema, "raw": model.unet}, steps, batch_size=32,
+                          seed=seed, samples=args.samples, precision=precision)
+        out["precision"], out["protocol"] = result["precision"], result.get("protocol", {})
+        out["decode"][key] = {"psnr": result["psnr"], "ssim": result["ssim"]}
     out["seconds"] = round(time.perf_counter() - start, 1)
     line = json.dumps(out)
     print(line)

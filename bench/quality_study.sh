@@ -44,10 +44,15 @@ declare -A CAR=(
 
 picked() { [ -z "${STUDY_VARIANTS:-}" ] || [[ " $STUDY_VARIANTS " == *" $1 "* ]]; }
 
-train() {  # name config overrides... : one training run in the background, its log in $OUT
+world() {  # generate a config's synthetic world once, before runs that share it start side by side
+  $PY -c "import sys; from configs.loader import load_config; from data.synthetic import ensure_synthetic; ensure_synthetic(load_config(sys.argv[1]).data)" "$1"
+}
+
+train() {  # name config overrides... : one training run in the background, its log in $OUT (own latent cache:
+           # runs that start together would otherwise build the same cache at the same time)
   local name=$1 config=$2; shift 2
   timeout "$TO" $PY train_video_pred.py --config "$config" --set logging.name="$name" logging.wandb.mode=disabled \
-    train.visualize_every=0 "$@" > "$OUT/train_$name.log" 2>&1 &
+    train.visualize_every=0 train.cache_dir="data_cache/latents_$name" "$@" > "$OUT/train_$name.log" 2>&1 &
 }
 
 evaluate() {  # name [extra quality_eval args]
@@ -68,6 +73,7 @@ for phase in $1; do
       --rec-loss l2 --fp16 --out runs/vae_car > "$OUT/vae_car.log" 2>&1 &
     ;;
   demo)  # fp32 as on the CPU the demo is made for
+    world configs/demo.yaml; world configs/demo_action.yaml
     for v in "${!DEMO[@]}"; do picked "$v" && train "demo_$v" configs/demo.yaml train.mixed_precision=no ${DEMO[$v]}; done
     for v in "${!ACTION[@]}"; do picked "$v" && train "demo_$v" configs/demo_action.yaml train.mixed_precision=no ${ACTION[$v]}; done
     ;;
