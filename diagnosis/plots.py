@@ -29,8 +29,10 @@ def _fmt(v: float) -> str:
 
 
 def line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str = "", logy: bool = False,
-              hlines: dict[str, float] | None = None, xlines: dict[str, float] | None = None) -> Image.Image:
-    """One panel: each series (label -> (xs, ys)) as a line with dots; hlines / xlines are labelled dashed guides.
+              hlines: dict[str, float] | None = None, xlines: dict[str, float] | None = None,
+              xspans: list[tuple[float, float]] | None = None) -> Image.Image:
+    """One panel: each series (label -> (xs, ys)) as a line with dots; hlines / xlines are labelled dashed guides;
+    xspans are shaded x intervals (e.g. labelled anomalous frames).
     Non-finite points are skipped (and counted in the legend); with logy, values <= 0 are skipped too (silently:
     empty histogram bins, exact zeros)."""
     img = Image.new("RGB", (_W, _H), "white")
@@ -61,13 +63,17 @@ def line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str = ""
     def px(x, y):
         return _LEFT + (x - x0) / (x1 - x0) * pw, _TOP + (1 - (f(y) - y0) / (y1 - y0)) * ph
 
+    integer_x = all(float(x).is_integer() for x in xs_all)
+    for a, b in xspans or []:  # shaded first, so lines and dots stay on top
+        xa = min(max(px(a - 0.5 if integer_x else a, 1.0 if logy else y0)[0], _LEFT), _LEFT + pw)
+        xb = min(max(px(b + 0.5 if integer_x else b, 1.0 if logy else y0)[0], _LEFT), _LEFT + pw)
+        d.rectangle([xa, _TOP, xb, _TOP + ph], fill=(255, 214, 214))
     d.rectangle([_LEFT, _TOP, _LEFT + pw, _TOP + ph], outline=(0, 0, 0))
     for k in range(5):  # y ticks
         yv = y0 + k * (y1 - y0) / 4
         yy = _TOP + (1 - k / 4) * ph
         d.line([_LEFT - 3, yy, _LEFT, yy], fill=(0, 0, 0))
         d.text((2, yy - 5), _fmt(10 ** yv if logy else yv), fill=(0, 0, 0))
-    integer_x = all(float(x).is_integer() for x in xs_all)
     for k in range(5):  # x ticks (whole numbers when every x is one: steps, timesteps)
         xv = x0 + k * (x1 - x0) / 4
         xv = round(xv) if integer_x else xv

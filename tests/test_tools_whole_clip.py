@@ -95,3 +95,25 @@ def test_predict_every_frame_of_a_folder_and_a_video(run, tmp_path):
     rows = read_csv(tmp_path / "v" / "frames.csv")
     assert len(rows) == 8 and all(r["psnr_t+1"] for r in rows[2:]) and json.loads(
         (tmp_path / "v" / "summary.json").read_text())["predicted_frames"] == 6
+
+
+def test_anomaly_tool_scores_every_predicted_frame(run, tmp_path):
+    from PIL import Image
+
+    from tools import anomaly as tool
+    world = run.parents[1] / "world"
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"clip_0000": [[4, 5]], "clip_0003": [[6, 7]]}))
+    out = tmp_path / "a"
+    assert tool.main(["--run", str(run), "--data-root", str(world), "--labels", str(labels), "--out", str(out),
+                      "--clips", "4", "--rollout", "2"]) == 0
+    res = json.loads((out / "anomaly.json").read_text())
+    assert res["frames_scored"] == 4 * (8 - 2) and res["frames_anomalous"] == 4
+    assert set(res["auc"]) == set(tool.SCORES) and all(0 <= v <= 1 for v in res["auc"].values())
+    assert res["auc_per_clip"]["clip_0001"]["model_t+1"] == "nan"  # no anomalous frame: no AUC
+    rows = read_csv(out / "scores.csv")
+    assert len(rows) == 4 * 8 and sum(r["label"] == "1" for r in rows) == 4
+    assert all((r["model_t+1"] == "") == (int(r["frame"]) < 2) for r in rows)
+    for name in ("roc.png", "curves.png", "curves/clip_0002.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] > 100
