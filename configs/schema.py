@@ -47,8 +47,22 @@ class SyntheticConfig:
     action_pan: bool = False  # camera pans by a per-frame action in [-1, 1] written to sidecars as "action"
     pan_speed: float = 3.0  # background pan, pixels per frame at action = 1
     seed: int = 0  # the world is a pure function of this seed
+    # anomalous events per clip: in each, one object breaks the world's law for anomaly_frames frames (stop: stands
+    # still; jump: teleports along its track every frame; reverse: moves backwards; speedup: 3x speed), then moves on;
+    # the labels go to <root>/anomalies.json (data/synthetic.py). 0 = off: a normal world
+    anomalies: int = 0
+    anomaly_kinds: list[str] = field(default_factory=lambda: ["stop", "jump", "reverse", "speedup"])
+    anomaly_frames: int = 3  # frames of abnormal motion per event (the frame where it ends is labelled too)
 
     def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.anomalies", self.anomalies, 0)
+        _at_least(p, f"{path}.anomaly_frames", self.anomaly_frames, 1)
+        bad = [k for k in self.anomaly_kinds if k not in ("stop", "jump", "reverse", "speedup")]
+        if bad or not self.anomaly_kinds:
+            p.append(f"{path}.anomaly_kinds: {self.anomaly_kinds} must be a non-empty list of stop, jump, reverse, speedup")
+        if self.anomalies and (self.frames_per_clip - self.frames_per_clip // 4) // self.anomalies < self.anomaly_frames + 2:
+            p.append(f"{path}.anomalies: {self.anomalies} events of {self.anomaly_frames} frames do not fit in the last "
+                     f"three quarters of {self.frames_per_clip} frames")
         _at_least(p, f"{path}.num_clips", self.num_clips, 2)
         _at_least(p, f"{path}.frames_per_clip", self.frames_per_clip, 2)
         _at_least(p, f"{path}.height", self.height, 8)

@@ -8,6 +8,12 @@ Each clip is a pure function of (SyntheticConfig.seed, clip index), drawn with v
   by pan_speed * a_t pixels from frame t-1 to t (a > 0: camera right, so the background moves LEFT on screen).
   Objects live in screen coordinates (the camera follows them), so only the background depends on the action.
   Frame t's sidecar <stem>.json holds {"action": a_t}; a_0 = 0 (nothing precedes frame 0). No pan: no sidecars.
+- anomalies (SyntheticConfig.anomalies > 0): in each event one object runs on its own clock tau(t) instead of t for
+  anomaly_frames frames [a, b]: stop (tau frozen), reverse (tau runs backwards), speedup (3x), jump (tau random
+  every frame: the object teleports along its own track); after b it moves on normally from where it got to (jump:
+  back on its track). Labelled interval: [a, b + 1], the abnormal frames and the frame where normal motion resumes
+  (itself a change of motion). Written to <root>/anomalies.json as {"clips": {clip: [[a, b + 1]]}, "events": ...},
+  frame numbers 0-based and inclusive, the format tools/anomaly.py reads.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from configs.schema import DataConfig, SyntheticConfig
 from data.errors import DataError
 
 MARKER = "synthetic.json"  # written last; its presence means the world is complete
+LABELS = "anomalies.json"  # anomalous intervals per clip (worlds with anomalies only)
 FORMAT_VERSION = 1  # bump when the generator's output changes, so old worlds are regenerated
 ACTION_LEVELS = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
 _TEXTURE_TERMS = 6  # sinusoids in the background texture
@@ -36,7 +43,8 @@ _TEXTURE_PERIOD = 4  # the texture repeats every this many frame widths
 
 
 def _world_spec(sc: SyntheticConfig) -> dict:
-    spec = {k: v for k, v in dataclasses.asdict(sc).items() if k != "enabled"}
+    spec = {k: v for k, v in dataclasses.asdict(sc).items()
+            if k != "enabled" and not (k.startswith("anomal") and sc.anomalies == 0)}  # normal worlds keep their marker
     return {"format": FORMAT_VERSION, "synthetic": spec}
 
 
@@ -75,9 +83,10 @@ def _background(rng: np.random.Generator, sc: SyntheticConfig, camera_x: np.ndar
 
 
 def _bounce(p0: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Positions at times t (T,) of points moving at v inside [lo, hi], reflecting at the walls: (T, N)."""
+    """Positions at times t ((T,), or (T, N) per point) of points moving at v inside [lo, hi], reflecting at the
+    walls: (T, N)."""
     length = hi - lo
-    u = np.mod(p0 - lo + v * t[:, None], 2 * length)
+    u = np.mod(p0 - lo + v * (t[:, None] if t.ndim == 1 else t), 2 * length)  # t: (T,) or per object (T, N)
     return lo + length - np.abs(u - length)
 
 
@@ -92,8 +101,40 @@ class ObjectTracks:
     colour: np.ndarray  # (N, 3) RGB in [0, 1]; object k is drawn over objects < k
 
 
-def _scene(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray, ObjectTracks]:
-    """(background (T, H, W, 3) float, actions (T,), object tracks) of one clip: every random draw, in one order."""
+def _anomaly_clock(rng: np.random.Generator, sc: SyntheticConfig, n: int) -> tuple[np.ndarray, list[dict]]:
+    """Each object's clock tau (T, N) (tau = t when nothing happens) and the events, drawn after every other draw
+    (a world without anomalies draws nothing here, so its clips are unchanged)."""
+    T, L = sc.frames_per_clip, sc.anomaly_frames
+    tau = np.repeat(np.arange(T, dtype=np.float64)[:, None], n, 1)
+    events: list[dict] = []
+    if sc.anomalies == 0 or n == 0:
+        return tau, events
+    first = T // 4  # normal motion first, so every event has a past to be predicted from
+    segment = (T - first) // sc.anomalies
+    for j in range(sc.anomalies):  # one event per segment, so events never overlap
+        a = first + j * segment + int(rng.integers(0, segment - (L + 1) + 1))
+        b = a + L - 1
+        k, kind = int(rng.integers(n)), str(rng.choice(sc.anomaly_kinds))
+        t0 = tau[a - 1, k]
+        steps = np.arange(1, L + 1, dtype=np.float64)
+        if kind == "stop":
+            inside = np.full(L, t0)
+        elif kind == "reverse":
+            inside = t0 - steps
+        elif kind == "speedup":
+            inside = t0 + 3 * steps
+        else:  # jump: anywhere on its own track, at least 4 frames of motion away from where it was
+            inside = (t0 + rng.choice([-1, 1], size=L) * rng.uniform(4, T, size=L))
+        tau[a:b + 1, k] = inside
+        after = np.arange(b + 1, T)
+        tau[b + 1:, k] = after if kind == "jump" else inside[-1] + (after - b)
+        events.append({"object": k, "kind": kind, "start": a, "end": b, "label": [a, min(b + 1, T - 1)]})
+    return tau, events
+
+
+def _scene(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray, ObjectTracks, list[dict]]:
+    """(background (T, H, W, 3) float, actions (T,), object tracks, anomalous events) of one clip: every random
+    draw, in one order."""
     rng = np.random.default_rng([sc.seed, clip_index])
     t_frames, h, w, n = sc.frames_per_clip, sc.height, sc.width, sc.num_objects
     actions = _actions(rng, t_frames) if sc.action_pan else np.zeros(t_frames)
@@ -112,12 +153,12 @@ def _scene(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray
     angle = rng.uniform(0, 2 * np.pi, size=n)
     speed = rng.uniform(0.5, 1.0, size=n) * sc.speed
     vel = np.stack([np.cos(angle), np.sin(angle)], 1) * speed[:, None]
-    t = np.arange(t_frames, dtype=np.float64)
+    t, events = _anomaly_clock(rng, sc, n)  # (T, N) each object's clock: t itself unless an event changes it
     px = _bounce(pos0[:, 0], vel[:, 0], lo[:, 0], hi[:, 0], t)  # (T, N)
     py = _bounce(pos0[:, 1], vel[:, 1], lo[:, 1], hi[:, 1], t)
 
     tracks = ObjectTracks(px.astype(np.float32), py.astype(np.float32), radius, square, colours)
-    return img, actions, tracks
+    return img, actions, tracks, events
 
 
 def object_tracks(sc: SyntheticConfig, clip_index: int) -> ObjectTracks:
@@ -125,9 +166,17 @@ def object_tracks(sc: SyntheticConfig, clip_index: int) -> ObjectTracks:
     return _scene(sc, clip_index)[2]
 
 
+def anomaly_events(sc: SyntheticConfig, clip_index: int) -> list[dict]:
+    """The anomalous events of clip `clip_index`: object, kind, start, end (abnormal frames) and label interval."""
+    return _scene(sc, clip_index)[3]
+
+
 def render_clip(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray]:
     """(frames uint8 (T, H, W, 3), actions float (T,)) of one clip; a pure function of (sc, clip_index)."""
-    img, actions, tr = _scene(sc, clip_index)
+    return _draw(sc, *_scene(sc, clip_index)[:3])
+
+
+def _draw(sc: SyntheticConfig, img: np.ndarray, actions: np.ndarray, tr: ObjectTracks) -> tuple[np.ndarray, np.ndarray]:
     h, w, n = sc.height, sc.width, sc.num_objects
     px, py, radius, square, colours = tr.x, tr.y, tr.radius, tr.square, tr.colour
     ys = np.arange(h, dtype=np.float32)[None, :, None] + 0.5  # pixel centres
@@ -141,14 +190,16 @@ def render_clip(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.nd
     return frames, actions
 
 
-def _write_clip(sc: SyntheticConfig, out: Path, clip_index: int) -> None:
-    frames, actions = render_clip(sc, clip_index)
+def _write_clip(sc: SyntheticConfig, out: Path, clip_index: int) -> list[dict]:
+    img, actions, tracks, events = _scene(sc, clip_index)
+    frames, actions = _draw(sc, img, actions, tracks)
     clip_dir = out / f"clip_{clip_index:04d}"
     clip_dir.mkdir()
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(clip_dir / f"{i:06d}.png", compress_level=1)
         if sc.action_pan:
             (clip_dir / f"{i:06d}.json").write_text(json.dumps({"action": float(actions[i])}))
+    return events
 
 
 def write_world(sc: SyntheticConfig, out: Path, progress: bool = True) -> None:
@@ -156,10 +207,17 @@ def write_world(sc: SyntheticConfig, out: Path, progress: bool = True) -> None:
     Clips are independent, so threads write them in parallel (numpy and zlib release the GIL)."""
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
-        jobs = [pool.submit(_write_clip, sc, out, c) for c in range(sc.num_clips)]
+        jobs = {pool.submit(_write_clip, sc, out, c): c for c in range(sc.num_clips)}
+        events = {}
         for job in tqdm(as_completed(jobs), total=len(jobs), desc="synthetic world", unit="clip",
                         disable=not progress, leave=False):
-            job.result()
+            events[f"clip_{jobs[job]:04d}"] = job.result()
+    if sc.anomalies:
+        names = sorted(events)
+        (out / LABELS).write_text(json.dumps({
+            "format": "anomalous frame intervals per clip, [first, last], 0-based, inclusive",
+            "clips": {c: [e["label"] for e in events[c]] for c in names},
+            "events": {c: events[c] for c in names}}, indent=1))
     (out / MARKER).write_text(json.dumps(_world_spec(sc), indent=1, sort_keys=True))
 
 

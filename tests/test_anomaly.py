@@ -68,3 +68,45 @@ def test_score_curve_shades_the_labelled_frames():
     px = img.load()
     shaded = [x for x in range(img.width) if px[x, img.height // 2] == (255, 214, 214)]
     assert shaded and 0.2 < (min(shaded) / img.width) < 0.5  # frames 5..9 of 0..19: a band left of the middle
+
+
+def test_synthetic_anomalies_break_the_law_only_where_labelled(tmp_path):
+    """An anomalous world is the normal world of the same seed except for the event's object from the event on: in
+    its abnormal frames it stands still (stop), retraces its track (reverse), runs 3x (speedup) or leaves its track
+    (jump); anomalies.json labels [start, end + 1]. Every other object, and the frames before, are unchanged."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from configs.schema import SyntheticConfig
+    from data.synthetic import anomaly_events, object_tracks, render_clip, write_world
+    normal = SyntheticConfig(enabled=True, num_clips=8, frames_per_clip=24, height=24, width=24, num_objects=2, seed=3)
+    odd = dataclasses.replace(normal, anomalies=2, anomaly_frames=3)
+    kinds = set()
+    for c in range(8):
+        base, tr = object_tracks(normal, c), object_tracks(odd, c)
+        events = anomaly_events(odd, c)
+        assert len(events) == 2 and events[0]["end"] < events[1]["start"]
+        first = events[0]["start"]
+        assert np.array_equal(render_clip(normal, c)[0][:first], render_clip(odd, c)[0][:first])
+        moved = {e["object"] for e in events}
+        for k in set(range(2)) - moved:
+            assert np.array_equal(base.x[:, k], tr.x[:, k]) and np.array_equal(base.y[:, k], tr.y[:, k])
+        e = events[0]
+        k, a, b = e["object"], e["start"], e["end"]
+        pos, ref = np.stack([tr.x[:, k], tr.y[:, k]], 1), np.stack([base.x[:, k], base.y[:, k]], 1)
+        expected = {"stop": [ref[a - 1]] * 3, "reverse": [ref[a - 2 - j] for j in range(3)],
+                    "speedup": [ref[a - 1 + 3 * (j + 1)] for j in range(3)]}.get(e["kind"])
+        if expected is not None:
+            assert np.allclose(pos[a:b + 1], np.stack(expected), atol=1e-4), e
+        else:
+            assert np.array_equal(pos[b + 1:events[1]["start"]], ref[b + 1:events[1]["start"]])  # back on its track
+        assert e["label"] == [a, b + 1]
+        kinds.add(e["kind"])
+    assert len(kinds) >= 3
+    write_world(odd, tmp_path / "w", progress=False)
+    labels = json.loads((tmp_path / "w" / "anomalies.json").read_text())
+    assert labels["clips"]["clip_0005"] == [e["label"] for e in anomaly_events(odd, 5)]
+    assert anomaly.load_labels(tmp_path / "w" / "anomalies.json", [])["clip_0005"] == \
+        [tuple(e["label"]) for e in anomaly_events(odd, 5)]
