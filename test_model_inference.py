@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run>/inference, or ./inference with --config)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (and of random weights)")
+    p.add_argument("--precision", choices=["bf16", "no"],
+                   help="bf16 autocast (GPU) or fp32; default the run's train.mixed_precision, as its evaluation")
     return p
 
 
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
         problems.append("non-finite weights in " + "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in bad.items()))
     try:
         result = rollout(model, loaded.net(weights), windows.past, cond_rounds(windows, cfg.data, args.rollout),
-                         steps=args.steps, seed=args.seed)
+                         steps=args.steps, seed=args.seed, names=windows.names,
+                         precision=args.precision or cfg.train.mixed_precision)
     except (RuntimeError, ValueError, AssertionError) as e:
         print(f"UNHEALTHY: prediction failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
         "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None, "random_weights": loaded.random_weights,
         "step": loaded.step, "weights": weights, "source": windows.source, "windows": windows.names,
         "num_clips": B, "rollout": args.rollout, "predicted_frames": horizon,
+        "precision": args.precision or cfg.train.mixed_precision,
         "sampler_steps": args.steps or cfg.sampler.num_inference_steps,
         "input_frames": tensor_stats(windows.frames), "pred_frames": tensor_stats(pred),
         "past_latents": tensor_stats(result["past_latents"]), "pred_latents": tensor_stats(result["latents"]),

@@ -9,6 +9,7 @@ import torch
 
 from diagnosis import plots
 from diagnosis.inputs import Windows
+from model.sliding import WindowKey, decode_predictions, precision_context, predict_windows
 from model.video_prediction_diffusion import VideoPredictionDiffusion
 from training.evaluation import frame_metrics
 from training.visualize import clip_gif, sample_grid
@@ -25,29 +26,35 @@ def tensor_stats(x: torch.Tensor) -> dict:
     return stats
 
 
+def window_key(name: str, index: int) -> WindowKey:
+    """A window named "<clip>@<first frame>" (diagnosis/inputs.py) -> its seed key, so the sanity check predicts a
+    window exactly as tools/evaluate.py and tools/predict.py do; other names key by position."""
+    clip, _, start = name.rpartition("@")
+    return WindowKey(clip, int(start)) if clip and start.isdigit() else WindowKey(name, index)
+
+
 @torch.no_grad()
 def rollout(model: VideoPredictionDiffusion, net: torch.nn.Module, past_frames: torch.Tensor,
-            conds: list[torch.Tensor | None], steps: int | None = None, seed: int = 0) -> dict:
+            conds: list[torch.Tensor | None], steps: int | None = None, seed: int = 0,
+            names: list[str] | None = None, precision: str = "no") -> dict:
     """Predict len(conds) rounds of t_future frames, each round's prediction fed back as (part of) the next round's
-    past, in latent space (the VAE encodes the given past once; predicted latents are never re-encoded).
+    past, in latent space, through model/sliding.py (noise seeded per window by its name "<clip>@<first frame>").
 
     past_frames (B, Tp, 3, H, W) in [-1, 1] -> {"frames": (B, R*Tf, 3, H, W), "latents": (B, R*Tf, C, h, w),
     "past_latents": (B, Tp, C, h, w), "seconds": wall time of encode + sampling + decode}."""
     dev = model.vae.device
     start = time.perf_counter()
-    past = model.vae.encode(past_frames.to(dev))
-    context, preds = past, []
-    generator = torch.Generator().manual_seed(seed)
-    for cond in conds:
-        pred = model.predict_latents(context, None if cond is None else cond.to(dev), steps=steps,
-                                     generator=generator, net=net)  # (B, Tf, C, h, w)
-        preds.append(pred)
-        context = torch.cat([context, pred], dim=1)[:, -model.t_past:]
-    latents = torch.cat(preds, dim=1)
-    frames = model.vae.decode(latents)
+    B = past_frames.shape[0]
+    keys = [window_key(n, b) for b, n in enumerate(names or [f"window{b}" for b in range(B)])]
+    cond = None if conds[0] is None else torch.cat([c.reshape(B, -1) for c in conds], dim=1)
+    past_frames = past_frames.to(dev)
+    with precision_context(dev, precision):
+        mean, std = model.vae.encode_moments(past_frames)
+        latents = predict_windows(model, net, mean, keys, std, cond, len(conds), steps, seed)
+        frames = decode_predictions(model, latents, past_frames, mean)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return {"frames": frames.cpu(), "latents": latents.cpu(), "past_latents": past.cpu(),
+    return {"frames": frames.float().cpu(), "latents": latents.float().cpu(), "past_latents": mean.cpu(),
             "seconds": time.perf_counter() - start}
 
 
