@@ -9,14 +9,24 @@ One script for one process, torchrun on N GPUs and several nodes (NCCL on GPU, g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from configs import ConfigError, dump_config, load_config
+import torch
+
+from configs import Config, ConfigError, dump_config, load_config
+from data import pipeline
+from model import VideoPredictionDiffusion, performance
+from training import checkpoint, distributed, latent_cache, tracking
+from training import optim as optimization
+from training.checkpoint import CheckpointError
+from training.distributed import DistInfo, rank_seed, seed_everything
+from training.resume import Resume, restore
+from training.resume import find as find_resume
+from video_prediction_trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingHalted
 
 EPILOG = """\
 overrides: any config key as section.key=value (YAML value), after --set or bare, e.g.
@@ -41,49 +51,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def find_resume(cfg, which: str) -> Path | None:
-    """The checkpoint `--resume` names, verified and checked against the config's model shape; None = fresh start.
+def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | None = None) -> Trainer:
+    """Every stage of a run's setup, in the order it happens, each a call into the module named for it; the Trainer
+    receives the finished parts. `resume`: found by `resume.find` (or its `--resume` argument)."""
+    tc = cfg.train
+    say = distributed.printer(info)
+    if isinstance(resume, str):
+        resume = find_resume(cfg, resume)
 
-    Runs on every rank before any process group exists, so a bad resume (no valid checkpoint, a changed model shape)
-    fails on every rank with the same message instead of after the group, the data scan and the latent cache."""
-    import torch
+    # ---- run folder (rank 0): samples/, eval/, no temp file of an interrupted save
+    if info.is_main:
+        tracking.make_run_folder(run_dir)
+        if removed := checkpoint.clean_leftovers(run_dir / "checkpoints"):
+            say(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
 
-    from model.unet import ConditionalUNet
-    from training.checkpoint import resolve_resume
+    # ---- data: rank 0 writes the synthetic world (if on), scans every frame and splits by clip; all ranks share it
+    splits = distributed.broadcast_object(pipeline.split_data(cfg.data) if info.is_main else None, info)
+    if info.is_main and splits.report is not None and not splits.report.ok:
+        say(f"data scan: {splits.report}\nskipping them (data.bad_data=skip)")
 
-    if which == "latest" and not cfg.logging.name:
-        raise ValueError("--resume latest needs logging.name (the run folder to continue)")
-    found = resolve_resume(Path(cfg.logging.run_dir) / cfg.logging.name / "checkpoints", which)
-    if found is None:
-        return None
-    path, state = found
-    args = state.get("model_args") or {}
-    vae_config = Path(cfg.vae.pretrained).expanduser() / cfg.vae.subfolder / "config.json"
-    if vae_config.is_file() and args.get("latent_channels") is not None:  # a local VAE: its channels are known now
-        try:
-            channels = json.loads(vae_config.read_text()).get("latent_channels")
-        except json.JSONDecodeError:
-            channels = None  # the VAE loader reports it with its path
-        if channels is not None and channels != args["latent_channels"]:
-            raise ValueError(f"cannot resume from {path}: its UNet works on {args['latent_channels']}-channel "
-                             f"latents but the VAE {cfg.vae.pretrained} has latent_channels={channels} "
-                             f"(the checkpoint's VAE: {(state.get('vae') or {}).get('name')})")
-    with torch.device("meta"):  # shapes only: no memory, no weights
-        unet = ConditionalUNet(cfg.unet, args.get("latent_channels", 4), cfg.data.t_past, cfg.data.t_future,
-                               cfg.cond_dim)
-    mine = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state["unet"].items()}
-    if mine != theirs:
-        old = state.get("config") or {}
-        changed = [f"{sec}.{k}: {old[sec][k]!r} -> {v!r}" for sec, keys in
-                   (("unet", None), ("data", ("t_past", "t_future", "cond_keys")))
-                   for k, v in vars(getattr(cfg, sec)).items()
-                   if (keys is None or k in keys) and k in old.get(sec, {}) and old[sec][k] != v]
-        diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs))
-                if mine.get(k) != theirs.get(k)][:3]
-        raise ValueError(f"cannot resume from {path}: the model's shape changed (checkpoint -> config): "
-                         f"{'; '.join(changed) or 'see tensors'}; tensors e.g. {'; '.join(diff)}")
-    return path
+    # ---- model: frozen VAE + UNet, identical initial weights on every rank; DDP and torch.compile around the UNet
+    seed_everything(rank_seed(tc.seed, info.rank))
+    performance.set_cudnn_benchmark(tc.cudnn_benchmark)
+    torch.manual_seed(tc.seed)
+    model = VideoPredictionDiffusion.from_config(cfg, info.device)
+    torch.manual_seed(rank_seed(tc.seed, info.rank))
+    net = distributed.wrap(model.unet, tc, info)
+
+    # ---- optimizer: AdamW, warm-up + cosine LR, EMA
+    optim = optimization.build(model.unet, tc)
+
+    # ---- training data: windows over cached latents (the cache is built once, by all ranks) or over pixels
+    micro_batch = tc.batch_size // (info.world_size * tc.grad_accum_steps)
+    train_set = latent_cache.training_set(splits, cfg, model.vae, info, micro_batch * info.world_size, log=say)
+    torch.manual_seed(rank_seed(tc.seed, info.rank))  # the RNG at step 0 must not depend on the cache build above
+
+    # ---- resume: the checkpoint found before the process group, loaded into the parts
+    progress = restore(resume, model.unet, optim, info, say)
+
+    # ---- tracking (rank 0): config.yaml, metrics.jsonl, wandb
+    tracker = tracking.start(run_dir, cfg, info, progress.resumed_from, progress.step, progress.wandb_id, say)
+    return Trainer(cfg, info, run_dir, model, net, optim, train_set, splits.val_set(cfg.data), tracker, progress)
 
 
 def main(argv=None) -> int:
@@ -105,25 +113,24 @@ def main(argv=None) -> int:
         if rank == 0:
             print(dump_config(cfg), end="")
         return 0
-    resume = args.resume
+
+    # ---- resume: the checkpoint read and checked against the config, also before any process group
+    resume = None
     if args.resume:
-        from training.checkpoint import CheckpointError
         try:
-            resume = str(find_resume(cfg, args.resume) or args.resume)  # the Trainer reloads exactly this file
+            resume = find_resume(cfg, args.resume)
         except (CheckpointError, ValueError) as e:
             print(f"[rank {rank}] resume error: {e}", file=sys.stderr)
             return 2
 
-    # ---- distributed setup, run folder
-    from training import distributed
-    from video_prediction_trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingHalted
+    # ---- distributed: process group (NCCL on GPU, gloo on CPU), device, run folder name
     info = distributed.setup(cfg.train.dist_timeout_s, args.device)
     try:
         name = cfg.logging.name or distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), info)
         run_dir = Path(cfg.logging.run_dir) / name
 
-        # ---- build and fit
-        Trainer(cfg, info, run_dir, resume=resume).fit()
+        # ---- data, model, optimizer, latent cache, resume, tracking; then fit
+        build(cfg, info, run_dir, resume).fit()
         return 0
     except Preempted as e:
         print(f"[rank {info.rank}] {e}", file=sys.stderr)

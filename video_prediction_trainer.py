@@ -1,40 +1,34 @@
-"""The DDP trainer: one optimizer step, then named jobs on their own cadence (log, visualise, evaluate, save).
+"""The training loop: one optimizer step, then named jobs on their own cadence (log, visualise, evaluate, save).
 
-One code path for 1 process, torchrun on N GPUs and several nodes. Every collective is entered by every rank;
-jobs decide for themselves what runs on rank 0. Randomness is derived: per-rank seeds from one global seed,
-a fixed visualisation batch and noise seed, so grids at step 1k and 50k compare.
+The Trainer receives finished parts (built in order by `train_video_pred.build`) and owns only the loop. One code
+path for 1 process, torchrun on N GPUs and several nodes. Every collective is entered by every rank; jobs decide
+for themselves what runs on rank 0. Randomness is derived: per-rank seeds from one global seed, a fixed
+visualisation batch and noise seed, so grids at step 1k and 50k compare.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import EMAModel
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from configs import Config, config_to_dict, dump_config
-from data import check_clips, discover_clips, ensure_synthetic, split_clips
+from configs import Config, config_to_dict
 from data.dataset import VideoWindowDataset
-from data.windows import build_windows, spread
-from model import VideoPredictionDiffusion, performance
+from data.windows import spread
+from model import VideoPredictionDiffusion
 from training import checkpoint as ckpt
-from training import faults
-from training.distributed import (DistInfo, StallWatchdog, all_gather_object, all_reduce, barrier, broadcast_object,
-                                  rank_seed, rng_state, seed_everything, set_rng_state)
+from training.distributed import (DistInfo, StallWatchdog, all_gather_object, all_reduce, broadcast_object, printer,
+                                  rank_seed, rng_state, set_rng_state)
 from training.evaluation import evaluate, format_table
-from training.latent_cache import LatentWindowDataset, build_or_load
+from training.optim import Optimization
 from training.profiling import StepProfiler
-from training.tracking import Tracker, drop_records_after
+from training.resume import Progress
+from training.tracking import Tracker
 from training.visualize import clip_gif, sample_grid
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved and stopped on request; `--resume latest` continues
@@ -67,109 +61,44 @@ class _EpochStream(torch.utils.data.Sampler):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resume: str | None = None):
-        self.cfg, self.info, self.run_dir = cfg, info, Path(run_dir)
-        self.device = info.device
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, model: VideoPredictionDiffusion,
+                 net: torch.nn.Module, optim: Optimization, train_set: Dataset, val_set: VideoWindowDataset | None,
+                 tracker: Tracker, progress: Progress):
+        """model: the VAE, UNet and schedule; net: the UNet as trained (DDP, compiled); optim: AdamW, LR schedule
+        and EMA, all already restored from a checkpoint when resuming; progress: where training stands."""
         tc = cfg.train
+        self.cfg, self.info, self.run_dir, self.device = cfg, info, Path(run_dir), info.device
+        self.model, self.unet, self.net = model, model.unet, net
+        self.optimizer, self.lr_scheduler, self.ema, self.ema_unet = (optim.optimizer, optim.lr_scheduler, optim.ema,
+                                                                      optim.ema_unet)
+        self.train_set, self.val_set, self.tracker = train_set, val_set, tracker
+        self.print = printer(info)
+
+        # ---- the training data's order: the rank's share of each epoch, resumable at any batch
         self.micro_batch = tc.batch_size // (info.world_size * tc.grad_accum_steps)
-
-        # ---- data: rank 0 generates / scans, every rank uses the same clip list
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "samples").mkdir(exist_ok=True)
-            (self.run_dir / "eval").mkdir(exist_ok=True)
-            removed = ckpt.clean_leftovers(self.ckpt_dir)
-            if removed:
-                self.print(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
-            if cfg.data.synthetic.enabled:
-                ensure_synthetic(cfg.data)
-        barrier(info)
-        clips = None
-        if info.is_main:
-            clips, report = check_clips(discover_clips(cfg.data), cfg.data, progress=True)
-            if not report.ok:
-                self.print(f"data scan: {report}\nskipping them (data.bad_data=skip)")
-        clips = broadcast_object(clips, info)
-        self.clips = clips
-        self.train_clips, self.val_clips = split_clips(clips, cfg.data.val_fraction, cfg.data.split_seed)
-        self.val_set = VideoWindowDataset(self.val_clips, cfg.data) if self.val_clips else None
-
-        # ---- model, EMA, optimizer, LR schedule
-        seed_everything(rank_seed(tc.seed, info.rank))
-        torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        performance.set_cudnn_benchmark(tc.cudnn_benchmark)
-        self.model = VideoPredictionDiffusion.from_config(cfg, self.device)  # NHWC on GPU per train.channels_last
-        torch.manual_seed(rank_seed(tc.seed, info.rank))
-        self.unet = self.model.unet.to(self.device)
-        compiled = tc.compile and self.device.type == "cuda"  # like every speed switch, GPU only
-        if info.enabled:
-            self.net = DDP(self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           bucket_cap_mb=self._ddp_bucket_mb(compiled), gradient_as_bucket_view=tc.ddp_bucket_view)
-            if tc.ddp_grad_dtype == "bf16":
-                self.net.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        else:
-            self.net = self.unet
-        if compiled:
-            self.net = torch.compile(self.net, mode=tc.compile_mode)
-        self.ema = None
-        self.ema_unet = self.unet
-        if tc.ema_decay > 0:
-            warm = tc.ema_warmup_power > 0
-            self.ema = EMAModel(self.unet.parameters(), decay=tc.ema_decay, use_ema_warmup=warm,
-                                power=tc.ema_warmup_power if warm else 2 / 3,
-                                min_decay=0.0 if warm else tc.ema_decay, foreach=True)
-            self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
-        # deferred step checks: the host reads step k's flags after launching step k+1 (train.step_checks)
-        self.deferred = tc.step_checks == "deferred" or (tc.step_checks == "auto" and self.device.type == "cuda")
-        fused = self.device.type == "cuda" or self.deferred  # fused AdamW can mask a step on the device (found_inf)
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
-                                           weight_decay=tc.weight_decay, fused=fused,
-                                           foreach=not fused)  # CPU: multi-tensor kernels, not a per-tensor loop
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.generator = torch.Generator(self.device).manual_seed(rank_seed(tc.seed, info.rank) + 1)
-        # the DataLoader draws a base seed at every iter(): from its own generator, so a resume (a new iterator
-        # mid-epoch) or a latent-cache build never shifts the global RNG (dropout) away from an uninterrupted run
-        self.loader_generator = torch.Generator().manual_seed(rank_seed(tc.seed, info.rank) + 2)
-
-        # ---- training data: cached latents (no VAE encoder in the loop) or pixels
-        windows = build_windows(self.train_clips, cfg.data)
-        if tc.latent_cache:
-            folder = build_or_load(clips, cfg.data, self.model.vae, tc.cache_dir, info, store_std=tc.cache_std,
-                                   num_workers=cfg.data.num_workers, log=self.print)
-            ids = [clips.index(c) for c in self.train_clips]
-            self.train_set = LatentWindowDataset(self.train_clips, cfg.data, windows, folder, ids,
-                                                 with_std=cfg.vae.latent == "sample")
-        else:
-            self.train_set = VideoWindowDataset(self.train_clips, cfg.data, windows)
-        if len(self.train_set) < self.micro_batch * info.world_size:
-            raise ValueError(f"the training split has {len(self.train_set)} windows, fewer than one global batch "
-                             f"({self.micro_batch} x {info.world_size} ranks); add data or lower train.batch_size")
-        self.sampler = DistributedSampler(self.train_set, num_replicas=info.world_size, rank=info.rank,
-                                          shuffle=True, seed=tc.seed, drop_last=True)
+        self.sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                          seed=tc.seed, drop_last=True)
         self.batches_per_epoch = len(self.sampler) // self.micro_batch
+        self._iter = None
 
-        torch.manual_seed(rank_seed(tc.seed, info.rank))  # the RNG at step 0 must not depend on the cache build above
+        # ---- randomness of the training step: the noise and the DataLoader's base seeds have their own generators,
+        # so a resume (a new iterator mid-epoch) or a latent-cache build never shifts the global RNG (dropout)
+        self.generator = torch.Generator(self.device).manual_seed(rank_seed(tc.seed, info.rank) + 1)
+        self.loader_generator = torch.Generator().manual_seed(rank_seed(tc.seed, info.rank) + 2)
+        if progress.rng is not None:
+            set_rng_state(progress.rng, {"train": self.generator})
 
         # ---- state that checkpoints carry
-        self.step = 0  # optimizer steps done
-        self.epoch = 0
-        self.position = 0  # micro-batches consumed in this epoch
-        self.nonfinite_skips = 0  # consecutive skipped steps
-        self.resumed_from: Path | None = None
-        wandb_id = None
-        if resume:
-            wandb_id = self._resume(resume)
-        if info.is_main:  # after the resume checks: a refused resume leaves the run folder as it was
-            dump_config(cfg, self.run_dir / "config.yaml")
-            if self.resumed_from is not None and (n := drop_records_after(self.run_dir / "metrics.jsonl", self.step)):
-                self.print(f"metrics.jsonl: dropped {n} record(s) logged after step {self.step} (they are redone now)")
-        self.tracker = Tracker(self.run_dir, cfg, config_to_dict(cfg), enabled=info.is_main, resume_id=wandb_id)
+        self.step, self.epoch, self.position = progress.step, progress.epoch, progress.position
+        self.nonfinite_skips = progress.nonfinite_skips
+        self.resumed_from = progress.resumed_from
+
+        # ---- the loop's own state
         self.stop_requested = False  # set on every rank at the same step, from the all-reduced flags
         self._signalled = False  # this rank got SIGTERM/SIGUSR1; goes into the next step's flags
-        self._pending = None  # deferred mode: (step, host flags, CUDA event, lr) of the step not yet read
+        self._pending = None  # (step, host flags, CUDA event, lr) of the step whose flags are not read yet
         pin = self.device.type == "cuda"
-        self._host_flags = [torch.zeros(4, pin_memory=pin) for _ in range(2)]  # two, as step k+1 fills one while k is read
-        self._iter = None
+        self._host_flags = [torch.zeros(4, pin_memory=pin) for _ in range(2)]  # two: step k+1 fills one while k is read
         self._t_log, self._last_log_step = time.perf_counter(), self.step
         self._vis_indices = self._fixed_indices(tc.vis_clips)
         self._eval_indices = self._fixed_indices(tc.eval_clips or 10 ** 9)
@@ -178,26 +107,6 @@ class Trainer:
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
-
-    def print(self, *args) -> None:
-        if self.info.is_main:
-            tqdm.write(" ".join(str(a) for a in args))
-
-    def _lr_factor(self, step: int) -> float:
-        tc = self.cfg.train
-        if tc.warmup_steps and step < tc.warmup_steps:
-            return (step + 1) / tc.warmup_steps
-        if tc.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
-        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def _ddp_bucket_mb(self, compiled: bool) -> float:
-        """train.ddp_bucket_mb, or auto (0): one bucket holding every gradient when compiled, else DDP's 25 MiB."""
-        if self.cfg.train.ddp_bucket_mb > 0:
-            return self.cfg.train.ddp_bucket_mb
-        grad_mib = sum(p.numel() * p.element_size() for p in self.unet.parameters() if p.requires_grad) / 2 ** 20
-        return grad_mib + 1.0 if compiled else 25.0
 
     def _fixed_indices(self, n: int) -> list[int]:
         """n val windows evenly spread over the val split (deterministic, so pictures compare across steps)."""
@@ -221,7 +130,6 @@ class Trainer:
             stream = _EpochStream(self.sampler, self.micro_batch, self.epoch, self.position)
             loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=stream,
                                 num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                                worker_init_fn=faults.worker_init if faults.enabled() else None,
                                 generator=self.loader_generator)
             self._iter = iter(loader)
         batch = next(self._iter)
@@ -232,49 +140,35 @@ class Trainer:
         return batch
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self) -> dict:
+    def train_step(self, batch: dict | None = None) -> dict:
+        """One optimizer step on the next micro-batches (or on `batch` for each of them). Returns the metrics of the
+        step BEFORE this one ({} at the first): each step's flags (mean loss, any rank non-finite, any rank asked to
+        stop) are read one step late, so the host never waits for the GPU here (16% faster, BENCHMARKS.md).
+
+        A step whose loss or gradient is not finite on any rank changes neither the weights nor AdamW's moments:
+        its update is masked on the device. It keeps its number (the LR schedule and the EMA advance, as with AMP's
+        GradScaler; the EMA moves towards the unchanged weights), is not logged, and train.nonfinite decides, one
+        step late, whether training halts or goes on."""
         tc = self.cfg.train
         accum = tc.grad_accum_steps
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        faults.at_step(self.step, self.info.rank)
         for micro in range(accum):
-            batch = self._next_batch()
+            micro_batch = self._next_batch() if batch is None else batch
             sync = contextlib.nullcontext() if (micro == accum - 1 or not self.info.enabled) else self.net.no_sync()
             with sync:
                 with self._autocast():
-                    loss = self.model.batch_loss(batch, self.generator, net=self.net) / accum
-                loss = faults.corrupt_loss(loss, self.step, self.info.rank)
+                    loss = self.model.batch_loss(micro_batch, self.generator, net=self.net) / accum
                 loss.backward()
             loss_sum += loss.detach()
         params = [p for p in self.unet.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        # one collective per step: mean loss, any rank non-finite, any rank asked to stop. new_full fills on the
-        # device; torch.tensor(..., device=cuda) would be a blocking copy, a host-GPU sync in every step
+        # one collective per step. new_full fills on the device; torch.tensor(..., device=cuda) would be a blocking
+        # copy, a host-GPU sync in every step
         flags = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float(),
                              loss_sum.new_full((), float(self._signalled)), grad_norm.float()])
         all_reduce(flags, self.info)
-        if self.deferred:
-            return self._masked_update(flags)
-        loss_sum, nonfinite, stop, norm_sum = flags.tolist()  # the host waits for this step here
-        self.stop_requested |= stop > 0
-        if nonfinite > 0:
-            self._on_nonfinite(loss_sum / self.info.world_size, self.step)
-            return {"loss": loss_sum / self.info.world_size, "skipped": 1}
-        self.nonfinite_skips = 0
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        if self.ema is not None:
-            self.ema.step(self.unet.parameters())
-        self.step += 1
-        return {"step": self.step, "loss": loss_sum / self.info.world_size, "grad_norm": norm_sum / self.info.world_size,
-                "lr": self.lr_scheduler.get_last_lr()[0]}
-
-    def _masked_update(self, flags: torch.Tensor) -> dict:
-        """Deferred step checks: the update is applied with this step's non-finite flag as fused AdamW's found_inf
-        (a flagged step leaves weights and moments untouched, on the device, without the host waiting), the flags
-        are copied to pinned memory asynchronously, and the PREVIOUS step's flags are read, by then long computed.
-        The host so stays a step ahead of the GPU. Returns the previous step's metrics ({} at the first step)."""
+        # fused AdamW reads `found_inf` the way torch.amp.GradScaler sets it: 1 leaves that step's update out
         self.optimizer.found_inf = (flags[1] > 0).float()  # 0-dim, like the step counters it is subtracted from
         try:
             self.optimizer.step()
@@ -282,7 +176,7 @@ class Trainer:
             del self.optimizer.found_inf
         self.lr_scheduler.step()
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())  # a masked step: the EMA moves towards the unchanged weights
+            self.ema.step(self.unet.parameters())
         self.step += 1
         host = self._host_flags[self.step % 2]
         host.copy_(flags, non_blocking=True)
@@ -294,7 +188,7 @@ class Trainer:
         return self._settle(previous) if previous is not None else {}
 
     def flush(self) -> dict:
-        """Deferred mode: read the last step's flags now (waits for the GPU); its metrics, or {} if none."""
+        """Read the last step's flags now (waits for the GPU); its metrics, or {} if there is none."""
         pending, self._pending = self._pending, None
         return self._settle(pending) if pending is not None else {}
 
@@ -312,16 +206,15 @@ class Trainer:
         return {"step": step, "loss": loss_mean, "grad_norm": norm_sum / self.info.world_size, "lr": lr}
 
     def _on_nonfinite(self, loss_mean: float, index: int) -> None:
-        """A non-finite step (0-based `index`): raise (halt, or too many in a row) or count it as skipped."""
+        """A non-finite step (0-based `index`, its update masked): raise (halt, or too many in a row) or go on."""
         tc = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
-        late = " (its update was masked; read one step late: train.step_checks=deferred)" if self.deferred else ""
         if tc.nonfinite == "halt":
             raise TrainingHalted(f"non-finite loss or gradient at step {index} (mean loss {loss_mean}) on at "
-                                 f"least one rank; stopped before the optimizer step{late} (train.nonfinite=halt). "
+                                 "least one rank; its update was masked and training stopped (train.nonfinite=halt). "
                                  "Lower train.lr, check the data, or set train.nonfinite=skip")
         self.nonfinite_skips += 1
-        self.print(f"warning: non-finite loss/gradient at step {index}; step skipped{late} "
+        self.print(f"warning: non-finite loss/gradient at step {index}; step skipped, its update masked "
                    f"({self.nonfinite_skips}/{tc.max_nonfinite_skips} in a row)")
         if self.nonfinite_skips >= tc.max_nonfinite_skips:
             raise TrainingHalted(f"{self.nonfinite_skips} non-finite steps in a row (train.max_nonfinite_skips); "
@@ -339,8 +232,7 @@ class Trainer:
 
     def log(self, metrics: dict) -> None:
         step = metrics.get("step", self.step)
-        if not self._due(self.cfg.train.log_every, step) or "loss" not in metrics or \
-                "skipped" in metrics or "nonfinite" in metrics:
+        if not self._due(self.cfg.train.log_every, step) or "loss" not in metrics or "nonfinite" in metrics:
             return
         now = time.perf_counter()
         steps = step - self._last_log_step
@@ -383,7 +275,8 @@ class Trainer:
         steps = self.cfg.train.eval_steps or self.cfg.sampler.num_inference_steps
         with self._autocast():
             result = evaluate(self.model, self.val_set, self._eval_indices, self.info, nets, steps,
-                              batch_size=max(self.micro_batch, 1), seed=self.cfg.train.seed + 777)
+                              batch_size=max(self.micro_batch, 1), seed=self.cfg.train.seed + 777,
+                              samples=self.cfg.train.eval_samples, precision=self.cfg.train.mixed_precision)
         result = {"step": self.step, **result}
         if self.info.is_main:
             path = self.run_dir / "eval" / f"step_{self.step:07d}.json"
@@ -422,37 +315,6 @@ class Trainer:
                                "t_future": self.unet.t_future, "cond_dim": self.unet.cond_dim},
                 "wandb_id": self.tracker.wandb_id if self.info.is_main else None}
 
-    def _resume(self, which: str) -> str | None:
-        found = ckpt.resolve_resume(self.ckpt_dir, which)
-        if found is None:
-            self.print(f"--resume {which}: no checkpoint in {self.ckpt_dir} yet; starting from step 0")
-            return None
-        path, state = found
-        mine = {k: v.shape for k, v in self.unet.state_dict().items()}
-        theirs = {k: v.shape for k, v in state["unet"].items()}
-        if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[:5]
-            raise ValueError(f"cannot resume from {path}: the model's shape changed (unet/data settings differ from "
-                             f"the checkpoint's), e.g. {diff}")
-        self.unet.load_state_dict(state["unet"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        performance.match_param_layout(list(self.unet.parameters()), self.optimizer, self.ema)  # NCHW <-> NHWC
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        if state["world_size"] == self.info.world_size:
-            set_rng_state(state["rng"][self.info.rank], {"train": self.generator})
-        else:
-            warnings.warn(f"resuming {path} saved with {state['world_size']} ranks on {self.info.world_size}: "
-                          "data order and noise will differ from an uninterrupted run", stacklevel=2)
-            self.position = 0
-            self.epoch += 1
-        self.resumed_from = path
-        self.print(f"resumed from {path} at step {self.step}")
-        return state.get("wandb_id")
-
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self) -> dict:
         """SIGTERM/SIGUSR1 only set a flag; every rank agrees on it at the next step. Returns the old handlers."""
@@ -482,15 +344,13 @@ class Trainer:
                     metrics = self.train_step()
                     if (written := profiler.after_step(self.step)) is not None:
                         self.print(f"profile of steps {tc.profile_at}..{self.step - 1}: {written.parent}")
-                    if self.deferred and (self.stop_requested or self._jobs_due()):
+                    if self.stop_requested or self._jobs_due():
                         self._report(metrics, bar)  # the step before; then this one, before jobs read the weights
                         metrics = self.flush()
                 if self.stop_requested:
                     self.save(force=True)
                     raise Preempted(f"stop requested (SIGTERM/SIGUSR1): saved step {self.step}; "
                                     "continue with --resume latest")
-                if "skipped" in metrics:  # sync mode: the step did not count
-                    continue
                 bar.update(1)
                 self._report(metrics, bar)
                 if self.step < tc.max_steps:  # the final step's jobs run once, forced, below

@@ -279,14 +279,10 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # bf16: autocast the UNet on GPU (ignored on CPU) | no: fp32 everywhere
     ema_decay: float = 0.9999  # final EMA decay; 0 = no EMA
     ema_warmup_power: float = 0.75  # decay warms up as 1 - (1 + step)^-power (diffusers EMAModel); 0 = no warm-up (not advised)
-    nonfinite: str = "halt"  # halt: stop on a non-finite loss/gradient | skip: drop that step (no optimizer/EMA update)
+    # a step whose loss or gradient is not finite has its update masked (weights and AdamW moments unchanged; it
+    # keeps its number, LR and EMA advance); then halt: stop | skip: go on. Read one step late (BENCHMARKS.md)
+    nonfinite: str = "halt"
     max_nonfinite_skips: int = 10  # with nonfinite=skip, give up after this many skipped steps in a row
-    # When the host reads each step's loss / non-finite / stop flags. sync: at the step's end, before its optimizer
-    # update (the host waits for the GPU every step). deferred: one step later; the update of a non-finite step is
-    # masked on the device (fused AdamW found_inf), so its weights and optimizer state stay those of the step before,
-    # but the step keeps its number (LR and EMA advance, as with AMP's GradScaler) and halt/skip is reported one step
-    # late; 16% faster on the GPU (BENCHMARKS.md). auto: deferred on CUDA, sync on CPU.
-    step_checks: str = "auto"
     latent_cache: bool = True  # encode every frame once and train on cached latents; false = encode on the fly
     cache_std: bool = True  # cache the posterior std too, so vae.latent=sample still works from the cache
     cache_dir: str = "data_cache/latents"  # latent cache folder (keyed by VAE, resolution and data fingerprint)
@@ -339,7 +335,6 @@ class TrainConfig:
         _choice(p, f"{path}.nonfinite", self.nonfinite, ("halt", "skip"))
         _choice(p, f"{path}.compile_mode", self.compile_mode, COMPILE_MODES)
         _at_least(p, f"{path}.max_nonfinite_skips", self.max_nonfinite_skips, 1)
-        _choice(p, f"{path}.step_checks", self.step_checks, ("auto", "sync", "deferred"))
         for name in ("log_every", "visualize_every", "eval_every", "save_every", "vis_clips", "eval_clips", "eval_steps"):
             _at_least(p, f"{path}.{name}", getattr(self, name), 0)
         _at_least(p, f"{path}.eval_samples", self.eval_samples, 1)

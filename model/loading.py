@@ -15,6 +15,7 @@ Non-finite weights do not stop loading: `loaded.nonfinite` lists them, so a diag
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -66,6 +67,44 @@ class LoadedModel:
         return f"{self.checkpoint} (step {self.step}, {ema})"
 
 
+def check_fits(cfg: Config, state: dict, latent_channels: int | None = None) -> str | None:
+    """Why the checkpoint `state` cannot be loaded into the model `cfg` builds, or None when it fits: the one
+    answer for resuming (before any process group, every rank) and for inference. `latent_channels`: the VAE's,
+    when loaded; else read from a local VAE folder's config.json if there is one (a hub id is checked on load)."""
+    args = state.get("model_args") or {}
+    if latent_channels is None:
+        vae_config = Path(cfg.vae.pretrained).expanduser() / cfg.vae.subfolder / "config.json"
+        try:
+            latent_channels = json.loads(vae_config.read_text()).get("latent_channels")
+        except (OSError, json.JSONDecodeError):
+            latent_channels = None  # no local VAE (a hub id), or one the VAE loader reports with its path
+    stored = args.get("latent_channels")
+    if latent_channels is not None and stored is not None and latent_channels != stored:
+        return (f"its UNet works on {stored}-channel latents but the VAE {cfg.vae.pretrained} has "
+                f"latent_channels={latent_channels} (the checkpoint's VAE: {(state.get('vae') or {}).get('name')})")
+    if "unet" not in state:
+        return "it holds no 'unet' weights"
+    mine_args = {"latent_channels": latent_channels or stored or 4, "t_past": cfg.data.t_past,
+                 "t_future": cfg.data.t_future, "cond_dim": cfg.cond_dim}
+    if args and any(args.get(k) != v for k, v in mine_args.items()):
+        return f"its UNet was built for {args}, but the config and VAE give {mine_args}"
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        unet = ConditionalUNet(cfg.unet, **mine_args)
+    mine = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state["unet"].items()}
+    if mine == theirs:
+        return None
+    old = state.get("config") or {}
+    changed = [f"{sec}.{k}: {old[sec][k]!r} -> {v!r}" for sec, keys in
+               (("unet", None), ("data", ("t_past", "t_future", "cond_keys")))
+               for k, v in vars(getattr(cfg, sec)).items()
+               if (keys is None or k in keys) and k in old.get(sec, {}) and old[sec][k] != v]
+    diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs))
+            if mine.get(k) != theirs.get(k)][:3]
+    return (f"the model's shape changed (checkpoint -> config): {'; '.join(changed) or 'see tensors'}; "
+            f"tensors e.g. {'; '.join(diff)}")
+
+
 def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of tensors holding a NaN or an Inf."""
     return [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -92,11 +131,22 @@ def find_checkpoint(run: str | Path | None, which: str = "latest") -> tuple[Path
     return found
 
 
+RETIRED_KEYS = {("train", "step_checks")}  # settings that no longer exist; checkpoints written before still load
+
+
+def _upgrade(raw: dict) -> dict:
+    """A stored config as plain data, with the keys of older versions of this project removed or moved."""
+    for section, key in RETIRED_KEYS:
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
+    return raw
+
+
 def stored_config(state: dict, overrides: Iterable[str] = (), source: str = "checkpoint") -> Config:
     """The resolved config a checkpoint carries, with dotted overrides (e.g. sampler.num_inference_steps=50)."""
     if "config" not in state:
         raise LoadError(f"{source} holds no 'config' (not a checkpoint of this project?)")
-    raw = copy.deepcopy(state["config"])
+    raw = _upgrade(copy.deepcopy(state["config"]))
     problems: list[str] = []
     apply_overrides(raw, list(overrides), problems)
     try:
@@ -160,10 +210,9 @@ def load_model(run: str | Path | None = None, checkpoint: str = "latest", config
     # ---- the UNet, shaped as the checkpoint says
     args = {"latent_channels": vae.latent_channels, "t_past": cfg.data.t_past, "t_future": cfg.data.t_future,
             "cond_dim": cfg.cond_dim}
-    stored_args = state.get("model_args")
-    if stored_args is not None and stored_args != args:
-        raise LoadError(f"the checkpoint's UNet was built for {stored_args}, but its config and VAE give {args} "
-                        "(were data.t_past/t_future/cond_keys or vae.pretrained overridden?)")
+    if state and (reason := check_fits(cfg, state, vae.latent_channels)) is not None:
+        raise LoadError(f"{path} does not fit its config: {reason} (were data.t_past/t_future/cond_keys, unet.* or "
+                        "vae.pretrained overridden?)")
     torch.manual_seed(seed)  # random weights (--config) are reproducible
     try:
         unet = ConditionalUNet(cfg.unet, **args)

@@ -1,4 +1,6 @@
-"""Fault injection at named points, for the reliability tests. Off (every hook returns at once) unless VP_FAULTS is set.
+"""Fault injection at named points, for the reliability tests: `install()` wraps production functions (nothing in
+the production modules knows about it); each wrapper does nothing unless VP_FAULTS names its point. In this process
+through the tests' fixtures, in a subprocess through tests/fault_launcher.py (which installs, then calls main).
 
 VP_FAULTS is a comma-separated list of `point[:key=value]...`, e.g. `kill:rank=1:step=3:attempt=0`.
 Conditions (all optional): rank=R (default: any), step=S (the optimizer steps done when the point is reached),
@@ -10,23 +12,28 @@ Points in the training step (before any collective of that step):
   raise      RuntimeError("injected fault ...")        sleep    stall for `secs`
   kill       SIGKILL this rank                         sigterm  SIGTERM this rank (a preemption notice)
   nan_loss   the loss of that rank/step becomes NaN (the graph stays connected, so the grads are NaN too)
-Points in a checkpoint write (rank 0, `step` = the checkpoint's step), after half of the payload is written:
+Points in a checkpoint write (rank 0, `step` = the checkpoint's step, from the temp file's name), after half of the
+payload is written:
   save_crash SIGKILL in the middle of the write        disk_full the write fails with ENOSPC
   save_sleep stall the write for `secs`
 Points elsewhere:
   join_late    sleep `secs` (default 3) before joining the process group
   prune_crash  SIGKILL in retention pruning, right after an old checkpoint is deleted
-  worker_kill  a DataLoader worker of that rank SIGKILLs itself when it starts
+  worker_kill  a DataLoader worker of that rank SIGKILLs itself at its first training window
 """
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import re
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 _fired: Counter = Counter()  # spec item -> times fired in this process
 _reached: Counter = Counter()  # spec item -> times its point was reached with the other conditions met
@@ -135,3 +142,122 @@ def worker_init(worker_id: int) -> None:
     """DataLoader worker_init_fn; fault point `worker_kill` (the worker inherits RANK from its rank's process)."""
     if enabled() and _match("worker_kill", None, None) is not None:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- where the points sit in the production code
+_in_step: list = [None]  # (step, rank) while Trainer.train_step runs, for nan_loss
+
+
+def _train_step(original):
+    @functools.wraps(original)
+    def train_step(self, *args, **kwargs):
+        at_step(self.step, self.info.rank)
+        _in_step[0] = (self.step, self.info.rank)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _in_step[0] = None
+    return train_step
+
+
+def _batch_loss(original):
+    @functools.wraps(original)
+    def batch_loss(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        return loss if _in_step[0] is None else corrupt_loss(loss, *_in_step[0])
+    return batch_loss
+
+
+class _HalfThenFault:
+    """A checkpoint temp file whose first write (the payload) is split in two, with the save points between."""
+
+    def __init__(self, f, step: int):
+        self._f, self._step, self._first = f, step, True
+
+    def write(self, data):
+        if not self._first:
+            return self._f.write(data)
+        self._first = False
+        half = memoryview(data)[:len(data) // 2]
+        self._f.write(half)
+        mid_write(self._f, self._step)
+        return self._f.write(memoryview(data)[len(half):])
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+
+_TEMP_CKPT = re.compile(r"^\.ckpt_(\d{9})\.pt\.tmp\.")
+_NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
+
+
+def _checkpoint_open(file, mode="r", *args, **kwargs):
+    f = open(file, mode, *args, **kwargs)
+    m = _TEMP_CKPT.match(Path(file).name) if "w" in mode else None
+    return _HalfThenFault(f, int(m.group(1))) if m and enabled() else f
+
+
+def _prune(original):
+    @functools.wraps(original)
+    def prune(folder, keep_last, protect=()):
+        names = [_NAME.match(Path(p).name) for p in protect]
+        step = max((int(m.group(1)) for m in names if m), default=None)  # the checkpoint just saved
+        real_unlink = Path.unlink
+
+        def unlink(path, missing_ok=False):
+            real_unlink(path, missing_ok=missing_ok)
+            after_prune_delete(step)
+
+        Path.unlink = unlink
+        try:
+            return original(folder, keep_last, protect=protect)
+        finally:
+            Path.unlink = real_unlink
+    return prune
+
+
+def _init_process_group(original):
+    @functools.wraps(original)
+    def init_process_group(*args, **kwargs):
+        before_process_group()
+        return original(*args, **kwargs)
+    return init_process_group
+
+
+def _getitem(original):
+    @functools.wraps(original)
+    def getitem(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            worker_init(0)
+        return original(self, index)
+    return getitem
+
+
+def install(monkeypatch=None) -> None:
+    """Wrap the production functions at the fault points (with pytest's `monkeypatch`, undone after the test)."""
+    import video_prediction_trainer
+    from model.video_prediction_diffusion import VideoPredictionDiffusion
+    from training import checkpoint
+    from training.latent_cache import LatentWindowDataset
+    from data.dataset import VideoWindowDataset
+
+    def patch(owner, name, value):
+        if monkeypatch is not None:
+            monkeypatch.setattr(owner, name, value, raising=False)
+        else:
+            setattr(owner, name, value)
+
+    patch(video_prediction_trainer.Trainer, "train_step", _train_step(video_prediction_trainer.Trainer.train_step))
+    patch(VideoPredictionDiffusion, "batch_loss", _batch_loss(VideoPredictionDiffusion.batch_loss))
+    patch(checkpoint, "open", _checkpoint_open)
+    patch(checkpoint, "prune", _prune(checkpoint.prune))
+    patch(dist, "init_process_group", _init_process_group(dist.init_process_group))
+    for dataset in (LatentWindowDataset, VideoWindowDataset):
+        patch(dataset, "__getitem__", _getitem(dataset.__getitem__))
+    reset()

@@ -30,6 +30,7 @@ from helpers import set_dotted, tiny_vae_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_video_pred.py"
+FAULT_LAUNCHER = Path(__file__).resolve().with_name("fault_launcher.py")  # main() with the fault points installed
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 FIGURES_FILE = os.environ.get("VP_RELIABILITY_FIGURES")  # where record() appends one JSON line per figure
 
@@ -138,7 +139,8 @@ def launch(args: list[str], tmp: Path, nproc: int = 0, faults: str = "", torchru
     group; stdout and stderr are merged and timestamped line by line."""
     launcher = ([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *torchrun_args] if nproc
                 else [sys.executable])
-    proc = subprocess.Popen([*launcher, str(SCRIPT), *args, "--device", "cpu"], cwd=REPO,
+    script = FAULT_LAUNCHER if faults else SCRIPT
+    proc = subprocess.Popen([*launcher, str(script), *args, "--device", "cpu"], cwd=REPO,
                             env=child_env(tmp, faults, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
     run = Run(proc, time.monotonic())
@@ -200,15 +202,15 @@ def temp_files(folder: Path) -> list[Path]:
 
 @pytest.fixture
 def cli(monkeypatch):
-    """`train_video_pred.main(args)` in this process, one rank (imports paid once); VP_FAULTS from the test's env.
-    Restores the signal handlers that Trainer.fit installs."""
+    """`train_video_pred.main(args)` in this process, one rank (imports paid once), with the fault points installed;
+    VP_FAULTS from the test's env. Restores the signal handlers that Trainer.fit installs."""
     import train_video_pred
-    from training import faults
+    import faults
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VP_FAULTS", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    faults.reset()
+    faults.install(monkeypatch)
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     yield lambda *args: train_video_pred.main([*map(str, args), "--device", "cpu"])
     for s, handler in saved.items():

@@ -22,7 +22,7 @@ from trainer_helpers import make_world
 from training import profiling
 from training.distributed import DistInfo
 from training.latent_cache import LatentWindowDataset, build_or_load
-from video_prediction_trainer import Trainer
+from train_video_pred import build
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def _indices(batch: dict) -> list[int]:
 def test_epoch_stream_follows_the_sampler_each_epoch_and_resumes_mid_epoch(world, tmp_path):
     raw = world.config(tmp_path / "runs", **{"data.num_workers": 1, "train.cache_dir": str(tmp_path / "cache")})
     cfg = config_from_dict(raw)
-    trainer = Trainer(cfg, DistInfo(), tmp_path / "runs" / "a")
+    trainer = build(cfg, DistInfo(), tmp_path / "runs" / "a")
     per_epoch = trainer.batches_per_epoch
     seen = [_indices(trainer._next_batch()) for _ in range(2 * per_epoch + 1)]
     for epoch in (0, 1):
@@ -99,13 +99,13 @@ def test_epoch_stream_follows_the_sampler_each_epoch_and_resumes_mid_epoch(world
         assert got == expected, f"epoch {epoch}"
     assert trainer.epoch == 2 and seen[:per_epoch] != seen[per_epoch:2 * per_epoch]
 
-    resumed = Trainer(cfg, DistInfo(), tmp_path / "runs" / "b")
+    resumed = build(cfg, DistInfo(), tmp_path / "runs" / "b")
     resumed.epoch, resumed.position = 1, 1  # as `_resume` sets them: one batch of epoch 1 already consumed
     rest = [_indices(resumed._next_batch()) for _ in range(per_epoch)]  # the rest of epoch 1, then epoch 2's first
     assert rest == seen[per_epoch + 1:2 * per_epoch + 1]
     assert (resumed.epoch, resumed.position) == (2, 1)
 
-    at_end = Trainer(cfg, DistInfo(), tmp_path / "runs" / "c")
+    at_end = build(cfg, DistInfo(), tmp_path / "runs" / "c")
     at_end.epoch, at_end.position = 0, per_epoch  # saved after an epoch's last batch (before the rollover)
     assert _indices(at_end._next_batch()) == seen[per_epoch] and (at_end.epoch, at_end.position) == (1, 1)
 
@@ -359,17 +359,16 @@ def test_nhwc_switches_give_every_unet_conv_but_the_first_an_nhwc_input_as_the_c
 def test_ddp_bucket_auto_is_one_bucket_when_compiled_and_ddp_default_otherwise():
     """train.ddp_bucket_mb = 0 (auto): a compiled step gets one bucket above the UNet's gradient size (dynamo splits
     the compiled graph at every bucket); eager keeps DDP's 25 MiB; a set value is used as given."""
-    import types
     from model.unet import ConditionalUNet
+    from training.distributed import _ddp_bucket_mb
     cfg = tiny_config()
     unet = ConditionalUNet(cfg.unet, 4, 2, 2)
     grad_mib = sum(p.numel() * 4 for p in unet.parameters()) / 2 ** 20
-    me = types.SimpleNamespace(cfg=cfg, unet=unet)
     assert cfg.train.ddp_bucket_mb == 0
-    assert Trainer._ddp_bucket_mb(me, compiled=True) == pytest.approx(grad_mib + 1)
-    assert Trainer._ddp_bucket_mb(me, compiled=False) == 25.0
-    me.cfg = tiny_config(**{"train.ddp_bucket_mb": 4.0})
-    assert Trainer._ddp_bucket_mb(me, compiled=True) == Trainer._ddp_bucket_mb(me, compiled=False) == 4.0
+    assert _ddp_bucket_mb(unet, cfg.train, compiled=True) == pytest.approx(grad_mib + 1)
+    assert _ddp_bucket_mb(unet, cfg.train, compiled=False) == 25.0
+    tc = tiny_config(**{"train.ddp_bucket_mb": 4.0}).train
+    assert _ddp_bucket_mb(unet, tc, compiled=True) == _ddp_bucket_mb(unet, tc, compiled=False) == 4.0
 
 
 def test_fused_decoder_traces_under_torch_compile():

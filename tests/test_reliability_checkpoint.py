@@ -20,7 +20,7 @@ import torch
 from helpers import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
 from reliability_helpers import (TRAINING_STATE, ckpt_files, cli, differences, make_world, record,  # noqa: F401
                                  run_to_end, temp_files)
-from training import faults
+import faults
 from training.checkpoint import (LATEST, CheckpointError, checkpoint_name, clean_leftovers, list_checkpoints,
                                  load_checkpoint, read_latest_pointer, resolve_resume, save_checkpoint, verify)
 
@@ -249,7 +249,7 @@ def test_keep_last_never_deletes_the_checkpoint_resumed_from(world, tmp_path, cl
 
 def _save_with_fault(folder: str, step: int, keep_last: int, spec: str) -> None:
     os.environ["VP_FAULTS"] = spec
-    faults.reset()
+    faults.install()  # in this forked child only
     save_checkpoint({"step": step, "w": torch.full((250_000,), float(step))}, folder, step, keep_last=keep_last)
 
 

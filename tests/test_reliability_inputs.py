@@ -25,8 +25,9 @@ from PIL import Image
 from configs.loader import config_from_dict
 from data import check_clips, discover_clips
 from helpers import one_torch_thread, tiny_kl_vae, tiny_vae_folder  # noqa: F401  (autouse: one intra-op thread)
+import faults
 from reliability_helpers import ckpt_files, cli, make_world, record, run_to_end  # noqa: F401
-from training import faults
+from training.checkpoint import load_checkpoint
 from training.distributed import DistInfo
 
 
@@ -222,13 +223,13 @@ def test_resume_with_a_vae_of_other_latent_channels_fails_naming_the_vae(world, 
 
 def test_frozen_vae_is_bit_identical_after_training(world, tmp_path):
     """Encoding on the fly (no latent cache) runs the VAE every step; its weights must not move."""
-    from video_prediction_trainer import Trainer
+    from train_video_pred import build
 
     cfg = config_from_dict(world.config(tmp_path / "runs", "f", **{"train.latent_cache": False,
                                                                     "train.max_steps": 3}))
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        trainer = Trainer(cfg, DistInfo(), tmp_path / "runs" / "f")
+        trainer = build(cfg, DistInfo(), tmp_path / "runs" / "f")
         trainer.fit()
     finally:
         for s, h in saved.items():
@@ -334,16 +335,19 @@ def test_wandb_hanging_at_finish_exits_0_after_the_final_checkpoint(world, tmp_p
 def test_nonfinite_skip_gives_up_after_k_in_a_row_but_not_after_k_scattered(world, tmp_path, cli, capfd, monkeypatch):
     cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "n",
                      **{"train.nonfinite": "skip", "train.max_nonfinite_skips": 3, "train.max_steps": 6})
-    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=2")  # every attempt at step 2
+    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=2,nan_loss:step=3,nan_loss:step=4")  # 3 bad steps in a row
     assert cli("--config", cfg) == 1
     captured = capfd.readouterr()
-    for k in (1, 2, 3):
-        assert f"non-finite loss/gradient at step 2; step skipped ({k}/3 in a row)" in captured.out
+    for k, step in ((1, 2), (2, 3), (3, 4)):
+        assert f"non-finite loss/gradient at step {step}; step skipped, its update masked ({k}/3 in a row)" \
+            in captured.out, captured.out
     assert "training halted: 3 non-finite steps in a row (train.max_nonfinite_skips); giving up" in captured.err
-    assert max(ckpt_files(tmp_path / "runs" / "n")) == 2
+    # step 4's checkpoint holds step 2's weights (both of its steps were masked), finite; nothing after it
+    saved = {s: load_checkpoint(p) for s, p in ckpt_files(tmp_path / "runs" / "n").items()}
+    assert max(saved) == 4 and all(torch.equal(saved[4]["unet"][k], v) for k, v in saved[2]["unet"].items())
 
     faults.reset()  # 2 + 2 bad steps, never 3 in a row: the run completes
-    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=2:times=2,nan_loss:step=4:times=2")
+    monkeypatch.setenv("VP_FAULTS", "nan_loss:step=1,nan_loss:step=2,nan_loss:step=4,nan_loss:step=5")
     assert cli("--config", cfg, "logging.name=n2") == 0
     assert capfd.readouterr().out.count("step skipped") == 4
     assert max(ckpt_files(tmp_path / "runs" / "n2")) == 6

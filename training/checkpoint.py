@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from training import faults
-
 MAGIC = b"VPCKPT1\n"
 _FOOTER_LEN = len(MAGIC) + 64 + 20 + 1
 _NAME_RE = re.compile(r"^ckpt_(\d{9})\.pt$")
@@ -42,19 +40,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, chunks: list[bytes], step: int | None = None) -> None:
+def _atomic_write(path: Path, chunks: list[bytes]) -> None:
     """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            for i, c in enumerate(chunks):
-                if i == 0 and faults.enabled():  # fault points save_crash / disk_full / save_sleep, mid-payload
-                    half = memoryview(c)[:len(c) // 2]
-                    f.write(half)
-                    faults.mid_write(f, step)
-                    f.write(memoryview(c)[len(half):])
-                else:
-                    f.write(c)
+            for c in chunks:
+                f.write(c)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -98,13 +90,13 @@ def save_checkpoint(state: dict, folder: str | Path, step: int, keep_last: int =
     payload = buf.getvalue()
     footer = MAGIC + hashlib.sha256(payload).hexdigest().encode() + f"{len(payload):020d}".encode() + b"\n"
     path = folder / checkpoint_name(step)
-    _atomic_write(path, [payload, footer], step=step)
+    _atomic_write(path, [payload, footer])
     _atomic_write(folder / LATEST, [path.name.encode() + b"\n"])  # pointer updated only after the file is in place
-    prune(folder, keep_last, protect=(*protect, path), step=step)
+    prune(folder, keep_last, protect=(*protect, path))
     return path
 
 
-def prune(folder: Path, keep_last: int, protect: tuple[Path, ...] = (), step: int | None = None) -> None:
+def prune(folder: Path, keep_last: int, protect: tuple[Path, ...] = ()) -> None:
     """Delete all but the newest `keep_last` checkpoints, never a protected one or the one `latest` names."""
     ckpts = list_checkpoints(folder)
     keep = {p.resolve() for p in ckpts[-keep_last:]} | {Path(p).resolve() for p in protect}
@@ -114,7 +106,6 @@ def prune(folder: Path, keep_last: int, protect: tuple[Path, ...] = (), step: in
     for p in ckpts:
         if p.resolve() not in keep:
             p.unlink(missing_ok=True)
-            faults.after_prune_delete(step)
 
 
 def verify(path: Path) -> str | None:

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from training import faults
 
 
 @dataclass
@@ -53,7 +55,6 @@ def setup(timeout_s: int = 600, device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        faults.before_process_group()
         timeout = datetime.timedelta(seconds=timeout_s)
         store = {}
         if "TORCHELASTIC_RESTART_COUNT" in os.environ:
@@ -86,6 +87,36 @@ def teardown() -> None:
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+def printer(info: DistInfo):
+    """print() for rank 0 that keeps tqdm's bars intact; a no-op on the other ranks."""
+    def say(*args) -> None:
+        if info.is_main:
+            tqdm.write(" ".join(str(a) for a in args))
+    return say
+
+
+def wrap(unet: torch.nn.Module, tc, info: DistInfo) -> torch.nn.Module:
+    """The UNet as the training step calls it: in DDP on several ranks, compiled with train.compile on GPU."""
+    compiled = tc.compile and info.device.type == "cuda"  # like every speed switch, GPU only
+    net = unet
+    if info.enabled:
+        net = DDP(unet, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                  bucket_cap_mb=_ddp_bucket_mb(unet, tc, compiled), gradient_as_bucket_view=tc.ddp_bucket_view)
+        if tc.ddp_grad_dtype == "bf16":
+            net.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    if compiled:
+        net = torch.compile(net, mode=tc.compile_mode)
+    return net
+
+
+def _ddp_bucket_mb(unet: torch.nn.Module, tc, compiled: bool) -> float:
+    """train.ddp_bucket_mb, or auto (0): one bucket holding every gradient when compiled, else DDP's 25 MiB."""
+    if tc.ddp_bucket_mb > 0:
+        return tc.ddp_bucket_mb
+    grad_mib = sum(p.numel() * p.element_size() for p in unet.parameters() if p.requires_grad) / 2 ** 20
+    return grad_mib + 1.0 if compiled else 25.0
 
 
 def barrier(info: DistInfo) -> None:

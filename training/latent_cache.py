@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.clips import Clip, clips_fingerprint
-from data.dataset import read_clip_frames, read_cond
-from data.windows import Window
+from data.dataset import VideoWindowDataset, read_clip_frames, read_cond
+from data.windows import Window, build_windows
 from training.distributed import DistInfo, barrier, broadcast_object
 
 _VERSION = 1
@@ -276,3 +276,21 @@ class LatentWindowDataset(Dataset):
         item["cond"] = (torch.cat([read_cond(clip, i, self.cfg) for i in future]) if self.cfg.cond_keys
                         else torch.zeros(0))
         return item
+
+
+def training_set(splits, cfg, vae, info: DistInfo, min_windows: int = 1, log=print) -> Dataset:
+    """The training windows: over cached latents (train.latent_cache, the cache built here when missing or stale,
+    a collective) or over pixels encoded on the fly. ValueError when there are fewer than `min_windows`."""
+    tc = cfg.train
+    windows = build_windows(splits.train, cfg.data)
+    if tc.latent_cache:
+        folder = build_or_load(splits.clips, cfg.data, vae, tc.cache_dir, info, store_std=tc.cache_std,
+                               num_workers=cfg.data.num_workers, log=log)
+        ids = [splits.clips.index(c) for c in splits.train]
+        dataset = LatentWindowDataset(splits.train, cfg.data, windows, folder, ids, with_std=cfg.vae.latent == "sample")
+    else:
+        dataset = VideoWindowDataset(splits.train, cfg.data, windows)
+    if len(dataset) < min_windows:
+        raise ValueError(f"the training split has {len(dataset)} windows, fewer than one global batch "
+                         f"({min_windows}); add data or lower train.batch_size")
+    return dataset

@@ -12,6 +12,8 @@ import time
 import warnings
 from pathlib import Path
 
+from configs import config_to_dict, dump_config
+
 
 def _jsonable(v):
     if hasattr(v, "item"):
@@ -130,3 +132,20 @@ def drop_records_after(path: Path, step: int) -> int:
 
 def run_dir_name(run_dir: Path) -> str:
     return Path(run_dir).name
+
+
+def make_run_folder(run_dir: Path) -> None:
+    """Rank 0: the run folder with samples/ (grids, GIFs) and eval/ (tables)."""
+    for sub in ("samples", "eval"):
+        (Path(run_dir) / sub).mkdir(parents=True, exist_ok=True)
+
+
+def start(run_dir: Path, cfg, info, resumed_from: Path | None, step: int, wandb_id: str | None,
+          say=print) -> Tracker:
+    """The resolved config written into the run folder, metrics.jsonl cut back to the resumed step, and the
+    tracker (rank 0 writes; on the other ranks it does nothing)."""
+    if info.is_main:
+        dump_config(cfg, Path(run_dir) / "config.yaml")
+        if resumed_from is not None and (n := drop_records_after(Path(run_dir) / "metrics.jsonl", step)):
+            say(f"metrics.jsonl: dropped {n} record(s) logged after step {step} (they are redone now)")
+    return Tracker(Path(run_dir), cfg, config_to_dict(cfg), enabled=info.is_main, resume_id=wandb_id)
