@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from configs import Config, ConfigError, dump_config, load_config
-from data import pipeline
-from model import VideoPredictionDiffusion, performance
-from training import checkpoint, distributed, latent_cache, tracking
+from data import latent_cache, pipeline
+from model import VideoPredictionDiffusion, checkpoint, performance
+from model.checkpoint import CheckpointError
+from training import distributed, tracking
 from training import optim as optimization
-from training.checkpoint import CheckpointError
 from training.distributed import DistInfo, rank_seed, seed_everything
 from training.resume import Resume, restore
 from training.resume import find as find_resume

@@ -21,7 +21,7 @@ from configs import Config, config_to_dict
 from data.dataset import VideoWindowDataset
 from data.windows import spread
 from model import VideoPredictionDiffusion
-from training import checkpoint as ckpt
+from model import checkpoint as ckpt
 from training.distributed import (DistInfo, StallWatchdog, all_gather_object, all_reduce, broadcast_object, printer,
                                   rank_seed, rng_state, set_rng_state)
 from training.evaluation import evaluate, format_table

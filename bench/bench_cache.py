@@ -1,4 +1,4 @@
-"""Latent-cache build from JPEG frames on disk (goal 3), baseline and optimised, through training.latent_cache.
+"""Latent-cache build from JPEG frames on disk (goal 3), baseline and optimised, through data.latent_cache.
 
 Writes synthetic clips as 256x448 JPEGs (quality 90), then times `build_or_load` end to end (DataLoader workers
 decode the JPEGs, pinned memory, the VAE encoder on the GPU, fp16 .npy files and the manifest), and its parts
@@ -29,7 +29,7 @@ from data.synthetic import render_clip  # noqa: E402
 from data.windows import build_windows  # noqa: E402
 from model import FrozenVAE, performance  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
-from training.latent_cache import LatentWindowDataset, _FrameChunks, build_or_load  # noqa: E402
+from data.latent_cache import LatentWindowDataset, _FrameChunks, build_or_load  # noqa: E402
 
 B = "cache"
 

@@ -3,7 +3,8 @@
 One job per module: `clips` finds clips, `video` decodes video files, `sidecar` reads per-frame JSON, `split` holds
 clips out for validation, `windows` indexes windows (no pixels), `dataset` reads pixels and conditioning vectors,
 `scan` checks every frame before training, `synthetic` writes the synthetic world, `pixels` converts between pixel
-spaces, `pipeline` chains them: the one call a trainer or a tool makes.
+spaces, `latent_cache` encodes every frame once and serves windows of latents, `pipeline` chains them: the one
+call a trainer or a tool makes.
 """
 from data.clips import IMAGE_EXTENSIONS, Clip, clips_fingerprint, discover_clips, list_frames, natural_key
 from data.dataset import VideoWindowDataset, read_clip_frames, read_cond, read_image

@@ -28,7 +28,7 @@ from configs.loader import ConfigError
 from model.unet import ConditionalUNet
 from model.vae import FrozenVAE
 from model.video_prediction_diffusion import VideoPredictionDiffusion
-from training.checkpoint import CheckpointError, resolve_resume
+from model.checkpoint import CheckpointError, resolve_resume
 
 
 class LoadError(RuntimeError):

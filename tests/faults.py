@@ -243,8 +243,8 @@ def install(monkeypatch=None) -> None:
     """Wrap the production functions at the fault points (with pytest's `monkeypatch`, undone after the test)."""
     import video_prediction_trainer
     from model.video_prediction_diffusion import VideoPredictionDiffusion
-    from training import checkpoint
-    from training.latent_cache import LatentWindowDataset
+    from model import checkpoint
+    from data.latent_cache import LatentWindowDataset
     from data.dataset import VideoWindowDataset
 
     def patch(owner, name, value):

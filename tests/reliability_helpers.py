@@ -192,7 +192,7 @@ TRAINING_STATE = ("unet", "ema", "optimizer", "lr_scheduler", "step", "epoch", "
 
 
 def ckpt_files(run_dir: Path) -> dict[int, Path]:
-    from training.checkpoint import list_checkpoints
+    from model.checkpoint import list_checkpoints
     return {int(p.stem.split("_")[1]): p for p in list_checkpoints(Path(run_dir) / "checkpoints")}
 
 

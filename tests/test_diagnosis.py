@@ -30,7 +30,7 @@ from model.loading import LoadError, load_model
 from model.schedule import NoiseSchedule
 from model.unet import ConditionalUNet
 from trainer_helpers import explain, run_cli, write_yaml
-from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from model.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_VAE = REPO / "assets" / "vae_synthetic"

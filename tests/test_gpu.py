@@ -16,9 +16,9 @@ from configs.loader import config_from_dict
 from data import discover_clips
 from model import VideoPredictionDiffusion
 from trainer_helpers import REPO, SCRIPT, explain, losses, make_world, subprocess_env, write_yaml
-from training import checkpoint as ckpt
+from model import checkpoint as ckpt
 from training.distributed import DistInfo
-from training.latent_cache import build_or_load
+from data.latent_cache import build_or_load
 from train_video_pred import build
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

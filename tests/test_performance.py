@@ -21,7 +21,7 @@ from model import FrozenVAE, VideoPredictionDiffusion, performance
 from trainer_helpers import make_world
 from training import profiling
 from training.distributed import DistInfo
-from training.latent_cache import LatentWindowDataset, build_or_load
+from data.latent_cache import LatentWindowDataset, build_or_load
 from train_video_pred import build
 
 
@@ -155,7 +155,7 @@ def test_latent_cache_of_uneven_clips_matches_direct_encoding_with_one_encoder_s
 def test_latent_cache_write_failure_raises_and_leaves_no_manifest(uneven_clips, tmp_path, monkeypatch):
     import errno
 
-    import training.latent_cache as latent_cache
+    import data.latent_cache as latent_cache
 
     clips, data_cfg, vae = uneven_clips
     real_save = latent_cache._save_npy

@@ -1,6 +1,6 @@
 """Reliability of checkpoints: kill -9 in the middle of saves, corrupted files, full disks, crashes while pruning.
 
-Module-level cases fork a child that calls training.checkpoint on a few-MB state and kill it; trainer-level cases run
+Module-level cases fork a child that calls model.checkpoint on a few-MB state and kill it; trainer-level cases run
 the real entry point (`train_video_pred.main`, in this process, one rank; or as a subprocess when it must die).
 Each test records its figures (trials, faults survived, seconds, bytes lost) with `record`.
 """
@@ -21,7 +21,7 @@ from helpers import one_torch_thread  # noqa: F401  (autouse: one intra-op threa
 from reliability_helpers import (TRAINING_STATE, ckpt_files, cli, differences, make_world, record,  # noqa: F401
                                  run_to_end, temp_files)
 import faults
-from training.checkpoint import (LATEST, CheckpointError, checkpoint_name, clean_leftovers, list_checkpoints,
+from model.checkpoint import (LATEST, CheckpointError, checkpoint_name, clean_leftovers, list_checkpoints,
                                  load_checkpoint, read_latest_pointer, resolve_resume, save_checkpoint, verify)
 
 FORK = multiprocessing.get_context("fork")  # the child inherits the imports: a kill trial costs milliseconds

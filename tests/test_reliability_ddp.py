@@ -15,7 +15,7 @@ import pytest
 
 from reliability_helpers import (TRAINING_STATE, ckpt_files, differences, launch, make_world, record, run_to_end,
                                  temp_files)
-from training.checkpoint import list_checkpoints, load_checkpoint, read_latest_pointer, verify
+from model.checkpoint import list_checkpoints, load_checkpoint, read_latest_pointer, verify
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun (3 processes)
 

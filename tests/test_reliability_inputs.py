@@ -27,7 +27,7 @@ from data import check_clips, discover_clips
 from helpers import one_torch_thread, tiny_kl_vae, tiny_vae_folder  # noqa: F401  (autouse: one intra-op thread)
 import faults
 from reliability_helpers import ckpt_files, cli, make_world, record, run_to_end  # noqa: F401
-from training.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint
 from training.distributed import DistInfo
 
 

@@ -33,7 +33,7 @@ from configs import load_config
 from configs.loader import config_from_dict, parse_yaml
 from data import build_windows, discover_clips, split_clips
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-from training import checkpoint as ckpt
+from model import checkpoint as ckpt
 from training import distributed
 import faults
 from training.distributed import DistInfo
@@ -418,7 +418,7 @@ def test_trainer_killed_at_a_random_moment_keeps_a_valid_checkpoint(world, tmp_p
 
 _BIG_SAVER = textwrap.dedent("""
     import sys, torch
-    from training.checkpoint import save_checkpoint
+    from model.checkpoint import save_checkpoint
     folder = sys.argv[1]
     save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, folder, 1, keep_last=2)
     step = 2

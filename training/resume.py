@@ -13,7 +13,7 @@ import torch
 from configs import Config
 from model import performance
 from model.loading import check_fits
-from training.checkpoint import resolve_resume
+from model.checkpoint import resolve_resume
 from training.distributed import DistInfo
 from training.optim import Optimization
 

@@ -20,15 +20,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.clips import Clip, clips_fingerprint
 from data.dataset import VideoWindowDataset, read_clip_frames, read_cond
 from data.windows import Window, build_windows
-from training.distributed import DistInfo, barrier, broadcast_object
 
 _VERSION = 1
+
+
+# The build is shared by the ranks of a job; `info` is training.distributed.DistInfo (rank, world_size, device). These
+# two collectives are all this module needs of torch.distributed, so the data layer does not import the training one.
+def _barrier(info) -> None:
+    if info.enabled:
+        dist.barrier(**({"device_ids": [info.device.index]} if info.device.type == "cuda" else {}))
+
+
+def _from_rank0(obj, info):
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def cache_key(clips: list[Clip], data_cfg, vae_identity: dict, store_std: bool) -> tuple[str, dict]:
@@ -158,7 +173,7 @@ def _wait_for(writes: deque[Future], keep: int) -> None:
         writes.popleft().result()
 
 
-def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info: DistInfo, store_std: bool = True,
+def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info, store_std: bool = True,
                   num_workers: int = 2, log=print, pad_chunks: bool | None = None) -> Path:
     """Return the folder of a valid cache for these clips and this VAE, building it (all ranks share the work)
     when it is missing, stale or corrupt. Every rank must call this. pad_chunks: encode every chunk at
@@ -167,7 +182,7 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info:
     key, ident = cache_key(clips, data_cfg, vae.identity(), store_std)
     folder = Path(cache_dir) / key
     reason = _valid(folder, key, len(clips)) if info.is_main else None
-    reason = broadcast_object(reason, info)
+    reason = _from_rank0(reason, info)
     if reason is None:
         log(f"latent cache: using {folder}")
         return folder
@@ -176,7 +191,7 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-    barrier(info)
+    _barrier(info)
     mine = list(range(info.rank, len(clips), info.world_size))
     chunks = _FrameChunks(clips, mine, data_cfg, vae.chunk_size)
     loader = DataLoader(chunks, batch_size=None, num_workers=num_workers,
@@ -228,14 +243,14 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
-    barrier(info)
+    _barrier(info)
     if info.is_main:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.glob("*.npy"))}
         manifest = {"key": key, "num_clips": len(clips), "identity": ident, "files": files}
         tmp = folder / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
         os.replace(tmp, folder / "manifest.json")
-    barrier(info)
+    _barrier(info)
     return folder
 
 
@@ -278,7 +293,7 @@ class LatentWindowDataset(Dataset):
         return item
 
 
-def training_set(splits, cfg, vae, info: DistInfo, min_windows: int = 1, log=print) -> Dataset:
+def training_set(splits, cfg, vae, info, min_windows: int = 1, log=print) -> Dataset:
     """The training windows: over cached latents (train.latent_cache, the cache built here when missing or stale,
     a collective) or over pixels encoded on the fly. ValueError when there are fewer than `min_windows`."""
     tc = cfg.train

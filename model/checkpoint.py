@@ -1,5 +1,7 @@
 """Checkpoint files: atomic writes, a checksum and commit marker, a `latest` pointer, retention, fallback on load.
 
+Written by the trainer, read by `model/loading.py` (inference) and `training/resume.py`; it knows nothing of either.
+
 File layout: torch.save payload, then a 96-byte footer  b"VPCKPT1\\n" + sha256(payload) hex + payload length
 (zero-padded) + b"\\n". The footer is written last and the file renamed into place only after fsync, so a file
 under a final name is complete; a missing or wrong footer means the file is not a committed checkpoint.
