@@ -5,16 +5,24 @@ Written by the trainer, read by `model/loading.py` (inference) and `training/res
 File layout: torch.save payload, then a 96-byte footer  b"VPCKPT1\\n" + sha256(payload) hex + payload length
 (zero-padded) + b"\\n". The footer is written last and the file renamed into place only after fsync, so a file
 under a final name is complete; a missing or wrong footer means the file is not a committed checkpoint.
+
+Loading never runs code from the file: `torch.load(weights_only=True)` rebuilds only tensors, plain containers and
+primitives, plus the numpy arrays of `np.random.get_state()` (the one non-tensor the trainer stores, allow-listed in
+SAFE_GLOBALS). A file that names any other callable (a pickled object's `__reduce__`) is refused with
+UnsafeCheckpointError, even when its checksum is valid: the checksum proves the file is complete, not that it is
+harmless. Weights to share go through tools/export.py (safetensors) instead.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 MAGIC = b"VPCKPT1\n"
@@ -25,6 +33,19 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A complete checkpoint that holds something a weights-only load refuses (code, or a class not allow-listed).
+
+    Never skipped over silently: a file under a final name with a valid checksum that carries code is not an
+    accident of a crash, so resuming stops instead of falling back to an older checkpoint."""
+
+
+# numpy's RNG state (np.random.get_state(): a uint32 array) as numpy 2 and numpy 1 pickle it; nothing else.
+_reconstruct = np._core.multiarray._reconstruct
+SAFE_GLOBALS = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                np.dtypes.UInt32DType]
 
 
 def checkpoint_name(step: int) -> str:
@@ -149,7 +170,18 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if reason:
         raise CheckpointError(f"checkpoint {path} is not valid: {reason}")
     data = path.read_bytes()[:-_FOOTER_LEN]
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            named = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))) or "?"
+        except Exception:  # noqa: BLE001 - the listing is only for the message
+            named = "?"
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint {path}: besides tensors and plain data it names {named}, which loading "
+            "would call (this project's checkpoints never do; do not use this file unless you know who made it "
+            "and why)") from None
 
 
 def read_latest_pointer(folder: Path) -> Path | None:
@@ -187,6 +219,8 @@ def resolve_resume(folder: str | Path, which: str = "latest") -> tuple[Path, dic
         if reason is None:
             try:
                 return path, load_checkpoint(path)
+            except UnsafeCheckpointError:
+                raise
             except Exception as e:  # noqa: BLE001 - a verified file that still fails to unpickle
                 reason = f"failed to load: {e}"
         warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)

@@ -8,6 +8,7 @@ loaded from the folder or hub id the stored config names. The original YAML is n
     loaded = load_model(run="runs/demo")                  # newest valid checkpoint of the run
     loaded = load_model(checkpoint="runs/demo/checkpoints/ckpt_000001000.pt")
     loaded = load_model(config="configs/demo.yaml")       # random weights (loaded.random_weights is True)
+    loaded = load_model(run="runs/demo/export")           # an export folder (tools/export.py): safetensors + JSON
     frames = loaded.model.predict(past_frames, net=loaded.net("ema"))
 
 Non-finite weights do not stop loading: `loaded.nonfinite` lists them, so a diagnosis can report them.
@@ -29,6 +30,7 @@ from model.unet import ConditionalUNet
 from model.vae import FrozenVAE
 from model.video_prediction_diffusion import VideoPredictionDiffusion
 from model.checkpoint import CheckpointError, resolve_resume
+from model.export import ExportError, is_export, read_export
 
 
 class LoadError(RuntimeError):
@@ -112,8 +114,12 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
 
 def find_checkpoint(run: str | Path | None, which: str = "latest") -> tuple[Path, dict]:
     """(path, state) of the checkpoint to load: `which` = "latest" (the run's newest valid checkpoint; `run` is
-    the run folder or its checkpoints/ folder) or a checkpoint file path."""
+    the run folder or its checkpoints/ folder) or a checkpoint file path. An export folder (model/export.py), as
+    `run` or as `which`, gives its state without unpickling anything."""
     try:
+        for folder in (which, run):
+            if folder is not None and folder != "latest" and Path(folder).is_dir() and is_export(folder):
+                return Path(folder), read_export(folder)
         if which != "latest":
             found = resolve_resume(Path(which).parent, which)
         else:
@@ -126,7 +132,7 @@ def find_checkpoint(run: str | Path | None, which: str = "latest") -> tuple[Path
             found = resolve_resume(folder, "latest")
             if found is None:
                 raise LoadError(f"no checkpoint in {folder} (has the run saved one yet? train.save_every)")
-    except CheckpointError as e:
+    except (CheckpointError, ExportError) as e:
         raise LoadError(str(e)) from None
     return found
 
@@ -227,13 +233,22 @@ def load_model(run: str | Path | None = None, checkpoint: str = "latest", config
         except RuntimeError as e:
             raise LoadError(f"{path}: UNet weights do not fit the stored config: {str(e).splitlines()[0]}") from None
         nonfinite["unet"] = nonfinite_names(unet.state_dict().items())
-        if state.get("ema") is not None:
+        if state.get("ema_unet") is not None:  # an export: the EMA weights under the UNet's names
+            ema_unet = copy.deepcopy(unet).requires_grad_(False)
+            try:
+                ema_unet.load_state_dict(state["ema_unet"])
+            except RuntimeError as e:
+                raise LoadError(f"{path}: EMA weights do not fit the stored config: {str(e).splitlines()[0]}") from None
+            ema_unet.eval()
+            ema_state = state.get("ema_settings") or {}
+            nonfinite["ema"] = nonfinite_names((f"ema.{n}", p) for n, p in ema_unet.named_parameters())
+        elif state.get("ema") is not None:
             ema_unet = _ema_unet(unet, state["ema"], str(path))
             ema_state = {k: v for k, v in state["ema"].items() if k != "shadow_params"}
             nonfinite["ema"] = nonfinite_names((f"ema.{n}", p) for n, p in ema_unet.named_parameters())
     unet.to(device).eval().requires_grad_(False)
     if ema_unet is not None:
         ema_unet.to(device)
+    rest = {k: v for k, v in state.items() if k not in ("unet", "ema", "ema_unet", "optimizer")}
     return LoadedModel(model=model, cfg=cfg, ema_unet=ema_unet, ema_state=ema_state, step=int(state.get("step", 0)),
-                       checkpoint=path, state={k: v for k, v in state.items() if k not in ("unet", "ema", "optimizer")},
-                       nonfinite={k: v for k, v in nonfinite.items() if v})
+                       checkpoint=path, state=rest, nonfinite={k: v for k, v in nonfinite.items() if v})
