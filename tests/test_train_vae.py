@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from configs.schema import DataConfig, SyntheticConfig, VAEConfig
 from data import discover_clips, read_clip_frames, render_clip, split_clips, to_uint8_hwc, to_unit, uint8_to_frames
+from model.checkpoint import save_checkpoint
 from model.vae import FrozenVAE, load_diffusers_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,3 +162,102 @@ def test_bundled_vae_loads_and_round_trips_unseen_synthetic_frames():
     assert abs(latents.mean().item()) < 0.5
     recon = vae.decode(latents)
     assert psnr(recon.flatten(0, 1), frames.flatten(0, 1)) > ASSET_MIN_PSNR
+
+
+# ------------------------------------------------------------------------------- issue 16 item 6: bad data, resume
+def tool_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def jpeg_clips(root: Path, clips: int = 3, frames: int = 8) -> list[Path]:
+    """root/<clip>/<frame>.jpg of synthetic-world frames; returns the frame paths."""
+    paths = []
+    for c in range(clips):
+        (root / f"clip{c}").mkdir(parents=True)
+        for f, frame in enumerate(render_clip(SyntheticConfig(height=SIZE, width=SIZE), c)[0][:frames]):
+            paths.append(root / f"clip{c}" / f"{f:04d}.jpg")
+            Image.fromarray(frame).save(paths[-1], quality=95)
+    return paths
+
+
+def test_a_truncated_jpeg_is_found_before_training(tmp_path, capsys):
+    """The scan runs first: --bad-data error stops before the first step naming the file (exit 2); skip trains on
+    the rest. Before the scan, the run read the frame mid-training and died with a traceback."""
+    paths = jpeg_clips(tmp_path / "clips")
+    bad = paths[4]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    run = ["--data-root", str(tmp_path / "clips"), "--frame-glob", "*.jpg", "--height", str(SIZE), "--width",
+           str(SIZE), "--block-out-channels", "16", "32", "--norm-num-groups", "8", "--steps", "12", "--batch-size",
+           "6", "--sample-every", "0", "--val-fraction", "0", "--threads", "1", "--device", "cpu", "--val-frames", "4"]
+    tool = load_tool()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(run + ["--out", str(tmp_path / "stopped")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: corrupt or truncated image" in err and "--bad-data skip" in err
+    assert not (tmp_path / "stopped" / "checkpoints").exists()
+    metrics = tool.main(run + ["--out", str(tmp_path / "skipped"), "--bad-data", "skip"])
+    assert metrics["steps"] == 12 and metrics["train_frames"] == len(paths) - 1  # clip0 cut into frames 0-3 and 5-7
+    assert str(bad) in capsys.readouterr().out
+
+
+def wait_for(predicate, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_sigint_and_sigterm_save_and_resume_continues_bit_exactly(tmp_path):
+    """One run stopped by Ctrl-C, resumed, stopped by SIGTERM, resumed to the end, equals an uninterrupted run
+    weight for weight (batches, posterior noise, optimizer and LR schedule all restored)."""
+    steps = 80
+    args = [*TINY_RUN, "--steps", str(steps), "--sample-every", "20", "--save-every", "5"]  # later flags win
+
+    def start(name: str, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, str(TOOL), *args, "--data-root", str(tmp_path / f"world_{name}"),
+               "--out", str(tmp_path / name), *extra]
+        return subprocess.Popen(cmd, cwd=tmp_path, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    reference = start("reference")
+    ckpts = tmp_path / "run" / "checkpoints"
+    newest = lambda: max((int(p.stem.split("_")[1]) for p in ckpts.glob("ckpt_*.pt")), default=0)  # noqa: E731
+    stopped_at = []
+    for sig, code, extra in ((signal.SIGINT, 130, ()), (signal.SIGTERM, 143, ("--resume", "latest"))):
+        before = newest()
+        proc = start("run", *extra)
+        wait_for(lambda: newest() > before or proc.poll() is not None)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == code, output[-3000:]
+        assert "continue with --resume latest" in output and "Traceback" not in output
+        stopped_at.append(newest())
+        assert stopped_at[-1] < steps
+    assert stopped_at[0] < stopped_at[1]
+    final = start("run", "--resume", "latest")
+    output, _ = final.communicate(timeout=300)
+    assert final.returncode == 0 and f"resumed from {ckpts / f'ckpt_{stopped_at[1]:09d}.pt'}" in output, output[-3000:]
+    ref_output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, ref_output[-3000:]
+    a = load_file(tmp_path / "run" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "reference" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads((tmp_path / n / "metrics.json").read_text())["history"] for n in ("run", "reference")]
+    assert [(h["step"], h["val_psnr"], h["loss"]) for h in history[0]] == \
+        [(h["step"], h["val_psnr"], h["loss"]) for h in history[1]]
+
+
+def test_resume_refuses_other_settings_and_foreign_files(tmp_path, capsys):
+    tool = load_tool()
+    run = [*TINY_RUN, "--steps", "2", "--save-every", "1", "--data-root", str(tmp_path / "world"),
+           "--out", str(tmp_path / "vae")]
+    tool.main(run)
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*run, "--resume", "latest", "--lr", "5e-4"])
+    assert exit_info.value.code == 2 and "--lr: 0.001 -> 0.0005" in capsys.readouterr().err
+    foreign = save_checkpoint({"step": 1, "w": torch.zeros(2)}, tmp_path / "other", 1)
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*run, "--resume", str(foreign)])
+    assert exit_info.value.code == 2 and f"{foreign} is not a checkpoint of tools/train_vae.py" in capsys.readouterr().err

@@ -5,11 +5,18 @@ r"""Train a diffusers AutoencoderKL (from scratch or from --init) on clips of fr
     python tools/train_vae.py --data-root /data/clips --frame-glob "*.jpg" --height 256 --width 256 \
         --init stabilityai/sd-vae-ft-mse --lr 1e-5 --steps 20000 --out runs/vae_ft
 
-Stages: data (discover clips, split by clip) -> model (new from the architecture flags, or --init) -> fit (L1/L2
+Stages: data (discover clips, scan every frame as the trainer does, split by clip) -> model (new from the architecture flags, or --init) -> fit (L1/L2
 reconstruction + KL, AdamW) -> measure the std of the raw posterior-mean latents on training frames and set
 scaling_factor = 1/std (shift_factor = their mean with --shift) -> save_pretrained -> reload the saved folder
 through model.vae.FrozenVAE and report what the project will see: held-out PSNR and scaled-latent statistics
 (metrics.json). The saved folder loads with AutoencoderKL.from_pretrained exactly like stabilityai/sd-vae-ft-mse.
+
+Bad frames (truncated, unreadable, wrong mode) are found by the scan before training (data/scan.py): --bad-data
+error stops there listing them, skip trains without them. Every --save-every steps, and on SIGTERM or Ctrl-C (a
+second Ctrl-C exits at once), <out>/checkpoints/ckpt_N.pt is written atomically (model/checkpoint.py);
+--resume latest continues it with the same batches and noise as an uninterrupted run.
+exit codes: 0 done; 2 bad arguments, bad data or a checkpoint that does not resume; 143 / 130 saved and stopped by
+SIGTERM / SIGINT.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from collections import deque
@@ -27,7 +35,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
@@ -36,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from configs.schema import DataConfig, SyntheticConfig  # noqa: E402
 from data import prepare_clips, read_clip_frames, spread, to_uint8_hwc, to_unit  # noqa: E402
 from data.clips import Clip  # noqa: E402
+from data.errors import DataError  # noqa: E402
+from model.checkpoint import CheckpointError, resolve_resume, save_checkpoint  # noqa: E402
 from model.vae import FrozenVAE, load_diffusers_vae  # noqa: E402
 
 _SYN = SyntheticConfig()
@@ -65,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--val-fraction", type=float, default=0.1, help="fraction of clips held out; 0 = none")
     g.add_argument("--split-seed", type=int, default=0, help="the clip split is a pure function of it and clip names")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes; 0 = main process")
+    g.add_argument("--bad-data", default="error", choices=("error", "skip"),
+                   help="frames the scan finds bad (truncated, unreadable): error = stop before training listing "
+                        "them; skip = train without them (data.bad_data)")
+    g.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="with --bad-data skip, stop if more than this fraction of frames is bad")
     g = p.add_argument_group("synthetic world (data/synthetic.py; rendered at --height x --width)")
     g.add_argument("--synthetic", action="store_true", help="train on the synthetic world instead of real clips")
     g.add_argument("--synthetic-clips", type=int, default=_SYN.num_clips, help="clips per world")
@@ -117,6 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--sample-every", type=int, default=500,
                    help="write samples/step_N.png (top: input, bottom: reconstruction) and val PSNR; 0 = end only")
     g.add_argument("--sample-count", type=int, default=8, help="frames in each sample grid")
+    g = p.add_argument_group("checkpoints (<out>/checkpoints, for resuming; the VAE itself is saved at the end)")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps; 0 = only on SIGTERM/SIGINT")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    g.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from <out>/checkpoints' newest valid checkpoint (latest) or a checkpoint file; "
+                        "with latest and none yet, start from step 0")
     args = p.parse_args(argv)
 
     problems = []
@@ -139,10 +160,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             f"factor {factor}")
     if not args.synthetic and not args.data_root:
         problems.append("--data-root is required without --synthetic")
-    for name in ("steps", "batch_size", "frame_stride", "scale_frames", "sample_count"):
+    for name in ("steps", "batch_size", "frame_stride", "scale_frames", "sample_count", "keep_last"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("warmup_steps", "num_workers", "val_frames", "sample_every", "threads"):
+    for name in ("warmup_steps", "num_workers", "val_frames", "sample_every", "threads", "save_every"):
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0")
     if args.lr <= 0 or args.kl_weight < 0 or args.grad_clip < 0:
@@ -158,7 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def data_configs(args) -> list[DataConfig]:
     """One DataConfig per source: each --data-root, or each synthetic world (still and/or pan)."""
     base = dict(frame_glob=args.frame_glob, height=args.height, width=args.width, resize_mode=args.resize_mode,
-                val_fraction=args.val_fraction, split_seed=args.split_seed, t_past=1, t_future=1)
+                val_fraction=args.val_fraction, split_seed=args.split_seed, t_past=1, t_future=1,
+                bad_data=args.bad_data, max_bad_fraction=args.max_bad_fraction)
     if not args.synthetic:
         return [DataConfig(root=root, **base) for root in args.data_root]
     root = Path(args.data_root[0] if args.data_root else "data_cache/vae_synthetic")
@@ -170,10 +192,13 @@ def data_configs(args) -> list[DataConfig]:
 
 
 def gather_clips(cfgs: list[DataConfig]) -> tuple[list[Clip], list[Clip]]:
-    """(train, val) clips over all sources, each source split by clip; names prefixed by source when several."""
+    """(train, val) clips over all sources, each scanned (DataError listing every bad frame under --bad-data error)
+    and split by clip; names prefixed by source when several."""
     train, val = [], []
     for k, cfg in enumerate(cfgs):
-        t, v, _ = prepare_clips(cfg, scan=False)
+        t, v, report = prepare_clips(cfg, scan=True)
+        if report is not None and not report.ok:
+            print(f"warning: training without the bad data (--bad-data skip): {report}")
         if len(cfgs) > 1:
             t, v = ([dataclasses.replace(c, name=f"{k}/{c.name}", source=f"{k}/{c.source_name}") for c in s]
                     for s in (t, v))
@@ -210,9 +235,80 @@ def batches(items, cfg, batch_size: int, num_workers: int):
     return DataLoader(FrameDataset(items, cfg), batch_size=batch_size, num_workers=num_workers)
 
 
-def endless(loader: DataLoader):
-    while True:
-        yield from loader
+class EpochBatches(Sampler):
+    """Endless batches of item indices, each epoch a permutation drawn from (seed, epoch): batch k of a run is a
+    pure function of k, so a resumed run sees the batches the uninterrupted one would have seen."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+
+    def __iter__(self):
+        per_epoch = math.ceil(self.n / self.batch_size)
+        epoch, b = divmod(self.start, per_epoch)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            for i in range(b, per_epoch):
+                yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            epoch, b = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+RESUME_MUST_MATCH = ("height", "width", "resize_mode", "frame_stride", "batch_size", "seed", "steps", "lr",
+                     "lr_schedule", "warmup_steps", "init", "synthetic", "data_root", "frame_glob", "val_fraction",
+                     "split_seed", "bad_data")
+
+
+def fail(message: str):
+    """A user error: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class Stop:
+    """SIGTERM / SIGINT ask for a save and a stop at the end of the step; a second SIGINT exits at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: no save
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping")
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def training_state(step: int, vae, opt, sched, posterior_gen, history, recent, train_s: float, args) -> dict:
+    """Everything a resume needs, as tensors and plain data (model/checkpoint.py loads with weights_only=True)."""
+    return {"step": step, "vae": vae.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "posterior": posterior_gen.get_state()},
+            "history": history, "recent": list(recent), "train_s": train_s,
+            "args": {k: v for k, v in vars(args).items() if k in RESUME_MUST_MATCH}}
+
+
+def find_resume(args, folder: Path) -> tuple[Path, dict] | None:
+    """The checkpoint --resume names, checked against the arguments; SystemExit(2) naming the problem."""
+    try:
+        found = resolve_resume(folder, args.resume)
+    except CheckpointError as e:
+        fail(f"--resume {args.resume}: {e}")
+    if found is None:
+        print(f"--resume latest: no checkpoint in {folder} yet; starting from step 0")
+        return None
+    path, state = found
+    if not isinstance(state, dict) or "vae" not in state or "step" not in state:
+        fail(f"--resume: {path} is not a checkpoint of tools/train_vae.py (no 'vae' / 'step')")
+    saved = state.get("args", {})
+    changed = [f"--{k.replace('_', '-')}: {saved[k]!r} -> {getattr(args, k)!r}" for k in RESUME_MUST_MATCH
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        fail(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); resume with the same "
+             "ones, or start a new --out")
+    return path, state
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -279,7 +375,10 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. data: clips split by clip; fixed held-out frames for PSNR and sample grids
     cfgs = data_configs(args)
     read_cfg = cfgs[0]  # reading needs only height, width and resize_mode, shared by all sources
-    train_clips, val_clips = gather_clips(cfgs)
+    try:
+        train_clips, val_clips = gather_clips(cfgs)
+    except DataError as e:
+        fail(f"{e}\n(here: --bad-data skip)")
     train_items = frame_items(train_clips, args.frame_stride)
     val_items = frame_items(val_clips, args.frame_stride)
     if not val_items:
@@ -289,9 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
                                  spread(len(held_out), args.sample_count)])
     print(f"data: {len(train_clips)} train clips ({len(train_items)} frames), {len(val_clips)} val clips "
           f"({len(val_items)} frames), {args.height}x{args.width}")
-    loader = DataLoader(FrameDataset(train_items, read_cfg), batch_size=args.batch_size, drop_last=False,
-                        sampler=RandomSampler(train_items, generator=torch.Generator().manual_seed(args.seed)),
-                        num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+    ckpt_dir = out / "checkpoints"
+    resume = find_resume(args, ckpt_dir) if args.resume else None
+    first = resume[1]["step"] + 1 if resume else 1
+    loader = DataLoader(FrameDataset(train_items, read_cfg), batch_sampler=EpochBatches(
+        len(train_items), args.batch_size, args.seed, start=first - 1), num_workers=args.num_workers,
+        persistent_workers=args.num_workers > 0)
 
     # 2. model and optimizer
     vae = build_vae(args).to(device).train()
@@ -303,11 +405,31 @@ def main(argv: list[str] | None = None) -> dict:
                           num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
     posterior_gen = torch.Generator(device).manual_seed(args.seed + 1)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+    history, recent, train_s = [], deque(maxlen=50), 0.0
+    if resume:
+        path, state = resume
+        try:
+            vae.load_state_dict(state["vae"])
+        except RuntimeError as e:
+            fail(f"--resume: {path} holds another architecture: {str(e).splitlines()[0]}")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        posterior_gen.set_state(state["rng"]["posterior"])
+        history, train_s = state["history"], state["train_s"]
+        recent.extend(state["recent"])
+        print(f"resumed from {path} at step {state['step']}")
+
+    def save(step: int) -> Path:
+        return save_checkpoint(training_state(step, vae, opt, sched, posterior_gen, history, recent,
+                                              train_s + time.time() - start, args),
+                               ckpt_dir, step, keep_last=args.keep_last, protect=(resume[0],) if resume else ())
 
     # 3. fit: reconstruction of a posterior sample + KL, weighted against each other as in LDM (both per pixel here)
-    history, recent, start = [], deque(maxlen=50), time.time()
-    bar = tqdm(range(1, args.steps + 1), desc="train vae", dynamic_ncols=True)
-    data_iter = endless(loader)
+    start = time.time()
+    stop = Stop()
+    bar = tqdm(range(first, args.steps + 1), initial=first - 1, total=args.steps, desc="train vae", dynamic_ncols=True)
+    data_iter = iter(loader)
     for step in bar:
         x = next(data_iter).to(device)
         with autocast:
@@ -335,9 +457,18 @@ def main(argv: list[str] | None = None) -> dict:
                       reconstruct(vae, sample_frames.to(device)).cpu())
             vae.train()
             history.append({"step": step, "train_psnr": float(np.mean(recent)), "val_psnr": val_psnr,
-                            "loss": loss.item(), "kl": kl.item(), "elapsed_s": time.time() - start})
+                            "loss": loss.item(), "kl": kl.item(), "elapsed_s": train_s + time.time() - start})
             tqdm.write(f"step {step}: held-out PSNR {val_psnr:.2f} dB (train, running: {np.mean(recent):.2f} dB)")
-    train_s = time.time() - start
+        if stop.signum is not None:
+            bar.close()
+            path = save(step)
+            print(f"saved {path} at step {step}; continue with --resume latest", file=sys.stderr)
+            stop.restore()
+            raise SystemExit(128 + stop.signum)
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):
+            save(step)
+    stop.restore()
+    train_s += time.time() - start
     vae.eval()
 
     # 4. measure the latent scale on training frames (DESIGN cause 3: scaled latents of real data have std ~ 1)
@@ -387,4 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, without a traceback
+        sys.exit(130)
