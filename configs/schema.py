@@ -93,6 +93,9 @@ class DataConfig:
     sidecar_dir: str = ""  # sidecar folder relative to the clip folder; "" = beside each frame (<frame>.json or .json.gz)
     bad_data: str = "error"  # error: stop at the first scan with every bad path listed; skip: drop bad clips/frames (decided before training)
     max_bad_fraction: float = 0.05  # with bad_data=skip, abort if more than this fraction of frames is bad
+    # frames of other image modes: off = bad data (only RGB/L/P read); composite = RGBA/LA/PA over black, 16-bit
+    # grey scaled to 8 bit, CMYK/YCbCr converted by PIL; drop_alpha = the same but alpha ignored (data/pixels.to_rgb)
+    convert_modes: str = "off"
     num_workers: int = 2  # DataLoader worker processes; 0 = load in the main process
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -114,6 +117,7 @@ class DataConfig:
         _in_unit(p, f"{path}.val_fraction", self.val_fraction, closed_high=False)
         _choice(p, f"{path}.bad_data", self.bad_data, ("error", "skip"))
         _in_unit(p, f"{path}.max_bad_fraction", self.max_bad_fraction)
+        _choice(p, f"{path}.convert_modes", self.convert_modes, ("off", "composite", "drop_alpha"))
         _at_least(p, f"{path}.num_workers", self.num_workers, 0)
         if self.synthetic.action_pan and self.synthetic.enabled and self.cond_keys not in ([], ["action"]):
             p.append(f"{path}.cond_keys: the synthetic world writes only 'action'; got {self.cond_keys}")

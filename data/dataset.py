@@ -17,10 +17,10 @@ from data.windows import Window, build_windows
 
 
 def read_image(path, cfg: DataConfig) -> torch.Tensor:
-    """One image file -> (3, H, W) float32 in [-1, 1]; modes RGB, L and P only (others are bad data)."""
+    """One image file -> (3, H, W) float32 in [-1, 1]; modes RGB, L and P, others as data.convert_modes says."""
     try:
         with Image.open(path) as img:
-            return pil_to_frames(img, cfg.height, cfg.width, cfg.resize_mode)
+            return pil_to_frames(img, cfg.height, cfg.width, cfg.resize_mode, cfg.convert_modes)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
 

@@ -50,6 +50,8 @@ def cache_key(clips: list[Clip], data_cfg, vae_identity: dict, store_std: bool) 
     ident = {"version": _VERSION, "vae": vae_identity, "height": data_cfg.height, "width": data_cfg.width,
              "resize_mode": data_cfg.resize_mode, "data": clips_fingerprint(clips), "std": store_std,
              "clips": [c.name for c in clips]}
+    if data_cfg.convert_modes != "off":  # only then do the pixels depend on it (caches made before stay valid)
+        ident["convert_modes"] = data_cfg.convert_modes
     text = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20], ident
 

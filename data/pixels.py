@@ -10,7 +10,12 @@ import torch
 from PIL import Image
 
 RESAMPLE = Image.Resampling.BICUBIC  # antialiased when downscaling (PIL widens the kernel by the scale factor)
-READABLE_MODES = ("RGB", "L", "P")  # image modes read as RGB; anything else (RGBA, CMYK, I;16, ...) is bad data
+READABLE_MODES = ("RGB", "L", "P")  # image modes always read as RGB
+# modes read only with data.convert_modes on (else bad data): alpha, 16-bit grey, CMYK / YCbCr (PIL's conversion)
+ALPHA_MODES = ("RGBA", "LA", "PA")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 16-bit PNGs as older Pillow opens them
+CONVERTIBLE_MODES = (*ALPHA_MODES, *SIXTEEN_BIT_MODES, "CMYK", "YCbCr")
+CONVERT_MODES = ("off", "composite", "drop_alpha")  # the choices of data.convert_modes
 
 
 def to_unit(frames: torch.Tensor) -> torch.Tensor:
@@ -59,11 +64,42 @@ def resize_image(img: Image.Image, height: int, width: int, resize_mode: str) ->
     return img.resize((width, height), RESAMPLE, box=(left, top, left + box_w, top + box_h))
 
 
-def pil_to_frames(img: Image.Image, height: int, width: int, resize_mode: str = "crop") -> torch.Tensor:
-    """A PIL image (mode RGB, L or P) -> float32 (3, height, width) in [-1, 1]."""
-    if img.mode not in READABLE_MODES:
-        raise ValueError(f"image mode {img.mode!r} is not one of {list(READABLE_MODES)}")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    img = resize_image(img, height, width, resize_mode)
+def mode_problem(mode: str, convert_modes: str = "off") -> str | None:
+    """Why an image of `mode` is not read under data.convert_modes, or None when it is."""
+    if mode in READABLE_MODES or (convert_modes != "off" and mode in CONVERTIBLE_MODES):
+        return None
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        bands = "?"
+    hint = ("; set data.convert_modes=composite (alpha over black) or drop_alpha to read it" if mode in ALPHA_MODES
+            else "; set data.convert_modes=composite to read it (16-bit scaled to 8 bit; CMYK/YCbCr by PIL)"
+            if mode in CONVERTIBLE_MODES else "")
+    return f"image mode {mode} ({bands} channel(s)); only {'/'.join(READABLE_MODES)} are read{hint}"
+
+
+def to_rgb(img: Image.Image, convert_modes: str = "off") -> Image.Image:
+    """`img` as mode RGB. RGB, L and P always; with convert_modes composite / drop_alpha also RGBA, LA, PA (alpha
+    composited over black / ignored), 16-bit grey (scaled to 8 bit: round(v / 257), so 65535 -> 255) and CMYK or
+    YCbCr (PIL's conversion). ValueError naming the mode otherwise."""
+    if img.mode == "RGB":
+        return img
+    if (problem := mode_problem(img.mode, convert_modes)) is not None:
+        raise ValueError(problem)
+    if img.mode in ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        if convert_modes == "drop_alpha":
+            return rgba.convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")  # L, P, CMYK, YCbCr
+
+
+def pil_to_frames(img: Image.Image, height: int, width: int, resize_mode: str = "crop",
+                  convert_modes: str = "off") -> torch.Tensor:
+    """A PIL image (mode RGB, L or P; more with convert_modes, see `to_rgb`) -> float32 (3, height, width) in
+    [-1, 1]."""
+    img = resize_image(to_rgb(img, convert_modes), height, width, resize_mode)
     return uint8_to_frames(np.asarray(img, dtype=np.uint8))

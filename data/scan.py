@@ -5,11 +5,16 @@ cut at each bad frame and each gap in its numbering into runs of good consecutiv
 window are kept as clips named "<clip>@<first frame index>" (their `source` is the original clip, so the split
 keeps them on one side); shorter runs are dropped. A video with any problem is dropped whole. The bad fraction
 (bad frames + frames of dropped videos, over all frames) above data.max_bad_fraction aborts.
+
+The report names the first LISTED problems and counts all of them by kind; `python -m data.scan CONFIG [--set ...]`
+scans a config's data and lists every one.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -18,15 +23,17 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from configs.loader import ConfigError, load_config
 from configs.schema import DataConfig
-from data.clips import Clip
+from data.clips import Clip, discover_clips
 from data.errors import DataError
-from data.pixels import READABLE_MODES
+from data.pixels import mode_problem
 from data.sidecar import read_sidecar_values
 from data.video import iter_video_frames
 from data.windows import window_span
 
 _INLINE_BELOW = 256  # frames: fewer are scanned in this process (a pool costs more than it saves)
+LISTED = 20  # problems named in a report's text; all of them are counted by kind
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class Problem:
     reason: str
     clip: int  # index into the scanned clip list
     frame: int | None  # the bad frame's index in its clip; None for clip-level problems (gap, short clip, video)
+    kind: str = ""  # what the reason says in a few words ("corrupt or truncated image", ...): the report counts by it
 
 
 @dataclass
@@ -56,51 +64,63 @@ class ScanReport:
         return self.num_bad / max(self.num_frames, 1)
 
     def __str__(self) -> str:
+        return self.text(LISTED)
+
+    def text(self, listed: int | None = None) -> str:
+        """The summary, problem counts by kind, and the first `listed` problems (None: all of them)."""
         head = (f"scan: {self.num_clips} clips, {self.num_frames} frames, {len(self.problems)} problem(s), "
                 f"{self.num_bad} bad frame(s) ({100 * self.bad_fraction:.2f}%)")
-        return "\n  ".join([head] + [f"{p.path}: {p.reason}" for p in self.problems])
+        if not self.problems:
+            return head
+        counts = Counter(p.kind or "other" for p in self.problems)
+        lines = [head, "by kind: " + ", ".join(f"{kind} {n}" for kind, n in counts.most_common())]
+        shown = self.problems if listed is None else self.problems[:listed]
+        lines += [f"{p.path}: {p.reason}" for p in shown]
+        if len(shown) < len(self.problems):
+            lines.append(f"... and {len(self.problems) - len(shown)} more (python -m data.scan CONFIG lists all)")
+        return "\n  ".join(lines)
 
 
-def _check_image(path: str, clip_dir: str, sidecar_dir: str, cond_keys: list[str]):
-    """(size or None, [(path, reason), ...]) for one frame file: fully decoded, mode checked, sidecar read."""
-    problems: list[tuple[str, str]] = []
+def _check_image(path: str, clip_dir: str, sidecar_dir: str, cond_keys: list[str], convert_modes: str = "off"):
+    """(size or None, [(path, kind, reason), ...]) for one frame file: fully decoded, mode checked, sidecar read."""
+    problems: list[tuple[str, str, str]] = []
     size = None
     try:
         if os.path.getsize(path) == 0:
-            problems.append((path, "empty file (0 bytes)"))
+            problems.append((path, "empty file", "empty file (0 bytes)"))
         else:
             with Image.open(path) as img:
                 img.load()  # full decode: truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES is off)
                 size = img.size
-                if img.mode not in READABLE_MODES:
-                    problems.append((path, f"image mode {img.mode} ({len(img.getbands())} channel(s)); "
-                                           f"only {'/'.join(READABLE_MODES)} are read"))
+                if (problem := mode_problem(img.mode, convert_modes)) is not None:
+                    problems.append((path, f"image mode {img.mode}", problem))
     except UnidentifiedImageError:
-        problems.append((path, "not a readable image (unknown format or random bytes)"))
+        problems.append((path, "unreadable image", "not a readable image (unknown format or random bytes)"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        problems.append((path, f"corrupt or truncated image ({e})"))
+        problems.append((path, "corrupt or truncated image", f"corrupt or truncated image ({e})"))
     if cond_keys:
         try:
             read_sidecar_values(Path(path), Path(clip_dir), sidecar_dir, cond_keys)
         except DataError as e:
-            problems.append((path, f"sidecar: {e}"))
+            problems.append((path, "sidecar", f"sidecar: {e}"))
     return size, problems
 
 
 def _check_video(path: str, num_frames: int):
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str, str]] = []
     count, sizes = 0, Counter()
     try:
         for _, array in iter_video_frames(path):
             count += 1
             sizes[array.shape[:2]] += 1
     except DataError as e:
-        problems.append((path, f"decode failed after {count} frame(s): {str(e).removeprefix(path + ': ')}"))
+        problems.append((path, "video decode failed",
+                         f"decode failed after {count} frame(s): {str(e).removeprefix(path + ': ')}"))
     else:
         if count != num_frames:
-            problems.append((path, f"decoded {count} frames, the container lists {num_frames}"))
+            problems.append((path, "video frame count", f"decoded {count} frames, the container lists {num_frames}"))
         if len(sizes) > 1:
-            problems.append((path, f"frame sizes vary: {dict(sizes)}"))
+            problems.append((path, "video frame sizes vary", f"frame sizes vary: {dict(sizes)}"))
     return None, problems
 
 
@@ -135,7 +155,8 @@ def scan_clips(clips: list[Clip], cfg: DataConfig, workers: int | None = None, p
     for ci, clip in enumerate(clips):
         if clip.kind == "frames":
             for fi, p in enumerate(clip.frames):
-                tasks.append(("image", (str(p), str(clip.path), cfg.sidecar_dir, list(cfg.cond_keys))))
+                tasks.append(("image", (str(p), str(clip.path), cfg.sidecar_dir, list(cfg.cond_keys),
+                                        cfg.convert_modes)))
                 owners.append((ci, fi))
         else:
             tasks.append(("video", (str(clip.path), clip.num_frames)))
@@ -160,7 +181,7 @@ def scan_clips(clips: list[Clip], cfg: DataConfig, workers: int | None = None, p
     problems: list[Problem] = []
     sizes: dict[int, list[tuple[int, tuple[int, int] | None]]] = {}
     for (ci, fi), (size, found) in zip(owners, results):
-        problems.extend(Problem(path, reason, ci, fi) for path, reason in found)
+        problems.extend(Problem(path, reason, ci, fi, kind) for path, kind, reason in found)
         if fi is None:
             if found:
                 report.bad_clips.add(ci)
@@ -177,7 +198,7 @@ def scan_clips(clips: list[Clip], cfg: DataConfig, workers: int | None = None, p
             for fi, s in per_frame:
                 if s is not None and s != usual:
                     problems.append(Problem(str(clips[ci].frames[fi]), f"size {s[0]}x{s[1]} differs from the clip's "
-                                            f"{usual[0]}x{usual[1]}", ci, fi))
+                                            f"{usual[0]}x{usual[1]}", ci, fi, "frame size differs"))
                     report.bad_frames.setdefault(ci, set()).add(fi)
     # Gaps in numbered sequences, and clips too short for one window.
     span = window_span(cfg)
@@ -186,14 +207,16 @@ def scan_clips(clips: list[Clip], cfg: DataConfig, workers: int | None = None, p
             for fi, missing in _find_gaps(clip.frames):
                 report.gaps.setdefault(ci, []).append(fi)
                 problems.append(Problem(str(clip.path), f"{missing} frame(s) missing between "
-                                        f"{clip.frames[fi - 1].name} and {clip.frames[fi].name}", ci, None))
+                                        f"{clip.frames[fi - 1].name} and {clip.frames[fi].name}", ci, None,
+                                        "frames missing"))
         elif cfg.cond_keys:
             report.bad_clips.add(ci)
             problems.append(Problem(str(clip.path), f"data.cond_keys {cfg.cond_keys} need per-frame JSON sidecars; "
-                                    f"a video clip has none (extract it to frames)", ci, None))
+                                    f"a video clip has none (extract it to frames)", ci, None,
+                                    "video without sidecars"))
         if clip.num_frames < span:
             problems.append(Problem(str(clip.path), f"{clip.num_frames} frames, shorter than one window "
-                                    f"({span} frames)", ci, None))
+                                    f"({span} frames)", ci, None, "clip shorter than a window"))
     report.problems = sorted(problems, key=lambda p: (p.clip, -1 if p.frame is None else p.frame, p.path, p.reason))
     report.num_bad = (sum(len(s) for s in report.bad_frames.values())
                       + sum(clips[ci].num_frames for ci in report.bad_clips))
@@ -244,3 +267,24 @@ def check_clips(clips: list[Clip], cfg: DataConfig, workers: int | None = None,
     """scan_clips + apply_bad_data_policy: (clips to train on, report)."""
     report = scan_clips(clips, cfg, workers=workers, progress=progress)
     return apply_bad_data_policy(clips, report, cfg), report
+
+
+def main(argv=None) -> int:
+    """Scan the data a config names and list every problem; exit 1 when there are any."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("config", help="YAML config (its data section is scanned)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. data.root=DIR")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set).data
+        clips = discover_clips(cfg)
+    except (ConfigError, FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = scan_clips(clips, cfg)
+    print(report.text(listed=None))
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import av
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from configs.schema import DataConfig, SyntheticConfig
@@ -23,6 +25,9 @@ from data import (Clip, DataError, VideoWindowDataset, apply_bad_data_policy, bu
                   check_clips, count_frames, discover_clips, ensure_synthetic, from_unit, pil_to_frames,
                   read_clip_frames, read_cond, read_video_frames, render_clip, scan_clips, split_clips, to_uint8_hwc,
                   to_unit, uint8_to_frames)
+from configs.loader import ConfigError, config_from_dict
+from data.dataset import read_image
+from data.scan import LISTED, main as scan_main
 from data.synthetic import MARKER, object_tracks
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared/data/intel_sample_videos"
@@ -473,3 +478,72 @@ def test_synthetic_world_through_the_whole_pipeline(tmp_path):
     future = batch["frame_indices"][0, 2:].tolist()
     sidecar = [json.loads((clip_dir / f"{i:06d}.json").read_text())["action"] for i in future]
     assert batch["cond"][0].tolist() == sidecar
+
+
+# ---------------------------------------------------------------- other image modes (issue 16 item 11)
+
+def _mode_frames(folder: Path) -> dict[str, Path]:
+    """One flat 16x16 frame per mode, with known pixel values (see test_convert_modes_give_the_oracle_pixels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {"RGBA": Image.new("RGBA", (SIZE, SIZE), (200, 100, 50, 128)),
+              "LA": Image.new("LA", (SIZE, SIZE), (100, 128)),
+              "I;16": Image.fromarray(np.full((SIZE, SIZE), 257 * 100 + 100, np.uint16)),
+              "CMYK": Image.new("RGB", (SIZE, SIZE), (10, 20, 30)).convert("CMYK")}
+    paths = {}
+    for mode, img in images.items():
+        paths[mode] = folder / f"{len(paths):03d}.{'jpg' if mode == 'CMYK' else 'png'}"
+        img.save(paths[mode], **({"quality": 100} if mode == "CMYK" else {}))
+        assert Image.open(paths[mode]).mode == mode
+    return paths
+
+
+@pytest.mark.parametrize("convert_modes, expected", [
+    ("composite", {"RGBA": (100, 50, 25), "LA": (50, 50, 50), "I;16": (100, 100, 100)}),  # 200 * 128/255 = 100.4
+    ("drop_alpha", {"RGBA": (200, 100, 50), "LA": (100, 100, 100), "I;16": (100, 100, 100)}),
+])
+def test_convert_modes_give_the_oracle_pixels(tmp_path, convert_modes, expected):
+    """Alpha over black multiplies by alpha / 255; dropped alpha keeps the colour; 16-bit v -> round(v / 257);
+    CMYK through PIL (its conversion is exact for these values); with convert_modes off each is refused by name."""
+    paths = _mode_frames(tmp_path)
+    cfg = make_cfg(tmp_path, convert_modes=convert_modes)
+    for mode, rgb in {**expected, "CMYK": (10, 20, 30)}.items():
+        frames = read_image(paths[mode], cfg)
+        pixels = to_uint8_hwc(frames).reshape(-1, 3)
+        assert (pixels == rgb).all(), (mode, pixels[0], rgb)
+        with pytest.raises(DataError, match=f"image mode {re.escape(mode)} .*data.convert_modes"):
+            read_image(paths[mode], make_cfg(tmp_path))
+    u16 = Image.fromarray(np.array([[0, 128, 65535, 4000]], np.uint16))
+    assert to_uint8_hwc(pil_to_frames(u16, 1, 4, convert_modes="composite"))[0, :, 0].tolist() == [0, 0, 255, 16]
+
+
+def test_scan_reads_converted_modes_and_still_lists_the_rest(tmp_path):
+    bad = _bad_dataset(tmp_path)
+    cfg = make_cfg(tmp_path, convert_modes="composite")
+    report = scan_clips(discover_clips(cfg), cfg, progress=False)
+    converted = {p for p, word in bad.items() if word in ("RGBA", "I;16", "CMYK")}
+    assert len(converted) == 3
+    assert {p.path for p in report.problems} == set(bad) - converted
+    assert report.num_bad == 7 - 3
+    with pytest.raises(ConfigError, match="data.convert_modes: 'sepia'"):
+        config_from_dict({"data": {"convert_modes": "sepia"}})
+
+
+def test_scan_report_names_the_first_problems_and_counts_all_by_kind(tmp_path, capsys):
+    paths = write_clip(tmp_path / "a", 40)
+    for p in paths[:30]:
+        p.write_bytes(p.read_bytes()[:60])
+    paths[35].write_bytes(b"")
+    cfg = make_cfg(tmp_path)
+    report = scan_clips(discover_clips(cfg), cfg, progress=False)
+    text = str(report)
+    assert "by kind: corrupt or truncated image 30, empty file 1" in text
+    assert all(str(p) in text for p in paths[:LISTED]) and str(paths[LISTED]) not in text
+    assert f"... and {31 - LISTED} more" in text
+    full = report.text(listed=None)
+    assert all(full.count(str(p)) == 1 for p in [*paths[:30], paths[35]])
+    # the CLI lists every one
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(tmp_path), "height": SIZE, "width": SIZE, "t_past": 2,
+                                               "t_future": 2}}))
+    assert scan_main([str(config)]) == 1
+    assert capsys.readouterr().out.strip() == full
