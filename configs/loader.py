@@ -195,6 +195,9 @@ def dump_config(cfg: Config, path: str | Path | None = None) -> str:
 
 # ---------------------------------------------------------------- overrides and the one entry point
 
+_YAML_INDICATORS = set("*&!|>%@`")  # characters that cannot start a plain (unquoted) YAML string
+
+
 def apply_overrides(raw: dict, overrides: Iterable[str], problems: list[str]) -> dict:
     """Apply `a.b.c=value` strings (value parsed as YAML) to a raw dict; bad ones are added to `problems`."""
     for item in overrides:
@@ -206,7 +209,12 @@ def apply_overrides(raw: dict, overrides: Iterable[str], problems: list[str]) ->
         try:
             value = parse_yaml(text, f"override {dotted}") if text.strip() else ""
         except ConfigError as e:
-            problems.extend(f"{dotted}: {p}" for p in e.problems)
+            if text.lstrip()[:1] in _YAML_INDICATORS:  # *.jpg reads as a YAML alias, &x as an anchor, ...
+                problems.append(f"{dotted}: {text!r} is not a YAML value (a leading '{text.lstrip()[0]}' has a meaning "
+                                f"in YAML); quote it, e.g. --set \"{dotted}='{text}'\" (the outer quotes are for "
+                                "the shell)")
+            else:
+                problems.extend(f"{dotted}: {p}" for p in e.problems)
             continue
         node = raw
         parts = dotted.strip().split(".")

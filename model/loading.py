@@ -69,10 +69,19 @@ class LoadedModel:
         return f"{self.checkpoint} (step {self.step}, {ema})"
 
 
-def check_fits(cfg: Config, state: dict, latent_channels: int | None = None) -> str | None:
+RESUME_KEYS = ("unet", "ema", "optimizer", "lr_scheduler", "step", "epoch", "position", "world_size", "rng")
+
+
+def check_fits(cfg: Config, state: dict, latent_channels: int | None = None, resume: bool = False) -> str | None:
     """Why the checkpoint `state` cannot be loaded into the model `cfg` builds, or None when it fits: the one
     answer for resuming (before any process group, every rank) and for inference. `latent_channels`: the VAE's,
-    when loaded; else read from a local VAE folder's config.json if there is one (a hub id is checked on load)."""
+    when loaded; else read from a local VAE folder's config.json if there is one (a hub id is checked on load).
+    `resume`: also require the training state (optimizer, schedule, position, RNG), which inference does not need."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint of this project (a dict with 'unet', 'config')"
+    if resume and (missing := [k for k in RESUME_KEYS if k not in state]):
+        return (f"it holds no {', '.join(repr(k) for k in missing)}: not a training checkpoint of this project "
+                "(weights alone, e.g. an export, load in the tools but do not resume)")
     args = state.get("model_args") or {}
     if latent_channels is None:
         vae_config = Path(cfg.vae.pretrained).expanduser() / cfg.vae.subfolder / "config.json"
@@ -134,6 +143,8 @@ def find_checkpoint(run: str | Path | None, which: str = "latest") -> tuple[Path
                 raise LoadError(f"no checkpoint in {folder} (has the run saved one yet? train.save_every)")
     except (CheckpointError, ExportError) as e:
         raise LoadError(str(e)) from None
+    if not isinstance(found[1], dict):
+        raise LoadError(f"{found[0]} holds a {type(found[1]).__name__}, not a checkpoint of this project")
     return found
 
 

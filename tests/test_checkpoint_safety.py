@@ -162,3 +162,18 @@ def test_export_loads_in_every_tool_without_unpickling(run, tmp_path, monkeypatc
     clip = sorted(p for p in (run_dir.parents[1] / "world").iterdir() if p.is_dir())[0]
     assert inference_cli.main(["--run", str(moved), "--frames", str(clip), "--out", str(tmp_path / "pred"),
                                "--clips", "1", "--device", "cpu", "--steps", "2"]) == 0
+
+
+def test_a_file_that_is_not_a_checkpoint_of_this_project_is_named_not_a_traceback(run, tmp_path, capsys):
+    """Issue 16 item 13: valid checkpoint files without a 'unet' (or not even a dict) end in one line, exit 2."""
+    _, cfg = run
+    _, state = resolve_resume(run[0] / "checkpoints")
+    cases = {"tensor": torch.zeros(3), "no_unet": {k: v for k, v in state.items() if k != "unet"}}
+    for name, payload in cases.items():
+        path = save_checkpoint(payload, tmp_path / name, 1)
+        capsys.readouterr()
+        assert train(["--config", cfg, "--resume", path]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot resume from {path}" in err and "Traceback" not in err, err
+        with pytest.raises(LoadError, match=str(path)):
+            load_model(checkpoint=str(path))

@@ -254,6 +254,18 @@ def test_override_into_a_value_that_is_not_a_section():
     assert problems == ["train.lr.x: lr is not a section"] and raw == {"train": {"lr": 0.1}}
 
 
+def test_an_override_yaml_reads_as_an_alias_says_to_quote_it():
+    """--set data.frame_glob=*.jpg: '*' starts a YAML alias; the problem says how to quote it, and quoted it loads."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.frame_glob=*.jpg", "data.root=!x"])
+    assert info.value.problems == [
+        "data.frame_glob: '*.jpg' is not a YAML value (a leading '*' has a meaning in YAML); quote it, e.g. "
+        "--set \"data.frame_glob='*.jpg'\" (the outer quotes are for the shell)",
+        "data.root: '!x' is not a YAML value (a leading '!' has a meaning in YAML); quote it, e.g. "
+        "--set \"data.root='!x'\" (the outer quotes are for the shell)"]
+    assert load_config(None, ["data.frame_glob='*.jpg'"]).data.frame_glob == "*.jpg"
+
+
 # ---------------------------------------------------------------- dump -> load
 
 def test_dump_load_round_trip_of_defaults(tmp_path):
