@@ -30,7 +30,7 @@ from video_prediction_trainer import EXIT_PREEMPTED, Preempted, Trainer, Trainin
 
 EPILOG = """\
 overrides: any config key as section.key=value (YAML value), after --set or bare, e.g.
-  --set train.lr=2e-4 train.batch_size=32 data.root=/data/ped2 sampler.num_inference_steps=50
+  --set optim.lr=2e-4 train.batch_size=32 data.root=/data/ped2 sampler.num_inference_steps=50
   vae.pretrained=stabilityai/sd-vae-ft-mse logging.wandb.mode=disabled
 exit codes: 0 done; 1 error (the message names the rank and the cause); 143 stopped by SIGTERM/SIGUSR1 after
 saving a checkpoint (continue with --resume latest).
@@ -72,14 +72,14 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
 
     # ---- model: frozen VAE + UNet, identical initial weights on every rank; DDP and torch.compile around the UNet
     seed_everything(rank_seed(tc.seed, info.rank))
-    performance.set_cudnn_benchmark(tc.cudnn_benchmark)
+    performance.set_cudnn_benchmark(cfg.speed.cudnn_benchmark)
     torch.manual_seed(tc.seed)
     model = VideoPredictionDiffusion.from_config(cfg, info.device)
     torch.manual_seed(rank_seed(tc.seed, info.rank))
-    net = distributed.wrap(model.unet, tc, info)
+    net = distributed.wrap(model.unet, cfg, info)
 
     # ---- optimizer: AdamW, warm-up + cosine LR, EMA
-    optim = optimization.build(model.unet, tc)
+    optim = optimization.build(model.unet, cfg.optim, cfg.ema, tc.max_steps)
 
     # ---- training data: windows over cached latents (the cache is built once, by all ranks) or over pixels
     micro_batch = tc.batch_size // (info.world_size * tc.grad_accum_steps)
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             return 2
 
     # ---- distributed: process group (NCCL on GPU, gloo on CPU), device, run folder name
-    info = distributed.setup(cfg.train.dist_timeout_s, args.device)
+    info = distributed.setup(cfg.ddp.timeout_s, args.device)
     try:
         name = cfg.logging.name or distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), info)
         run_dir = Path(cfg.logging.run_dir) / name

@@ -100,8 +100,8 @@ class Trainer:
         pin = self.device.type == "cuda"
         self._host_flags = [torch.zeros(4, pin_memory=pin) for _ in range(2)]  # two: step k+1 fills one while k is read
         self._t_log, self._last_log_step = time.perf_counter(), self.step
-        self._vis_indices = self._fixed_indices(tc.vis_clips)
-        self._eval_indices = self._fixed_indices(tc.eval_clips or 10 ** 9)
+        self._vis_indices = self._fixed_indices(cfg.eval.vis_clips)
+        self._eval_indices = self._fixed_indices(cfg.eval.clips or 10 ** 9)
 
     # ------------------------------------------------------------------ small helpers
     @property
@@ -162,7 +162,8 @@ class Trainer:
                 loss.backward()
             loss_sum += loss.detach()
         params = [p for p in self.unet.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         # one collective per step. new_full fills on the device; torch.tensor(..., device=cuda) would be a blocking
         # copy, a host-GPU sync in every step
         flags = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float(),
@@ -212,7 +213,7 @@ class Trainer:
         if tc.nonfinite == "halt":
             raise TrainingHalted(f"non-finite loss or gradient at step {index} (mean loss {loss_mean}) on at "
                                  "least one rank; its update was masked and training stopped (train.nonfinite=halt). "
-                                 "Lower train.lr, check the data, or set train.nonfinite=skip")
+                                 "Lower optim.lr, check the data, or set train.nonfinite=skip")
         self.nonfinite_skips += 1
         self.print(f"warning: non-finite loss/gradient at step {index}; step skipped, its update masked "
                    f"({self.nonfinite_skips}/{tc.max_nonfinite_skips} in a row)")
@@ -226,9 +227,9 @@ class Trainer:
 
     def _jobs_due(self) -> bool:
         """Whether a job that reads the weights or saves runs after this step (the same answer on every rank)."""
-        tc = self.cfg.train
-        return self.step >= tc.max_steps or any(self._due(e) for e in (tc.visualize_every, tc.eval_every,
-                                                                           tc.save_every))
+        cfg = self.cfg
+        return self.step >= cfg.train.max_steps or any(self._due(e) for e in (cfg.eval.visualize_every, cfg.eval.every,
+                                                                                  cfg.checkpoint.every))
 
     def log(self, metrics: dict) -> None:
         step = metrics.get("step", self.step)
@@ -246,7 +247,7 @@ class Trainer:
     @torch.no_grad()
     def visualize(self, force: bool = False) -> None:
         """Rank 0: grid of fixed val clips (past | truth | EMA | raw | |error|) and a GIF per clip."""
-        if not (force or self._due(self.cfg.train.visualize_every)) or not self.info.is_main or not self._vis_indices:
+        if not (force or self._due(self.cfg.eval.visualize_every)) or not self.info.is_main or not self._vis_indices:
             return
         items = [self.val_set[i] for i in self._vis_indices]
         frames = torch.stack([it["frames"] for it in items])
@@ -267,16 +268,16 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, force: bool = False) -> dict | None:
         """All ranks: PSNR/SSIM per horizon step on the val split; rank 0 writes eval/step_<step>.json."""
-        if not (force or self._due(self.cfg.train.eval_every)) or not self._eval_indices:
+        if not (force or self._due(self.cfg.eval.every)) or not self._eval_indices:
             return None
         nets = {"model": self._ema_net()}
         if self.ema is not None:
             nets["raw"] = self.unet
-        steps = self.cfg.train.eval_steps or self.cfg.sampler.num_inference_steps
+        steps = self.cfg.eval.steps or self.cfg.sampler.num_inference_steps
         with self._autocast():
             result = evaluate(self.model, self.val_set, self._eval_indices, self.info, nets, steps,
                               batch_size=max(self.micro_batch, 1), seed=self.cfg.train.seed + 777,
-                              samples=self.cfg.train.eval_samples, precision=self.cfg.train.mixed_precision)
+                              samples=self.cfg.eval.samples, precision=self.cfg.train.mixed_precision)
         result = {"step": self.step, **result}
         if self.info.is_main:
             path = self.run_dir / "eval" / f"step_{self.step:07d}.json"
@@ -287,7 +288,7 @@ class Trainer:
 
     def save(self, force: bool = False) -> Path | None:
         """All ranks: gather RNG states; rank 0 writes atomically; all ranks agree on success."""
-        if not (force or self._due(self.cfg.train.save_every)):
+        if not (force or self._due(self.cfg.checkpoint.every)):
             return None
         rngs = all_gather_object(rng_state({"train": self.generator}), self.info)
         error = None
@@ -296,7 +297,7 @@ class Trainer:
             try:
                 if not all(torch.isfinite(p).all() for p in self.unet.parameters()):
                     raise ckpt.CheckpointError(f"refusing to save step {self.step}: the weights are not finite")
-                path = ckpt.save_checkpoint(self._state(rngs), self.ckpt_dir, self.step, self.cfg.train.keep_last,
+                path = ckpt.save_checkpoint(self._state(rngs), self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last,
                                             protect=(self.resumed_from,) if self.resumed_from else ())
             except ckpt.CheckpointError as e:
                 error = str(e)
@@ -334,8 +335,8 @@ class Trainer:
                    dynamic_ncols=True)
         start = self.step
         # a rank stuck in a step exits by itself (multi-rank only; the first step may compile for minutes)
-        watchdog = StallWatchdog(tc.dist_timeout_s, self.info.rank) if self.info.enabled else None
-        profiler = StepProfiler(tc.profile_at, tc.profile_steps, self.run_dir / "profile", self.info.rank, self.device)
+        watchdog = StallWatchdog(self.cfg.ddp.timeout_s, self.info.rank) if self.info.enabled else None
+        profiler = StepProfiler(self.cfg.profile.at, self.cfg.profile.steps, self.run_dir / "profile", self.info.rank, self.device)
         try:
             while self.step < tc.max_steps:
                 first = self.step == start
@@ -343,7 +344,7 @@ class Trainer:
                     profiler.before_step(self.step)
                     metrics = self.train_step()
                     if (written := profiler.after_step(self.step)) is not None:
-                        self.print(f"profile of steps {tc.profile_at}..{self.step - 1}: {written.parent}")
+                        self.print(f"profile of steps {self.cfg.profile.at}..{self.step - 1}: {written.parent}")
                     if self.stop_requested or self._jobs_due():
                         self._report(metrics, bar)  # the step before; then this one, before jobs read the weights
                         metrics = self.flush()

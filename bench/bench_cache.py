@@ -54,7 +54,7 @@ def write_jpegs(cfg, root: Path) -> None:
 
 def vae_for(cfg) -> FrozenVAE:
     """The FrozenVAE as the trainer gets it (from_config, then the vae.* speed settings)."""
-    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and torch.cuda.is_available()
+    torch.backends.cudnn.benchmark = cfg.speed.cudnn_benchmark and torch.cuda.is_available()
     vae = FrozenVAE.from_config(cfg.vae).to(device())
     return performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.vae.compile_mode,
                                     cfg.vae.fuse_upsample)
@@ -86,7 +86,7 @@ def main() -> None:
         emit(B, "jpeg_decode_only", workers=workers, frames=n, frames_per_s=n / (time.perf_counter() - t))
 
     # ---- the encoder alone on GPU-resident frames (chunk of vae.chunk_size frames)
-    variants = {"encoder_fp32_nchw": ["vae.dtype=fp32", "vae.channels_last=false", "train.cudnn_benchmark=false"],
+    variants = {"encoder_fp32_nchw": ["vae.dtype=fp32", "vae.channels_last=false", "speed.cudnn_benchmark=false"],
                 "encoder_bf16_nchw": ["vae.dtype=bf16", "vae.channels_last=false"],
                 "encoder_bf16_channels_last": ["vae.dtype=bf16"],
                 "encoder_bf16_channels_last_compiled": ["vae.dtype=bf16", "vae.compile=true",
@@ -106,7 +106,7 @@ def main() -> None:
 
     # ---- build_or_load end to end: baseline (fp32, NCHW, 8 workers) and optimised (bf16, 12 workers, compiled)
     builds = {"build_fp32_nchw_8workers": ["vae.dtype=fp32", "vae.channels_last=false",
-                                           "train.cudnn_benchmark=false", f"data.num_workers={min(8, workers_hi)}"],
+                                           "speed.cudnn_benchmark=false", f"data.num_workers={min(8, workers_hi)}"],
               "build_bf16_nchw_12workers": ["vae.dtype=bf16", "vae.channels_last=false",
                                             f"data.num_workers={workers_hi}"],
               "build_bf16_compiled_channels_last_12workers": ["vae.dtype=bf16", "vae.channels_last=true",

@@ -37,7 +37,7 @@ def extra(p):
     p.add_argument("--variant", action="append", default=[], metavar="'KEY=VALUE ...'",
                    help="another N-GPU run with these overrides (repeatable), each with its own scaling line")
     p.add_argument("--profile-at", type=int, default=0,
-                   help="profile steps [N, N+5) of every run on every rank (train.profile_at); the summaries are "
+                   help="profile steps [N, N+5) of every run on every rank (profile.at); the summaries are "
                         "printed and rank 0's trace is copied to $OUT/profile/<run>/")
     p.add_argument("--variant-reference", action="store_true",
                    help="give each --variant its own 1-GPU run with the same overrides (exact scaling per variant)")
@@ -54,13 +54,13 @@ def run(args, gpus: int, name: str, extra: list[str] = ()) -> dict:
         f"data.synthetic.width={w}", f"data.synthetic.num_clips={clips}", f"data.synthetic.frames_per_clip={frames}",
         f"data.height={h}", f"data.width={w}", "data.val_fraction=0.1", f"data.num_workers={0 if tiny else 8}",
         f"vae.pretrained={make_vae_folder(work / ('tiny_vae' if tiny else 'sd_vae'), tiny)}", "vae.dtype=bf16",
-        f"train.batch_size={gpus * args.batch_per_gpu}", f"train.max_steps={args.steps}", "train.warmup_steps=0",
-        f"train.log_every={args.log_every}", "train.visualize_every=0", "train.eval_every=0", "train.save_every=0",
-        "train.vis_clips=0", "train.eval_clips=1", "train.eval_steps=2",
+        f"train.batch_size={gpus * args.batch_per_gpu}", f"train.max_steps={args.steps}", "optim.warmup_steps=0",
+        f"train.log_every={args.log_every}", "eval.visualize_every=0", "eval.every=0", "checkpoint.every=0",
+        "eval.vis_clips=0", "eval.clips=1", "eval.steps=2",
         "sampler.compile=false",  # the final evaluation is not timed: compiling the sampler would only cost a minute
-        f"train.cache_dir={work / 'ddp_latents'}",
+        f"cache.dir={work / 'ddp_latents'}",
         f"logging.run_dir={work / 'ddp_runs'}", f"logging.name={name}", "logging.wandb.mode=disabled",
-        f"train.profile_at={args.profile_at}",
+        f"profile.at={args.profile_at}",
     ] + (["unet.block_out_channels=[32, 64]", "unet.attention=[false, true]", "unet.attention_head_dim=16",
           "unet.norm_num_groups=16"] if tiny else []) + args.set + list(extra)
     script = [str(ROOT / "train_video_pred.py"), "--config", str(REFERENCE_CONFIG), "--set", *overrides]

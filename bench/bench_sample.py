@@ -2,8 +2,8 @@
 through VideoPredictionDiffusion.predict_latents and FrozenVAE.decode, baseline and optimised, in one process.
 
 Baseline as in the issue: eager UNet under bf16 autocast, bf16 VAE decode with diffusers' own upsampling, NCHW,
-chunk 32. Optimised variants switch on what a user switches on in the config (train.channels_last,
-vae.channels_last, sampler.compile, vae.compile, vae.fuse_upsample, train.compile_mode, vae.compile_mode,
+chunk 32. Optimised variants switch on what a user switches on in the config (speed.channels_last,
+vae.channels_last, sampler.compile, vae.compile, vae.fuse_upsample, speed.compile_mode, vae.compile_mode,
 vae.chunk_size); each is a fresh model from `VideoPredictionDiffusion.from_config`.
 
     python bench/bench_sample.py [--tiny] [--budget-s 300]
@@ -24,11 +24,11 @@ from bench.common import (device, elapsed_s, emit, emit_env, gpu_mem_gib, parse_
 from model import VideoPredictionDiffusion  # noqa: E402
 
 B = "sample"
-BASELINE = ["vae.dtype=bf16", "vae.channels_last=false", "train.channels_last=false", "train.cudnn_benchmark=false",
+BASELINE = ["vae.dtype=bf16", "vae.channels_last=false", "speed.channels_last=false", "speed.cudnn_benchmark=false",
             "vae.fuse_upsample=false"]
 FAST = ["vae.dtype=bf16", "sampler.compile=true", "vae.compile=true",  # UNet NHWC (the config's), VAE NCHW
-        "train.compile_mode=default"]
-GRAPHS = FAST + ["train.compile_mode=reduce-overhead", "vae.compile_mode=reduce-overhead"]  # as measured before
+        "speed.compile_mode=default"]
+GRAPHS = FAST + ["speed.compile_mode=reduce-overhead", "vae.compile_mode=reduce-overhead"]  # as measured before
 
 
 def autocast():
@@ -38,7 +38,7 @@ def autocast():
 
 def build(args, overrides: list[str]) -> VideoPredictionDiffusion:
     cfg = reference_config(args, overrides)
-    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and torch.cuda.is_available()
+    torch.backends.cudnn.benchmark = cfg.speed.cudnn_benchmark and torch.cuda.is_available()
     torch.manual_seed(0)
     return VideoPredictionDiffusion.from_config(cfg, device())
 

@@ -32,11 +32,11 @@ import train_video_pred  # noqa: E402
 from video_prediction_trainer import Trainer  # noqa: E402
 
 B = "train"
-BASELINE = ["train.channels_last=false", "train.cudnn_benchmark=false", "vae.channels_last=false"]
-NAIVE = BASELINE + ["train.latent_cache=false", "vae.dtype=fp32", "train.mixed_precision='no'"]
+BASELINE = ["speed.channels_last=false", "speed.cudnn_benchmark=false", "vae.channels_last=false"]
+NAIVE = BASELINE + ["cache.enabled=false", "vae.dtype=fp32", "train.mixed_precision='no'"]
 # the cache is built once (bf16 encoder), then read; compiled variants in torch.compile's default mode (the
 # reference config's CUDA graphs are their own variants: the same speed on one GPU, BENCHMARKS.md)
-CACHED = ["train.latent_cache=true", "vae.dtype=bf16", "train.compile_mode=default"]
+CACHED = ["cache.enabled=true", "vae.dtype=bf16", "speed.compile_mode=default"]
 
 
 class BenchTrainer(Trainer):
@@ -59,8 +59,8 @@ def world(args) -> list[str]:
     h, w, clips, frames = (32, 32, 4, 16) if args.tiny else (256, 448, 10, 64)
     return [f"data.root={Path(args.work) / f'world_{h}x{w}'}", "data.synthetic.enabled=true",
             f"data.synthetic.height={h}", f"data.synthetic.width={w}", f"data.synthetic.num_clips={clips}",
-            f"data.synthetic.frames_per_clip={frames}", "data.val_fraction=0.1", "train.warmup_steps=0",
-            "train.ema_decay=0.9999", f"data.num_workers={0 if args.tiny else 8}"]
+            f"data.synthetic.frames_per_clip={frames}", "data.val_fraction=0.1", "optim.warmup_steps=0",
+            "ema.decay=0.9999", f"data.num_workers={0 if args.tiny else 8}"]
 
 
 def build(args, name: str, overrides: list[str]) -> BenchTrainer:
@@ -75,20 +75,6 @@ def fixed_batch(tr: Trainer, size: int) -> dict:
     items = [tr.train_set[i] for i in range(min(16, size, len(tr.train_set)))]
     batch = default_collate([items[i % len(items)] for i in range(size)])
     return {k: (v.to(tr.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def pure_step(tr: Trainer) -> None:
-    """Trainer.train_step without its all-reduce and .item() calls (nothing waits for the GPU)."""
-    tc = tr.cfg.train
-    tr.optimizer.zero_grad(set_to_none=True)
-    with tr._autocast():
-        loss = tr.model.batch_loss(tr.fixed_batch, tr.generator, net=tr.net)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in tr.unet.parameters() if p.grad is not None], tc.grad_clip)
-    tr.optimizer.step()
-    tr.lr_scheduler.step()
-    if tr.ema is not None:
-        tr.ema.step(tr.unet.parameters())
 
 
 def flops_per_sample(tr: Trainer) -> tuple[float, float]:
@@ -206,7 +192,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             return
         reset_mem()
-        tr = build(args, name, CACHED + ["train.compile=true", f"train.batch_size={size}"] + overrides)
+        tr = build(args, name, CACHED + ["speed.compile=true", f"train.batch_size={size}"] + overrides)
         own = flops_per_sample(tr)[0]
         tr.fixed_batch = fixed_batch(tr, size)
         time_block(tr.train_step, 3, 3)  # compile (CUDA graphs: record) and warm up
@@ -223,16 +209,11 @@ def main() -> None:
     def compiled() -> None:
         """The config switches as a user sets them (channels_last, cudnn benchmark, compile): the step, the cost of
         the per-step flags, its profile, and data loading from the latent cache."""
-        best = build(args, "compiled", CACHED + ["train.compile=true", f"train.batch_size={big}"])
+        best = build(args, "compiled", CACHED + ["speed.compile=true", f"train.batch_size={big}"])
         measure(best, "compiled_channels_last", big, 3, iters, flops, peak, compile_mode="default")
-        # the per-step flags (non-finite check, loss, stop), read one step late, against the same step with no
-        # flags at all; blocks of steps, as the training loop runs them
-        block_pure = time_block(lambda: pure_step(best), 2, iters)
-        best.flush()
+        # the step as the training loop runs it (flags read one step late), in a block of steps
         block_deferred = time_block(best.train_step, 2, iters)
         best.flush()
-        emit(B, "per_step_flags_cost", batch=big, pure_step_ms=block_pure, deferred_step_ms=block_deferred,
-             deferred_cost_fraction=(block_deferred - block_pure) / block_pure)
         emit(B, "compiled_channels_last_deferred_block", batch=big, ms_per_step=block_deferred,
              **throughput(big, block_deferred, flops, peak), note="Trainer.train_step in a block of steps")
         if torch.cuda.is_available():  # where the compiled step's GPU time goes, before choosing what to try
@@ -270,7 +251,7 @@ def main() -> None:
     def loader(name: str, overrides: list[str]) -> None:
         """Data loading's share of the step under other settings (CUDA graphs free the host thread that the
         loader's workers compete with): fixed-batch block, loader block, twice, alternating, in one Trainer."""
-        tr = build(args, name, CACHED + ["train.compile=true", f"train.batch_size={big}"] + overrides)
+        tr = build(args, name, CACHED + ["speed.compile=true", f"train.batch_size={big}"] + overrides)
         batch = fixed_batch(tr, big)
         tr.fixed_batch = batch
         time_block(tr.train_step, 3, 3)  # compile (CUDA graphs: record) and warm up
@@ -297,15 +278,15 @@ def main() -> None:
             gc.collect()
 
     def fit_reduce_overhead() -> None:
-        """Trainer.fit, the real loop, with CUDA graphs for the training step (train.compile_mode=reduce-overhead)
+        """Trainer.fit, the real loop, with CUDA graphs for the training step (speed.compile_mode=reduce-overhead)
         and for the sampler (sampler.compile) in one process: sample grids and an evaluation are due mid-run, and
         training goes on after them. Its own log gives samples/s; a grid is copied to $OUT."""
         steps = 20 if tiny else 120
         tr = build(args, "fit_reduce_overhead",
-                   CACHED + ["train.compile=true", f"train.batch_size={big}", "train.compile_mode=reduce-overhead",
+                   CACHED + ["speed.compile=true", f"train.batch_size={big}", "speed.compile_mode=reduce-overhead",
                              "sampler.compile=true", f"train.max_steps={steps}", f"train.log_every={steps // 12}",
-                             f"train.visualize_every={steps // 3}", f"train.eval_every={steps // 2}",
-                             "train.eval_clips=16", "train.vis_clips=2", "train.save_every=0"])
+                             f"eval.visualize_every={steps // 3}", f"eval.every={steps // 2}",
+                             "eval.clips=16", "eval.vis_clips=2", "checkpoint.every=0"])
         t = time.perf_counter()
         result = tr.fit()
         wall = time.perf_counter() - t
@@ -334,7 +315,7 @@ def main() -> None:
         "compiled_512_nhwc_group_norm_fused_upsample": lambda: block_variant(
             "compiled_512_nhwc_group_norm_fused_upsample", ["unet.nhwc_group_norm=true", "unet.fuse_upsample=true"],
             2 * big),
-        "loader_reduce_overhead": lambda: loader("loader_reduce_overhead", ["train.compile_mode=reduce-overhead"]),
+        "loader_reduce_overhead": lambda: loader("loader_reduce_overhead", ["speed.compile_mode=reduce-overhead"]),
         "fit_reduce_overhead": fit_reduce_overhead,
         "max_batch": max_batch_eager,
         "compiled_fused_upsample": lambda: block_variant("compiled_fused_upsample", ["unet.fuse_upsample=true"], big),
@@ -343,9 +324,9 @@ def main() -> None:
         "compiled_diffusers_layouts": lambda: block_variant("compiled_diffusers_layouts",
                                                             ["unet.nhwc_shortcuts=false"], big),
         "compiled_512": lambda: block_variant("compiled_512", [], 2 * big),
-        "compiled_nchw": lambda: block_variant("compiled_nchw", ["train.channels_last=false"], big),
+        "compiled_nchw": lambda: block_variant("compiled_nchw", ["speed.channels_last=false"], big),
         "compiled_reduce_overhead": lambda: block_variant("compiled_reduce_overhead",
-                                                          ["train.compile_mode=reduce-overhead"], big),
+                                                          ["speed.compile_mode=reduce-overhead"], big),
         "compiled_head_dim_64": lambda: block_variant("compiled_head_dim_64", ["unet.attention_head_dim=64"], big),
         "grad_checkpointing": lambda: grad_checkpointing(args, big, flops, peak),
         "compiled_64": lambda: compiled_small(args, small, iters, flops, peak),
@@ -411,7 +392,7 @@ def grad_checkpointing(args, big: int, flops: float, peak: float) -> None:
 
 
 def compiled_small(args, small: int, iters: int, flops: float, peak: float) -> None:
-    tr = build(args, "compiled_small", CACHED + ["train.compile=true", f"train.batch_size={small}"])
+    tr = build(args, "compiled_small", CACHED + ["speed.compile=true", f"train.batch_size={small}"])
     measure(tr, "compiled_channels_last", small, 3, iters, flops, peak, compile_mode="default")
     del tr
     gc.collect()

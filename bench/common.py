@@ -189,5 +189,5 @@ def reference_config(args, overrides: list[str]):
     work = Path(args.work)
     base = [f"vae.pretrained={make_vae_folder(work / ('tiny_vae' if args.tiny else 'sd_vae'), args.tiny)}",
             f"logging.run_dir={work / 'runs'}", "logging.wandb.mode=disabled",
-            f"train.cache_dir={work / 'latents'}"]
+            f"cache.dir={work / 'latents'}"]
     return load_config(REFERENCE_CONFIG, base + (TINY_OVERRIDES if args.tiny else []) + overrides)

@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     model.unet.to(device)
     ema = loaded.net("ema").to(device)
     val = val_windows(loaded)
-    indices = spread(len(val), cfg.train.eval_clips or 10 ** 9)
-    steps = cfg.train.eval_steps or cfg.sampler.num_inference_steps
+    indices = spread(len(val), cfg.eval.clips or 10 ** 9)
+    steps = cfg.eval.steps or cfg.sampler.num_inference_steps
     seed = cfg.train.seed + 777  # the trainer's evaluation seed: same windows, same noise
     precision = cfg.train.mixed_precision  # the trainer's switch: bf16 autocast on a GPU
     info = DistInfo(device=device)

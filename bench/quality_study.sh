@@ -52,7 +52,7 @@ train() {  # name config overrides... : one training run in the background, its 
            # runs that start together would otherwise build the same cache at the same time)
   local name=$1 config=$2; shift 2
   timeout "$TO" $PY train_video_pred.py --config "$config" --set logging.name="$name" logging.wandb.mode=disabled \
-    train.visualize_every=0 train.cache_dir="data_cache/latents_$name" "$@" > "$OUT/train_$name.log" 2>&1 &
+    eval.visualize_every=0 cache.dir="data_cache/latents_$name" "$@" > "$OUT/train_$name.log" 2>&1 &
 }
 
 evaluate() {  # name [extra quality_eval args]

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from configs.schema import Config
+from configs.schema import MOVED_KEYS, Config
 
 
 class ConfigError(ValueError):
@@ -99,6 +99,13 @@ def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a list of {item_tp.__name__}, got {type(value).__name__} {value!r}")
             return []
         return [_check_value(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is typing.Literal:  # a choice, checked here at its field
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:
+            hint = (" (YAML reads no/yes/on/off as booleans: quote it, e.g. train.mixed_precision='no')"
+                    if isinstance(value, bool) else "")
+            problems.append(f"{path}: {value!r} is not one of {list(choices)}{hint}")
+        return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             hint = " (quoted number? write it unquoted, e.g. 1.0e-4)" if isinstance(value, str) else ""
@@ -134,6 +141,8 @@ def _build(cls: type, raw: dict, path: str, problems: list[str]):
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            if kp in MOVED_KEYS:
+                hint = f"; it moved to {MOVED_KEYS[kp]}"
             problems.append(f"{kp}: unknown key{hint}")
             continue
         kwargs[key] = _check_value(value, hints[key], kp, problems)

@@ -8,8 +8,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+# keys that moved when issue 17 split `train` into one section per concern: old dotted key -> new one (the
+# loader names the new place; checkpoints that store the old layout still load, model/loading.py)
+MOVED_KEYS = {
+    "train.lr": "optim.lr", "train.weight_decay": "optim.weight_decay", "train.adam_betas": "optim.adam_betas",
+    "train.lr_schedule": "optim.lr_schedule", "train.warmup_steps": "optim.warmup_steps",
+    "train.min_lr_ratio": "optim.min_lr_ratio", "train.grad_clip": "optim.grad_clip", "train.ema_decay": "ema.decay",
+    "train.ema_warmup_power": "ema.warmup_power", "train.visualize_every": "eval.visualize_every",
+    "train.vis_clips": "eval.vis_clips", "train.eval_every": "eval.every", "train.eval_clips": "eval.clips",
+    "train.eval_steps": "eval.steps", "train.eval_samples": "eval.samples", "train.save_every": "checkpoint.every",
+    "train.keep_last": "checkpoint.keep_last", "train.latent_cache": "cache.enabled", "train.cache_std": "cache.std",
+    "train.cache_dir": "cache.dir", "train.compile": "speed.compile", "train.compile_mode": "speed.compile_mode",
+    "train.channels_last": "speed.channels_last", "train.cudnn_benchmark": "speed.cudnn_benchmark",
+    "train.ddp_bucket_mb": "ddp.bucket_mb", "train.ddp_grad_dtype": "ddp.grad_dtype",
+    "train.ddp_bucket_view": "ddp.bucket_view", "train.dist_timeout_s": "ddp.timeout_s",
+    "train.profile_at": "profile.at", "train.profile_steps": "profile.steps",
+}
 
 
 def _choice(problems: list[str], path: str, value, choices) -> None:
@@ -133,13 +152,11 @@ class VAEConfig:
     latent: str = "mean"  # mean: posterior mean (deterministic); sample: posterior sample
     dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the VAE's weights and compute
     chunk_size: int = 32  # frames per encoder/decoder call (bounds memory); must be >= 1
-    # GPU: weights and activations in NHWC memory format; false = NCHW. For vae.compile: in eager mode CUDA's
-    # GroupNorm copies NHWC back to NCHW and the SD-VAE encoder ran 25% slower (BENCHMARKS.md)
+    # GPU: weights and activations in NHWC memory format, for vae.compile (eager: slower, BENCHMARKS.md); false = NCHW
     channels_last: bool = False
     compile: bool = False  # GPU: torch.compile the encoder and decoder (mode vae.compile_mode); false = eager
-    # torch.compile mode of vae.compile, its own: CUDA graphs (reduce-overhead) made the encoder slower (H100: cache
-    # build 625 -> 553 frames/s) and the decoder no faster (BENCHMARKS.md); default | reduce-overhead | max-autotune
-    # | max-autotune-no-cudagraphs
+    # torch.compile mode of vae.compile, its own (CUDA graphs made the encoder slower, BENCHMARKS.md): default |
+    # reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
     # decoder: each nearest-2x upsample + 3x3 conv computed as four 2x2 convs of the low-resolution input (sub-pixel),
     # the same function with 2.25x fewer FLOPs in those convs (equal to 1e-5 in fp32); false = diffusers' own forward
@@ -168,14 +185,12 @@ class UNetConfig:
     # up blocks: nearest-2x upsample + 3x3 conv as four 2x2 convs of the low-resolution input (vae.fuse_upsample's
     # sub-pixel form), the same function with 8% fewer UNet FLOPs at the reference size; false = diffusers' forward
     fuse_upsample: bool = False
-    # GPU with train.channels_last: the ResNet shortcut convs keep NHWC in training (diffusers makes their input NCHW,
+    # GPU with speed.channels_last: the ResNet shortcut convs keep NHWC in training (diffusers makes their input NCHW,
     # layout copies of the largest activations each step); the same function. false = diffusers' forward
     nhwc_shortcuts: bool = True
-    # GPU with train.channels_last and train.compile: GroupNorm as var-mean and elementwise ops, which keep NHWC
+    # GPU with speed.channels_last and speed.compile: GroupNorm as var-mean and elementwise ops, which keep NHWC
     # through the compiled graph (ATen's group_norm outputs NCHW, and every conv backward then copies); the same
-    # function. H100, batch 256: 92.0 -> 87.4 ms per compiled step (1.05x), peak memory 9.9 -> 12.2 GiB; eager
-    # would keep more activations (largest batch 2,048 -> 1,280), so eager nets keep ATen's, and so does sampling
-    # (gradients off), where this form was slower (BENCHMARKS.md)
+    # function, faster and larger in memory; eager nets and sampling keep ATen's, where it was slower (BENCHMARKS.md)
     nhwc_group_norm: bool = True
 
     def validate(self, p: list[str], path: str) -> None:
@@ -243,7 +258,7 @@ class SamplerConfig:
     clip_percentile: float = 0.995  # dynamic: per-sample quantile of |x0| used as the bound
     guidance_past: float = 1.0  # classifier-free guidance scale on the past frames; 1 = off (needs diffusion.past_dropout > 0)
     guidance_cond: float = 1.0  # guidance scale on the conditioning vector; 1 = off (needs diffusion.cond_dropout > 0)
-    compile: bool = False  # GPU: torch.compile the denoiser for sampling (mode train.compile_mode); false = eager
+    compile: bool = False  # GPU: torch.compile the denoiser for sampling (mode speed.compile_mode); false = eager
     # residual decoding: add the last past frame's VAE reconstruction error back to the decoded prediction,
     # x = D(z) + m * (x_last - D(z_last)), so a still camera's background is not limited by the VAE (copy_last_vae).
     # off = D(z); full: m = 1; masked: m = 1 where the prediction did not change from D(z_last), falling linearly to 0
@@ -267,90 +282,150 @@ class SamplerConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, EMA, latent cache, checkpoints and the cadence of the loop's jobs (in optimizer steps)."""
+    """The loop: batch, length, precision, what a non-finite step does, how often metrics are logged."""
 
     seed: int = 0  # global seed; each rank derives its own from it
     batch_size: int = 64  # GLOBAL clips per optimizer step, over all ranks and accumulation steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step; 1 = off
     max_steps: int = 100_000  # optimizer steps to train
-    lr: float = 1e-4  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay; 0 = off
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
-    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio * lr at max_steps) | constant (after warm-up)
-    warmup_steps: int = 1000  # linear LR warm-up from 0, optimizer steps; 0 = off
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    mixed_precision: str = "bf16"  # bf16: autocast the UNet on GPU (ignored on CPU) | no: fp32 everywhere
-    ema_decay: float = 0.9999  # final EMA decay; 0 = no EMA
-    ema_warmup_power: float = 0.75  # decay warms up as 1 - (1 + step)^-power (diffusers EMAModel); 0 = no warm-up (not advised)
+    mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16: autocast the UNet on GPU (ignored on CPU) | no: fp32
     # a step whose loss or gradient is not finite has its update masked (weights and AdamW moments unchanged; it
-    # keeps its number, LR and EMA advance); then halt: stop | skip: go on. Read one step late (BENCHMARKS.md)
-    nonfinite: str = "halt"
+    # keeps its number, LR and EMA advance); then halt: stop | skip: go on. Read one step late
+    nonfinite: Literal["halt", "skip"] = "halt"
     max_nonfinite_skips: int = 10  # with nonfinite=skip, give up after this many skipped steps in a row
-    latent_cache: bool = True  # encode every frame once and train on cached latents; false = encode on the fly
-    cache_std: bool = True  # cache the posterior std too, so vae.latent=sample still works from the cache
-    cache_dir: str = "data_cache/latents"  # latent cache folder (keyed by VAE, resolution and data fingerprint)
-    compile: bool = False  # GPU: torch.compile the UNet's training step (the first steps compile); false = eager
-    # torch.compile mode of train.compile and sampler.compile: default | reduce-overhead (CUDA graphs) | max-autotune
-    # | max-autotune-no-cudagraphs (the autotuning modes compile for minutes); vae.compile has its own vae.compile_mode
-    compile_mode: str = "default"
-    channels_last: bool = False  # GPU: UNet in NHWC memory format, for train.compile (eager: 18% slower); false = NCHW
-    cudnn_benchmark: bool = False  # GPU: cuDNN times its conv algorithms per new input shape; false = its heuristics
-    log_every: int = 10  # write metrics.jsonl / wandb scalars; 0 = off
-    visualize_every: int = 500  # sample grids + GIFs of fixed val clips; 0 = off
-    eval_every: int = 1000  # PSNR/SSIM evaluation on the val split; 0 = off (a final evaluation still runs)
-    save_every: int = 1000  # checkpoint cadence; 0 = only at the end and on SIGTERM/SIGUSR1
-    keep_last: int = 3  # checkpoints kept (>= 2); the one resumed from is never deleted
-    vis_clips: int = 4  # val clips in each sample grid
-    eval_clips: int = 64  # val clips in each evaluation (0 = all)
-    eval_steps: int = 0  # DDIM steps in evaluation; 0 = sampler.num_inference_steps
-    # samples per val window in evaluation: K > 1 adds rows for the mean over samples, the best of K per window and
-    # the metric of the K-sample average (training/evaluation.py); the one-sample row stays the headline. 1 = off
-    eval_samples: int = 1
-    dist_timeout_s: int = 600  # process-group timeout: a stalled rank ends the job after this many seconds
-    # DDP gradient bucket size in MiB (DistributedDataParallel's bucket_cap_mb). With train.compile, dynamo splits the
-    # compiled graph at every bucket boundary; one bucket keeps one graph and all-reduces once after the backward
-    # (4 H100s: 92.6% scaling against 89.3% with 25 MiB, BENCHMARKS.md). 0 = auto: one bucket when compiled, else
-    # DDP's 25 MiB, whose all-reduces overlap the eager backward
-    ddp_bucket_mb: float = 0.0
-    ddp_grad_dtype: str = "fp32"  # fp32 | bf16: all-reduce gradients in bf16 (DDP's bf16_compress_hook), half the bytes
-    ddp_bucket_view: bool = False  # DDP gradient_as_bucket_view: gradients live in the buckets (no copy in and out)
-    # torch.profiler over optimizer steps [profile_at, profile_at + profile_steps) on every rank: run_dir/profile/
-    # rank{r}.json (GPU busy/idle time, time by kernel kind, exposed NCCL time, top kernels) and rank{r}.trace.json.gz
-    # (Perfetto / chrome://tracing); profile_at 0 = off. Pick a step after compilation and warm-up (e.g. 50)
-    profile_at: int = 0
-    profile_steps: int = 5
+    log_every: int = 10  # write metrics.jsonl / wandb scalars, optimizer steps; 0 = off
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.batch_size", self.batch_size, 1)
         _at_least(p, f"{path}.grad_accum_steps", self.grad_accum_steps, 1)
         _at_least(p, f"{path}.max_steps", self.max_steps, 1)
+        _at_least(p, f"{path}.max_nonfinite_skips", self.max_nonfinite_skips, 1)
+        _at_least(p, f"{path}.log_every", self.log_every, 0)
+        if self.batch_size % self.grad_accum_steps:
+            p.append(f"{path}.batch_size: {self.batch_size} is not divisible by "
+                     f"train.grad_accum_steps={self.grad_accum_steps}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay; 0 = off
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: to min_lr_ratio * lr at train.max_steps
+    warmup_steps: int = 1000  # linear LR warm-up from 0, optimizer steps; 0 = off
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+
+    def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.lr", self.lr, 0.0, strict=True)
         _at_least(p, f"{path}.weight_decay", self.weight_decay, 0.0)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             p.append(f"{path}.adam_betas: {self.adam_betas} must be two numbers in [0, 1)")
-        _choice(p, f"{path}.lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _at_least(p, f"{path}.warmup_steps", self.warmup_steps, 0)
         _in_unit(p, f"{path}.min_lr_ratio", self.min_lr_ratio)
         _at_least(p, f"{path}.grad_clip", self.grad_clip, 0.0)
-        _choice(p, f"{path}.mixed_precision", self.mixed_precision, ("bf16", "no"))
-        _in_unit(p, f"{path}.ema_decay", self.ema_decay, closed_high=False)
-        _at_least(p, f"{path}.ema_warmup_power", self.ema_warmup_power, 0.0)
-        _choice(p, f"{path}.nonfinite", self.nonfinite, ("halt", "skip"))
-        _choice(p, f"{path}.compile_mode", self.compile_mode, COMPILE_MODES)
-        _at_least(p, f"{path}.max_nonfinite_skips", self.max_nonfinite_skips, 1)
-        for name in ("log_every", "visualize_every", "eval_every", "save_every", "vis_clips", "eval_clips", "eval_steps"):
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the UNet's weights (diffusers EMAModel), updated after every optimizer step."""
+
+    decay: float = 0.9999  # final EMA decay; 0 = no EMA
+    warmup_power: float = 0.75  # decay warms up as 1 - (1 + step)^-power; 0 = no warm-up (not advised)
+
+    def validate(self, p: list[str], path: str) -> None:
+        _in_unit(p, f"{path}.decay", self.decay, closed_high=False)
+        _at_least(p, f"{path}.warmup_power", self.warmup_power, 0.0)
+
+
+@dataclass
+class EvalConfig:
+    """The loop's pictures and evaluation on the val split, in optimizer steps."""
+
+    visualize_every: int = 500  # sample grids + GIFs of fixed val clips; 0 = off
+    vis_clips: int = 4  # val clips in each sample grid
+    every: int = 1000  # PSNR/SSIM evaluation on the val split; 0 = off (a final evaluation still runs)
+    clips: int = 64  # val clips in each evaluation (0 = all)
+    steps: int = 0  # DDIM steps in evaluation; 0 = sampler.num_inference_steps
+    # samples per val window in evaluation: K > 1 adds rows for the mean over samples, the best of K per window and
+    # the metric of the K-sample average (training/evaluation.py); the one-sample row stays the headline. 1 = off
+    samples: int = 1
+
+    def validate(self, p: list[str], path: str) -> None:
+        for name in ("visualize_every", "vis_clips", "every", "clips", "steps"):
             _at_least(p, f"{path}.{name}", getattr(self, name), 0)
-        _at_least(p, f"{path}.eval_samples", self.eval_samples, 1)
+        _at_least(p, f"{path}.samples", self.samples, 1)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints of the whole training state (run_dir/name/checkpoints/)."""
+
+    every: int = 1000  # optimizer steps between checkpoints; 0 = only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 3  # checkpoints kept (>= 2); the one resumed from is never deleted
+
+    def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.every", self.every, 0)
         _at_least(p, f"{path}.keep_last", self.keep_last, 2)
-        _at_least(p, f"{path}.dist_timeout_s", self.dist_timeout_s, 10)
-        _at_least(p, f"{path}.ddp_bucket_mb", self.ddp_bucket_mb, 0.0)
-        _choice(p, f"{path}.ddp_grad_dtype", self.ddp_grad_dtype, ("fp32", "bf16"))
-        _at_least(p, f"{path}.profile_at", self.profile_at, 0)
-        _at_least(p, f"{path}.profile_steps", self.profile_steps, 1)
-        if self.batch_size % self.grad_accum_steps:
-            p.append(f"{path}.batch_size: {self.batch_size} is not divisible by "
-                     f"train.grad_accum_steps={self.grad_accum_steps}")
+
+
+@dataclass
+class CacheConfig:
+    """The latent cache: every frame encoded once by the frozen VAE, training reads the latents."""
+
+    enabled: bool = True  # train on cached latents; false = run the VAE encoder on every batch
+    std: bool = True  # cache the posterior std too, so vae.latent=sample still works from the cache
+    dir: str = "data_cache/latents"  # cache folder (keyed by VAE, resolution and data fingerprint)
+
+    def validate(self, p: list[str], path: str) -> None:
+        if not self.dir:
+            p.append(f"{path}.dir: must name a folder")
+
+
+@dataclass
+class SpeedConfig:
+    """GPU speed switches of the UNet (each ignored on CPU); the same function either way (BENCHMARKS.md)."""
+
+    compile: bool = False  # torch.compile the UNet's training step (the first steps compile); false = eager
+    # torch.compile mode of speed.compile and sampler.compile; reduce-overhead = CUDA graphs; the autotuning modes
+    # compile for minutes. vae.compile has its own vae.compile_mode
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: bool = False  # UNet in NHWC memory format, for speed.compile (slower eager); false = NCHW
+    cudnn_benchmark: bool = False  # cuDNN times its conv algorithms per new input shape; false = its heuristics
+
+    def validate(self, p: list[str], path: str) -> None:
+        pass
+
+
+@dataclass
+class DDPConfig:
+    """Several processes (torchrun): the process group and DistributedDataParallel's gradient all-reduce."""
+
+    timeout_s: int = 600  # process-group timeout: a stalled rank ends the job after this many seconds
+    # gradient bucket size, MiB (DDP's bucket_cap_mb). With speed.compile, dynamo splits the compiled graph at every
+    # bucket; one bucket keeps one graph (BENCHMARKS.md). 0 = auto: one bucket when compiled, else DDP's 25 MiB
+    bucket_mb: float = 0.0
+    grad_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: all-reduce gradients in bf16 (bf16_compress_hook)
+    bucket_view: bool = False  # gradient_as_bucket_view: gradients live in the buckets (no copy in and out)
+
+    def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.timeout_s", self.timeout_s, 10)
+        _at_least(p, f"{path}.bucket_mb", self.bucket_mb, 0.0)
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler over optimizer steps [at, at + steps) on every rank: run_dir/profile/rank{r}.json (GPU
+    busy/idle time, time by kernel kind, exposed NCCL time, top kernels) and rank{r}.trace.json.gz (Perfetto)."""
+
+    at: int = 0  # first profiled optimizer step; pick one after compilation and warm-up (e.g. 50); 0 = off
+    steps: int = 5  # optimizer steps profiled
+
+    def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.at", self.at, 0)
+        _at_least(p, f"{path}.steps", self.steps, 1)
 
 
 @dataclass
@@ -387,6 +462,14 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -296,12 +296,11 @@ class LatentWindowDataset(Dataset):
 
 
 def training_set(splits, cfg, vae, info, min_windows: int = 1, log=print) -> Dataset:
-    """The training windows: over cached latents (train.latent_cache, the cache built here when missing or stale,
+    """The training windows: over cached latents (cache.enabled, the cache built here when missing or stale,
     a collective) or over pixels encoded on the fly. ValueError when there are fewer than `min_windows`."""
-    tc = cfg.train
     windows = build_windows(splits.train, cfg.data)
-    if tc.latent_cache:
-        folder = build_or_load(splits.clips, cfg.data, vae, tc.cache_dir, info, store_std=tc.cache_std,
+    if cfg.cache.enabled:
+        folder = build_or_load(splits.clips, cfg.data, vae, cfg.cache.dir, info, store_std=cfg.cache.std,
                                num_workers=cfg.data.num_workers, log=log)
         ids = [splits.clips.index(c) for c in splits.train]
         dataset = LatentWindowDataset(splits.train, cfg.data, windows, folder, ids, with_std=cfg.vae.latent == "sample")

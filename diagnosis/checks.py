@@ -511,7 +511,7 @@ def check_ema(ctx: Context) -> list[Check]:
     state = ctx.loaded.ema_state
     if state is None:
         return [Check("ema_horizon", PASS, "no EMA", "EMA weight on the initial weights <= 1%",
-                      "the run keeps no EMA (train.ema_decay = 0): samples use the raw weights")]
+                      "the run keeps no EMA (ema.decay = 0): samples use the raw weights")]
     ema = ema_schedule(state)
     n = ema.optimization_step
     decays = [ema.get_decay(k) for k in range(1, n + 1)]
@@ -525,7 +525,7 @@ def check_ema(ctx: Context) -> list[Check]:
              "horizon_steps": horizon}
     hint = (f"the EMA averages the last ~{horizon:.0f} of {n} steps" if status == PASS else
             f"the EMA still holds {initial:.1%} of its starting (random) weights after {n} updates: decay {final:g} "
-            f"averages over ~{horizon:.0f} steps. Warm the decay up (train.ema_warmup_power=0.75), train longer, "
+            f"averages over ~{horizon:.0f} steps. Warm the decay up (ema.warmup_power=0.75), train longer, "
             "or sample with the raw weights (--raw)")
     checks = [Check("ema_horizon", status, value,
                     f"weight on the initial weights <= {EMA_INITIAL_WEIGHT[0]:.0%} "
@@ -559,7 +559,7 @@ def check_weights(ctx: Context) -> list[Check]:
     return [Check("weights_finite", FAIL if names else PASS, {k: len(v) for k, v in bad.items()} or 0,
                   "no NaN/Inf in UNet, EMA or VAE weights",
                   f"non-finite weights in {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: training diverged "
-                  "(lower train.lr, keep train.nonfinite=halt) or the file is damaged; use an earlier checkpoint"
+                  "(lower optim.lr, keep train.nonfinite=halt) or the file is damaged; use an earlier checkpoint"
                   if names else "all weights are finite", {"tensors": bad})]
 
 

@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel
 
 from configs import Config, apply_overrides, config_from_dict, load_config
 from configs.loader import ConfigError
+from configs.schema import MOVED_KEYS
 from model.unet import ConditionalUNet
 from model.vae import FrozenVAE
 from model.video_prediction_diffusion import VideoPredictionDiffusion
@@ -140,7 +141,7 @@ def find_checkpoint(run: str | Path | None, which: str = "latest") -> tuple[Path
             folder = run / "checkpoints" if (run / "checkpoints").is_dir() else run
             found = resolve_resume(folder, "latest")
             if found is None:
-                raise LoadError(f"no checkpoint in {folder} (has the run saved one yet? train.save_every)")
+                raise LoadError(f"no checkpoint in {folder} (has the run saved one yet? checkpoint.every)")
     except (CheckpointError, ExportError) as e:
         raise LoadError(str(e)) from None
     if not isinstance(found[1], dict):
@@ -156,6 +157,10 @@ def _upgrade(raw: dict) -> dict:
     for section, key in RETIRED_KEYS:
         if isinstance(raw.get(section), dict):
             raw[section].pop(key, None)
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (section, key) = old.split("."), new.split(".")
+        if isinstance(raw.get(old_section), dict) and old_key in raw[old_section]:
+            raw.setdefault(section, {})[key] = raw[old_section].pop(old_key)
     return raw
 
 

@@ -8,13 +8,68 @@ compile.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 import types
+import warnings
 from collections.abc import Callable
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
+
+# ---------------------------------------------------------------- the speed patches to diffusers internals
+# Two switches give diffusers modules a forward or a flag of ours, the same function, faster: unet.nhwc_shortcuts
+# (ResnetBlock2D's `training` flag, `nhwc_shortcuts`) and unet.fuse_upsample / vae.fuse_upsample (Upsample2D's
+# forward, `fuse_upsample_convs`). Each relies on diffusers' code as it was in the versions below.
+# `diffusers_mismatches()` names every assumption that no longer holds: the test suite fails on any
+# (tests/test_performance.py), and at run time a patch whose assumption broke is skipped with a warning, leaving
+# diffusers' own forward. (unet.nhwc_group_norm replaces torch's nn.GroupNorm.forward, not diffusers code.)
+DIFFUSERS_TESTED = ((0, 35), (0, 43))  # diffusers versions [low, high) these patches were written against
+
+
+def _version(text: str) -> tuple[int, int]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
+@functools.cache
+def diffusers_mismatches() -> dict[str, str]:
+    """{patch: why diffusers no longer matches what it relies on}; {} when every assumption holds."""
+    low, high = DIFFUSERS_TESTED
+    if not low <= _version(diffusers.__version__) < high:
+        why = f"diffusers {diffusers.__version__} is outside the tested versions [{low}, {high})"
+        return {"nhwc_shortcuts": why, "fuse_upsample": why}
+    found = {}
+    src = inspect.getsource(ResnetBlock2D.forward)
+    if src.count("self.training") != 1 or not re.search(
+            r"if self\.training:\s*input_tensor = input_tensor\.contiguous\(\)\s*input_tensor = self\.conv_shortcut",
+            src):
+        found["nhwc_shortcuts"] = ("ResnetBlock2D.forward no longer reads self.training only to make the shortcut's "
+                                   "input contiguous")
+    try:
+        with torch.random.fork_rng(devices=[]):  # the probe's init must not move the global RNG (model init, dropout)
+            torch.manual_seed(0)
+            up = Upsample2D(8, use_conv=True).eval()
+            x = torch.randn(1, 8, 4, 5)
+        with torch.no_grad():
+            same = torch.allclose(_subpixel_upsample_forward(up, x), Upsample2D.forward(up, x), atol=1e-5)
+        if not same:
+            found["fuse_upsample"] = "Upsample2D's nearest-2x + 3x3 conv no longer equals the sub-pixel form"
+    except Exception as e:  # noqa: BLE001 - a renamed attribute or argument: the patch must not run
+        found["fuse_upsample"] = f"Upsample2D changed ({type(e).__name__}: {e})"
+    return found
+
+
+def _patch_allowed(name: str) -> bool:
+    why = diffusers_mismatches().get(name)
+    if why is not None:
+        warnings.warn(f"{name} is off: {why}; diffusers' own forward is used (the same function, slower)",
+                      stacklevel=3)
+    return why is None
+
 
 
 def on_gpu(module: torch.nn.Module) -> bool:
@@ -50,7 +105,9 @@ def nhwc_shortcuts(module: torch.nn.Module) -> int:
     backward converts the saved input and the gradients again: layout copies of the largest activations in every
     up block. That is the block's only use of its own `training` flag (its dropout is a child module with a flag of
     its own), so the flag is kept False on those blocks, and `train()` still sets their children. Same function,
-    same parameters and state_dict; GPU channels_last nets only (train.channels_last and unet.nhwc_shortcuts)."""
+    same parameters and state_dict; GPU channels_last nets only (speed.channels_last and unet.nhwc_shortcuts)."""
+    if not _patch_allowed("nhwc_shortcuts"):
+        return 0
     changed = 0
     for m in module.modules():
         if isinstance(m, ResnetBlock2D) and m.conv_shortcut is not None:
@@ -145,6 +202,8 @@ def _subpixel_upsample_forward(self: Upsample2D, hidden_states: torch.Tensor, ou
 def fuse_upsample_convs(module: torch.nn.Module) -> int:
     """Give every diffusers Upsample2D in `module` that is nearest 2x + a plain 3x3 conv (padding 1, no norm) the
     sub-pixel forward above, in place; parameters and state_dict keys are untouched. Returns how many."""
+    if not _patch_allowed("fuse_upsample"):
+        return 0
     count = 0
     for m in module.modules():
         conv = getattr(m, "conv", None)
@@ -206,7 +265,7 @@ class CompiledNets:
 
 def match_param_layout(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, ema=None) -> None:
     """Give optimizer state and EMA shadow tensors their parameter's strides, after loading a checkpoint saved
-    in the other memory format (train.channels_last changed). Fused AdamW walks param and state memory in
+    in the other memory format (speed.channels_last changed). Fused AdamW walks param and state memory in
     lockstep, so a channels_last param with an NCHW exp_avg is updated with other elements' moments: silently
     wrong, not an error. `params` in the order the EMA was built with."""
     def like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

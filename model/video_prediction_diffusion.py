@@ -34,21 +34,21 @@ class VideoPredictionDiffusion:
             raise ValueError(f"the UNet expects {self.unet.latent_channels} latent channels but the VAE "
                              f"{vae.name} has {vae.latent_channels}")
         self.unet.check_latent_size(cfg.data.height // vae.downsample, cfg.data.width // vae.downsample)
-        self.compiled_nets = performance.CompiledNets(cfg.train.compile_mode)  # for sampler.compile (GPU)
+        self.compiled_nets = performance.CompiledNets(cfg.speed.compile_mode)  # for sampler.compile (GPU)
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | str = "cpu") -> "VideoPredictionDiffusion":
-        """Frozen VAE and UNet on `device`; on GPU in NHWC and compiled as vae.* and train.channels_last say."""
+        """Frozen VAE and UNet on `device`; on GPU in NHWC and compiled as vae.* and speed.channels_last say."""
         vae = FrozenVAE.from_config(cfg.vae).to(device)
         performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.vae.compile_mode,
                                  cfg.vae.fuse_upsample)
         model = cls(cfg, vae)
         model.unet.to(device)
-        performance.channels_last(model.unet, cfg.train.channels_last)
-        if cfg.train.channels_last and performance.on_gpu(model.unet):
+        performance.channels_last(model.unet, cfg.speed.channels_last)
+        if cfg.speed.channels_last and performance.on_gpu(model.unet):
             if cfg.unet.nhwc_shortcuts:
                 performance.nhwc_shortcuts(model.unet)
-            if cfg.unet.nhwc_group_norm and cfg.train.compile:  # measured compiled; eager keeps ATen's (memory)
+            if cfg.unet.nhwc_group_norm and cfg.speed.compile:  # measured compiled; eager keeps ATen's (memory)
                 performance.nhwc_group_norms(model.unet)
         return model
 

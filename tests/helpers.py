@@ -8,10 +8,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast instead of hanging
 
+import copy  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from diffusers import AutoencoderKL, AutoencoderTiny  # noqa: E402
 
 from configs.loader import config_from_dict  # noqa: E402
@@ -98,3 +101,38 @@ def set_dotted(raw: dict, dotted: dict) -> dict:
             node = node.setdefault(s, {})
         node[leaf] = value
     return raw
+
+
+@dataclass
+class World:
+    """A tiny VAE and a synthetic world on disk (root/vae, root/world; latent cache under root/cache), and the base
+    config of the runs that read them, as plain data (logging.run_dir and logging.name are filled in per run)."""
+    root: Path
+    raw: dict
+
+    def config(self, run_dir: Path, name: str | None = None, **dotted) -> dict:
+        """A deep copy of the base config with logging.run_dir (and .name) set and dotted overrides applied."""
+        raw = copy.deepcopy(self.raw)
+        raw["logging"]["run_dir"] = str(run_dir)
+        if name is not None:
+            raw["logging"]["name"] = name
+        return set_dotted(raw, dotted)
+
+    def yaml(self, path: Path, run_dir: Path, name: str | None = None, **dotted) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.config(run_dir, name, **dotted), sort_keys=False))
+        return path
+
+
+def make_world(root: Path, **sections: dict) -> World:
+    """A tiny random AutoencoderKL under root/vae and the synthetic world of `sections["data"]` generated under
+    root/world; `sections` are the config sections of the runs (paths into root are filled in)."""
+    from data import ensure_synthetic
+
+    raw = copy.deepcopy(sections)
+    raw.setdefault("data", {})["root"] = str(root / "world")
+    raw.setdefault("vae", {}).update(pretrained=str(tiny_vae_folder(root)), chunk_size=8)
+    raw.setdefault("cache", {})["dir"] = str(root / "cache")
+    raw.setdefault("logging", {}).update(run_dir="unset", name="run", wandb={"mode": "disabled"})
+    ensure_synthetic(config_from_dict(raw).data, progress=False)
+    return World(root, raw)

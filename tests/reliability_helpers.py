@@ -9,7 +9,6 @@ tests are about failures, not quality).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -24,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from helpers import set_dotted, tiny_vae_folder
+import helpers
+from helpers import World
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_video_pred.py"
@@ -45,42 +44,22 @@ def record(item: str, **figures) -> None:
             f.write(line + "\n")
 
 
-@dataclass
-class World:
-    root: Path
-    raw: dict
-
-    def config(self, run_dir: Path, name: str = "run", **dotted) -> dict:
-        raw = copy.deepcopy(self.raw)
-        raw["logging"].update(run_dir=str(run_dir), name=name)
-        return set_dotted(raw, dotted)
-
-    def yaml(self, path: Path, run_dir: Path, name: str = "run", **dotted) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.config(run_dir, name, **dotted), sort_keys=False))
-        return path
-
-
 def make_world(root: Path) -> World:
-    from configs.loader import config_from_dict
-    from data import ensure_synthetic
-
-    vae = tiny_vae_folder(root)
-    raw = {
-        "data": {"root": str(root / "world"), "height": 16, "width": 16, "t_past": 2, "t_future": 2,
-                 "val_fraction": 0.0, "num_workers": 0,
-                 "synthetic": {"enabled": True, "num_clips": 4, "frames_per_clip": 8, "height": 16, "width": 16}},
-        "vae": {"pretrained": str(vae), "chunk_size": 8},
-        "unet": {"block_out_channels": [16, 32], "attention": [False, False], "layers_per_block": 1, "dropout": 0.1,
-                 "attention_head_dim": 8, "norm_num_groups": 8},
-        "sampler": {"num_inference_steps": 2},
-        "train": {"batch_size": 4, "max_steps": 8, "warmup_steps": 2, "ema_decay": 0.99, "log_every": 1,
-                  "visualize_every": 0, "eval_every": 0, "save_every": 2, "keep_last": 3,
-                  "cache_dir": str(root / "cache"), "dist_timeout_s": 30},
-        "logging": {"run_dir": "unset", "name": "run", "wandb": {"mode": "disabled"}},
-    }
-    ensure_synthetic(config_from_dict(raw).data, progress=False)
-    return World(root, raw)
+    """The reliability tests' world: 4 synthetic clips of 8 16x16 frames, no val split, a two-level UNet without
+    attention and with dropout 0.1 (so the global RNG matters to exact resume), 8 steps, a checkpoint every 2."""
+    return helpers.make_world(
+        root,
+        data={"height": 16, "width": 16, "t_past": 2, "t_future": 2, "val_fraction": 0.0, "num_workers": 0,
+              "synthetic": {"enabled": True, "num_clips": 4, "frames_per_clip": 8, "height": 16, "width": 16}},
+        unet={"block_out_channels": [16, 32], "attention": [False, False], "layers_per_block": 1, "dropout": 0.1,
+              "attention_head_dim": 8, "norm_num_groups": 8},
+        sampler={"num_inference_steps": 2},
+        train={"batch_size": 4, "max_steps": 8, "log_every": 1},
+        optim={"warmup_steps": 2},
+        ema={"decay": 0.99},
+        eval={"visualize_every": 0, "every": 0},
+        checkpoint={"every": 2, "keep_last": 3},
+        ddp={"timeout_s": 30})
 
 
 def child_env(tmp: Path, faults: str = "", **extra: str) -> dict:

@@ -62,8 +62,8 @@ def test_missing_file_is_file_not_found(tmp_path):
 def test_unknown_key_names_path_and_suggests(tmp_path):
     (p,) = problems_of(tmp_path, "train:\n  learning_rat: 0.1\n")
     assert p.startswith("train.learning_rat: unknown key")
-    (p,) = problems_of(tmp_path, "train:\n  lrr: 0.1\n")
-    assert p.startswith("train.lrr:") and "did you mean 'lr'" in p
+    (p,) = problems_of(tmp_path, "optim:\n  lrr: 0.1\n")
+    assert p.startswith("optim.lrr:") and "did you mean 'lr'" in p
     (p,) = problems_of(tmp_path, "trian:\n  lr: 0.1\n")
     assert p.startswith("trian:") and "did you mean 'train'" in p
     (p,) = problems_of(tmp_path, "logging:\n  wandb:\n    mdoe: online\n")
@@ -73,7 +73,7 @@ def test_unknown_key_names_path_and_suggests(tmp_path):
 @pytest.mark.parametrize("text, path, words", [
     ("train:\n  batch_size: 8.0\n", "train.batch_size", "expected int"),
     ("train:\n  batch_size: true\n", "train.batch_size", "expected int"),  # bool is an int in Python; not here
-    ("train:\n  latent_cache: 1\n", "train.latent_cache", "expected bool"),
+    ("cache:\n  enabled: 1\n", "cache.enabled", "expected bool"),
     ("vae:\n  pretrained: 3\n", "vae.pretrained", "expected str"),
     ("unet:\n  block_out_channels: 64\n", "unet.block_out_channels", "expected a list"),
     ("unet:\n  block_out_channels: [32, x]\n", "unet.block_out_channels[1]", "expected int"),
@@ -87,8 +87,8 @@ def test_wrong_type_names_path(tmp_path, text, path, words):
 
 
 def test_quoted_number_for_float_is_an_error_with_hint(tmp_path):
-    (p,) = problems_of(tmp_path, 'train:\n  lr: "1e-4"\n')
-    assert p.startswith("train.lr: expected float, got str '1e-4'") and "quoted number" in p
+    (p,) = problems_of(tmp_path, 'optim:\n  lr: "1e-4"\n')
+    assert p.startswith("optim.lr: expected float, got str '1e-4'") and "quoted number" in p
 
 
 @pytest.mark.parametrize("text, value", [
@@ -100,11 +100,11 @@ def test_unquoted_scientific_notation_is_a_float(tmp_path, text, value):
     assert parse_yaml(f"x: {text}") == {"x": value}
     assert isinstance(parse_yaml(f"x: {text}")["x"], float)
     if value > 0:
-        assert load_text(tmp_path, f"train:\n  lr: {text}\n").train.lr == value
+        assert load_text(tmp_path, f"optim:\n  lr: {text}\n").optim.lr == value
 
 
 def test_int_for_a_float_field_becomes_a_float(tmp_path):
-    lr = load_text(tmp_path, "train:\n  lr: 3\n").train.lr
+    lr = load_text(tmp_path, "optim:\n  lr: 3\n").optim.lr
     assert lr == 3.0 and type(lr) is float
 
 
@@ -117,23 +117,23 @@ def test_strings_that_only_look_numeric_stay_strings(tmp_path):
 
 
 def test_duplicate_keys_are_all_named_by_path(tmp_path):
-    problems = problems_of(tmp_path, "train:\n  lr: 0.1\n  lr: 0.2\nsampler: {eta: 0.0, eta: 1.0}\n")
+    problems = problems_of(tmp_path, "optim:\n  lr: 0.1\n  lr: 0.2\nsampler: {eta: 0.0, eta: 1.0}\n")
     assert len(problems) == 2
-    assert problems[0].startswith("train.lr: duplicate key") and "lines 2 and 3" in problems[0]
+    assert problems[0].startswith("optim.lr: duplicate key") and "lines 2 and 3" in problems[0]
     assert problems[1].startswith("sampler.eta: duplicate key")
     (p,) = problems_of(tmp_path, "train: {}\ntrain: {}\n")
     assert p.startswith("train: duplicate key")
 
 
 @pytest.mark.parametrize("text, path", [
-    ("train:\n  lr: 0.0\n", "train.lr"),
-    ("train:\n  lr: -1.0e-4\n", "train.lr"),
-    ("train:\n  lr: .nan\n", "train.lr"),  # NaN passes every `<`; the schema must still refuse it
-    ("train:\n  grad_clip: .inf\n", "train.grad_clip"),
-    ("train:\n  keep_last: 1\n", "train.keep_last"),
+    ("optim:\n  lr: 0.0\n", "optim.lr"),
+    ("optim:\n  lr: -1.0e-4\n", "optim.lr"),
+    ("optim:\n  lr: .nan\n", "optim.lr"),  # NaN passes every `<`; the schema must still refuse it
+    ("optim:\n  grad_clip: .inf\n", "optim.grad_clip"),
+    ("checkpoint:\n  keep_last: 1\n", "checkpoint.keep_last"),
     ("train:\n  log_every: -1\n", "train.log_every"),
-    ("train:\n  adam_betas: [0.9]\n", "train.adam_betas"),
-    ("train:\n  ema_decay: 1.0\n", "train.ema_decay"),
+    ("optim:\n  adam_betas: [0.9]\n", "optim.adam_betas"),
+    ("ema:\n  decay: 1.0\n", "ema.decay"),
     ("data:\n  height: 100\n", "data.height"),
     ("data:\n  val_fraction: 1.0\n", "data.val_fraction"),
     ("data:\n  t_future: 0\n", "data.t_future"),
@@ -177,14 +177,14 @@ def test_cross_field_combinations_that_are_fine(tmp_path):
 
 
 def test_several_problems_reported_at_once(tmp_path):
-    text = ("train:\n  lrr: 0.1\n  batch_size: 8.0\n  warmup_steps: -1\n"
+    text = ("train:\n  lrr: 0.1\n  batch_size: 8.0\noptim:\n  warmup_steps: -1\n"
             "sampler:\n  eta: 2.0\n  guidance_past: 3.0\n"
             "vae:\n  latent: median\n")
     with pytest.raises(ConfigError) as info:
         load_text(tmp_path, text)
     paths = sorted(p.split(":")[0] for p in info.value.problems)
-    # train.warmup_steps is in the section whose batch_size has the wrong type: its range check may be skipped
-    for expected in ("train.lrr", "train.batch_size", "sampler.eta", "sampler.guidance_past", "vae.latent"):
+    for expected in ("train.lrr", "train.batch_size", "optim.warmup_steps", "sampler.eta", "sampler.guidance_past",
+                     "vae.latent"):
         assert expected in paths, paths
     message = str(info.value)
     assert str(tmp_path / "config.yaml") in message and f"{len(info.value.problems)} problem(s)" in message
@@ -196,18 +196,18 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 
 def test_yaml_syntax_error_is_a_config_error(tmp_path):
-    (p,) = problems_of(tmp_path, "train:\n  lr: [1\n")
+    (p,) = problems_of(tmp_path, "optim:\n  lr: [1\n")
     assert p.startswith("(yaml)")
 
 
 # ---------------------------------------------------------------- overrides
 
 def test_dotted_overrides(tmp_path):
-    cfg = load_text(tmp_path, "train:\n  lr: 1.0e-3\n", [
-        "train.lr=2e-4", "--set=train.batch_size=32", "unet.block_out_channels=[32, 64]",
+    cfg = load_text(tmp_path, "optim:\n  lr: 1.0e-3\n", [
+        "optim.lr=2e-4", "--set=train.batch_size=32", "unet.block_out_channels=[32, 64]",
         "unet.attention=[false, true]", "logging.wandb.mode=disabled", "data.cond_keys=[speed, steer]",
         "logging.name=", "data.synthetic.enabled=true"])
-    assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.train.batch_size == 32
     assert cfg.unet.block_out_channels == [32, 64] and cfg.unet.attention == [False, True]
     assert cfg.logging.wandb.mode == "disabled"
@@ -217,20 +217,20 @@ def test_dotted_overrides(tmp_path):
 
 
 def test_overrides_on_defaults_and_later_wins():
-    cfg = load_config(None, ["train.lr=0.5", "train.lr=0.25"])
-    assert cfg.train.lr == 0.25
+    cfg = load_config(None, ["optim.lr=0.5", "optim.lr=0.25"])
+    assert cfg.optim.lr == 0.25
 
 
 @pytest.mark.parametrize("override, path, words", [
-    ("train.lr='1e-4'", "train.lr", "expected float"),
-    ("train.lrr=0.1", "train.lrr", "did you mean 'lr'"),
+    ("optim.lr='1e-4'", "optim.lr", "expected float"),
+    ("optim.lrr=0.1", "optim.lrr", "did you mean 'lr'"),
     ("train.batch_size=abc", "train.batch_size", "expected int"),
     ("sampler.eta=2", "sampler.eta", "must be in"),
     ("logging.wandb.mode=loud", "logging.wandb.mode", "not one of"),
     ("vae.compile_mode=fast", "vae.compile_mode", "not one of"),
-    ("train.compile_mode=cudagraphs", "train.compile_mode", "not one of"),
+    ("speed.compile_mode=cudagraphs", "speed.compile_mode", "not one of"),
     ("train.batch_size=10", "train.batch_size", "not divisible"),  # with grad_accum_steps=3 below
-    ("train.lr.x=1", "train.lr", "expected float"),
+    ("optim.lr.x=1", "optim.lr", "expected float"),
     ("train.mixed_precision=no", "train.mixed_precision", "quote it"),  # YAML 1.1: no -> False
 ])
 def test_overrides_go_through_the_same_checks(override, path, words):
@@ -241,17 +241,17 @@ def test_overrides_go_through_the_same_checks(override, path, words):
 
 def test_malformed_overrides_are_reported_together():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["train.lr", "sampler.eta=[", "--set=train"])
+        load_config(None, ["optim.lr", "sampler.eta=[", "--set=train"])
     problems = info.value.problems
     assert len(problems) == 3
-    assert problems[0].startswith("train.lr: override must look like")
+    assert problems[0].startswith("optim.lr: override must look like")
     assert problems[1].startswith("sampler.eta: (yaml)")
 
 
 def test_override_into_a_value_that_is_not_a_section():
     problems: list[str] = []
-    raw = apply_overrides({"train": {"lr": 0.1}}, ["train.lr.x=1"], problems)
-    assert problems == ["train.lr.x: lr is not a section"] and raw == {"train": {"lr": 0.1}}
+    raw = apply_overrides({"optim": {"lr": 0.1}}, ["optim.lr.x=1"], problems)
+    assert problems == ["optim.lr.x: lr is not a section"] and raw == {"optim": {"lr": 0.1}}
 
 
 def test_an_override_yaml_reads_as_an_alias_says_to_quote_it():
@@ -276,7 +276,7 @@ def test_dump_load_round_trip_of_defaults(tmp_path):
 
 def test_dump_load_round_trip_of_awkward_values(tmp_path):
     """Strings that YAML 1.2 would read as numbers or bools must come back as strings (quoted on dump)."""
-    cfg = load_config(None, ["train.lr=3.0e-5", "train.weight_decay=1e-12", "diffusion.snr_gamma=5",
+    cfg = load_config(None, ["optim.lr=3.0e-5", "optim.weight_decay=1e-12", "diffusion.snr_gamma=5",
                              "data.cond_keys=[speed]", "diffusion.cond_dropout=0.1",
                              "unet.block_out_channels=[64, 128]", "unet.attention=[false, true]"])
     cfg.logging.name = "1e5"

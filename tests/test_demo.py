@@ -26,8 +26,8 @@ def _run(args: list[str], tmp: Path, timeout: int = 900) -> subprocess.Completed
 def _short(config: str, tmp: Path, steps: int) -> list[str]:
     """The README's training command on `config`, with fewer steps and every output under tmp."""
     return ["train_video_pred.py", "--config", config, "--set", f"train.max_steps={steps}",
-            f"data.root={tmp / 'world'}", f"train.cache_dir={tmp / 'cache'}", f"logging.run_dir={tmp / 'runs'}",
-            "train.eval_clips=4", "train.eval_steps=4", "train.vis_clips=2", "train.log_every=5"]
+            f"data.root={tmp / 'world'}", f"cache.dir={tmp / 'cache'}", f"logging.run_dir={tmp / 'runs'}",
+            "eval.clips=4", "eval.steps=4", "eval.vis_clips=2", "train.log_every=5"]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_ucsd_ped2_commands_shortened(tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (vae / "config.json").is_file() and (vae / "diffusion_pytorch_model.safetensors").is_file()
     r = _run(["train_video_pred.py", "--config", "configs/ucsd_ped2.yaml", "--set", f"data.root={frames}",
-              f"vae.pretrained={vae}", "train.max_steps=3", "train.batch_size=4", "train.eval_clips=2",
-              "train.eval_steps=2", "train.vis_clips=1", f"train.cache_dir={tmp_path / 'cache'}",
+              f"vae.pretrained={vae}", "train.max_steps=3", "train.batch_size=4", "eval.clips=2",
+              "eval.steps=2", "eval.vis_clips=1", f"cache.dir={tmp_path / 'cache'}",
               f"logging.run_dir={tmp_path / 'runs'}", "data.num_workers=0", "data.val_fraction=0.25"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads(sorted((tmp_path / "runs" / "ucsd_ped2" / "eval").glob("step_*.json"))[-1].read_text())

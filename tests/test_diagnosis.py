@@ -59,9 +59,11 @@ def healthy(tmp_path_factory) -> Path:
         "diffusion": {"prediction_type": "v_prediction"},
         # the bound sits above the data's scaled latents (max |z| ~ 6.7 for this VAE at 32x32), as DESIGN asks
         "sampler": {"num_inference_steps": 20, "clip_x0": "static", "clip_bound": 8.0},
-        "train": {"batch_size": 8, "max_steps": 300, "lr": 3e-3, "warmup_steps": 20, "log_every": 100,
-                  "visualize_every": 0, "eval_every": 0, "save_every": 0, "vis_clips": 0, "eval_clips": 1,
-                  "eval_steps": 1, "cache_dir": str(root / "cache"), "mixed_precision": "no"},
+        "train": {"batch_size": 8, "max_steps": 300, "log_every": 100, "mixed_precision": "no"},
+        "optim": {"lr": 3e-3, "warmup_steps": 20},
+        "eval": {"visualize_every": 0, "every": 0, "vis_clips": 0, "clips": 1, "steps": 1},
+        "checkpoint": {"every": 0},
+        "cache": {"dir": str(root / "cache")},
         "logging": {"run_dir": str(root / "runs"), "name": "healthy", "wandb": {"mode": "disabled"}},
     }
     proc = run_cli(["--config", str(write_yaml(root / "healthy.yaml", raw))], root, timeout=600)

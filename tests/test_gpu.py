@@ -31,17 +31,17 @@ def world(tmp_path_factory):
 
 
 def gpu_config(world, tmp_path: Path, **dotted):
-    return config_from_dict(world.config(tmp_path / "runs", **{"train.cache_dir": str(tmp_path / "cache"),
+    return config_from_dict(world.config(tmp_path / "runs", **{"cache.dir": str(tmp_path / "cache"),
                                                                **dotted}))
 
 
 @pytest.mark.parametrize("compile_unet", [False, True], ids=["eager", "compiled"])
 def test_bf16_training_steps_run_with_finite_loss_and_move_the_weights(world, tmp_path, compile_unet):
-    cfg = gpu_config(world, tmp_path, **{"train.mixed_precision": "bf16", "train.compile": compile_unet,
-                                         "train.channels_last": True, "vae.dtype": "bf16"})
+    cfg = gpu_config(world, tmp_path, **{"train.mixed_precision": "bf16", "speed.compile": compile_unet,
+                                         "speed.channels_last": True, "vae.dtype": "bf16"})
     trainer = build(cfg, DistInfo(device=CUDA), tmp_path / "runs" / "run")
     conv = trainer.unet.unet.conv_in.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)  # train.channels_last took effect on the GPU
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # speed.channels_last took effect on the GPU
     before = conv.detach().clone()
     seen = [trainer.train_step() for _ in range(3)] + [trainer.flush()]
     metrics = [m for m in seen if m]
@@ -99,9 +99,9 @@ def test_compiled_sampler_equals_eager_sampler(world, tmp_path, autocast):
 
 
 def test_cuda_graph_sampler_with_guidance_equals_eager_sampler(world, tmp_path):
-    """sampler.compile with CUDA graphs (the reference config's train.compile_mode) and guidance: two UNet calls
+    """sampler.compile with CUDA graphs (the reference config's speed.compile_mode) and guidance: two UNet calls
     per DDIM step, whose outputs a graph replay shares unless CompiledNets copies them out."""
-    cfg = gpu_config(world, tmp_path, **{"sampler.num_inference_steps": 4, "train.compile_mode": "reduce-overhead",
+    cfg = gpu_config(world, tmp_path, **{"sampler.num_inference_steps": 4, "speed.compile_mode": "reduce-overhead",
                                          "diffusion.past_dropout": 0.1, "sampler.guidance_past": 2.0})
     eager_and_compiled_are_close(cfg, autocast=True)
 
@@ -147,7 +147,7 @@ def test_bf16_channels_last_latent_cache_matches_fp32(world, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpu_nccl_training_through_torchrun(world, tmp_path):
     raw = world.config(tmp_path / "runs", **{"logging.name": "nccl", "train.max_steps": 3,
-                                             "train.cache_dir": str(tmp_path / "cache")})
+                                             "cache.dir": str(tmp_path / "cache")})
     cfg = write_yaml(tmp_path / "nccl.yaml", raw)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
            "--config", str(cfg)]

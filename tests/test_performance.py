@@ -31,7 +31,7 @@ def world(tmp_path_factory):
 
 
 def test_loss_accepts_a_compiled_net_and_matches_eager():
-    """`net or self.unet` raised TypeError for a torch.compile wrapper (it has no truth value): train.compile=true
+    """`net or self.unet` raised TypeError for a torch.compile wrapper (it has no truth value): speed.compile=true
     crashed at the first step."""
     torch.manual_seed(0)
     model = VideoPredictionDiffusion(tiny_config(), FrozenVAE(tiny_kl_vae()))
@@ -87,7 +87,7 @@ def _indices(batch: dict) -> list[int]:
 
 
 def test_epoch_stream_follows_the_sampler_each_epoch_and_resumes_mid_epoch(world, tmp_path):
-    raw = world.config(tmp_path / "runs", **{"data.num_workers": 1, "train.cache_dir": str(tmp_path / "cache")})
+    raw = world.config(tmp_path / "runs", **{"data.num_workers": 1, "cache.dir": str(tmp_path / "cache")})
     cfg = config_from_dict(raw)
     trainer = build(cfg, DistInfo(), tmp_path / "runs" / "a")
     per_epoch = trainer.batches_per_epoch
@@ -357,17 +357,17 @@ def test_nhwc_switches_give_every_unet_conv_but_the_first_an_nhwc_input_as_the_c
 
 
 def test_ddp_bucket_auto_is_one_bucket_when_compiled_and_ddp_default_otherwise():
-    """train.ddp_bucket_mb = 0 (auto): a compiled step gets one bucket above the UNet's gradient size (dynamo splits
+    """ddp.bucket_mb = 0 (auto): a compiled step gets one bucket above the UNet's gradient size (dynamo splits
     the compiled graph at every bucket); eager keeps DDP's 25 MiB; a set value is used as given."""
     from model.unet import ConditionalUNet
     from training.distributed import _ddp_bucket_mb
     cfg = tiny_config()
     unet = ConditionalUNet(cfg.unet, 4, 2, 2)
     grad_mib = sum(p.numel() * 4 for p in unet.parameters()) / 2 ** 20
-    assert cfg.train.ddp_bucket_mb == 0
-    assert _ddp_bucket_mb(unet, cfg.train, compiled=True) == pytest.approx(grad_mib + 1)
-    assert _ddp_bucket_mb(unet, cfg.train, compiled=False) == 25.0
-    tc = tiny_config(**{"train.ddp_bucket_mb": 4.0}).train
+    assert cfg.ddp.bucket_mb == 0
+    assert _ddp_bucket_mb(unet, cfg.ddp, compiled=True) == pytest.approx(grad_mib + 1)
+    assert _ddp_bucket_mb(unet, cfg.ddp, compiled=False) == 25.0
+    tc = tiny_config(**{"ddp.bucket_mb": 4.0}).ddp
     assert _ddp_bucket_mb(unet, tc, compiled=True) == _ddp_bucket_mb(unet, tc, compiled=False) == 4.0
 
 
@@ -465,3 +465,32 @@ def test_bench_train_parts_run_through_the_trainer_on_a_cpu(tmp_path):
         [f"fit_reduce_overhead_{g}" for g in fit["grids"]] and len(fit["grids"]) >= 3
     bad = subprocess.run(cmd + ["--variants", "compiled,nope"], env=env, cwd=root, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown ['nope']" in bad.stderr
+
+
+def test_diffusers_internals_under_the_speed_patches_are_as_they_were_written_for(monkeypatch):
+    """The speed patches (unet.nhwc_shortcuts, unet/vae.fuse_upsample) rely on diffusers' code: this fails loudly
+    when an upgrade changes it, naming the patch and why. Negative control: under a diffusers version outside the
+    tested range every patch is refused and a module is left with diffusers' own forward."""
+    from diffusers.models.upsampling import Upsample2D
+    assert performance.diffusers_mismatches() == {}, performance.diffusers_mismatches()
+
+    performance.diffusers_mismatches.cache_clear()
+    monkeypatch.setattr(performance.diffusers, "__version__", "0.99.0")
+    try:
+        assert set(performance.diffusers_mismatches()) == {"nhwc_shortcuts", "fuse_upsample"}
+        block = torch.nn.Sequential(Upsample2D(8, use_conv=True))
+        with pytest.warns(UserWarning, match=r"fuse_upsample is off: diffusers 0\.99\.0 is outside"):
+            assert performance.fuse_upsample_convs(block) == 0
+        assert "forward" not in vars(block[0])  # diffusers' own forward
+    finally:
+        performance.diffusers_mismatches.cache_clear()
+
+
+def test_the_diffusers_check_leaves_the_global_rng_alone():
+    """The check builds a probe module once per process; its init must not shift the RNG that initialises the UNet
+    (a second run in one process got other initial weights, and exact resume failed)."""
+    performance.diffusers_mismatches.cache_clear()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert performance.diffusers_mismatches() == {}
+    assert torch.equal(torch.get_rng_state(), before)

@@ -233,7 +233,7 @@ def test_disk_full_fault_in_a_single_process_run_fails_clearly(world, tmp_path, 
 
 def test_keep_last_never_deletes_the_checkpoint_resumed_from(world, tmp_path, cli):
     cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "k",
-                     **{"train.max_steps": 4, "train.save_every": 1, "train.keep_last": 2})
+                     **{"train.max_steps": 4, "checkpoint.every": 1, "checkpoint.keep_last": 2})
     run_dir = tmp_path / "runs" / "k"
     assert cli("--config", cfg) == 0
     assert sorted(ckpt_files(run_dir)) == [3, 4]

@@ -29,7 +29,7 @@ def world(tmp_path_factory):
 def reference(world, tmp_path_factory):
     """An uninterrupted 2-rank run of 8 steps with a checkpoint after every step: {step: state}."""
     tmp = tmp_path_factory.mktemp("reference")
-    cfg = world.yaml(tmp / "ref.yaml", tmp / "runs", "ref", **{"train.save_every": 1, "train.keep_last": 10})
+    cfg = world.yaml(tmp / "ref.yaml", tmp / "runs", "ref", **{"checkpoint.every": 1, "checkpoint.keep_last": 10})
     rc, run = run_to_end(["--config", str(cfg)], tmp, nproc=2)
     assert rc == 0, run.tail()
     return {step: load_checkpoint(p) for step, p in ckpt_files(tmp / "runs" / "ref").items()}
@@ -110,7 +110,7 @@ def test_sigterm_to_one_rank_to_the_launcher_and_during_a_save_then_bit_identica
 
 def test_one_rank_raises_the_job_exits_naming_rank_and_cause(world, tmp_path):
     """dist_timeout_s = 60: a collective on the error path would hold the job for a minute; it must not."""
-    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "x", **{"train.dist_timeout_s": 60})
+    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "x", **{"ddp.timeout_s": 60})
     rc, run = run_to_end(["--config", str(cfg)], tmp_path, nproc=2, faults="raise:rank=1:step=3", timeout=150)
     assert rc != 0
     t_error = run.time_of(r"\[rank 1\] error: RuntimeError: injected fault: raise at step 3 on rank 1")
@@ -121,7 +121,7 @@ def test_one_rank_raises_the_job_exits_naming_rank_and_cause(world, tmp_path):
 
 
 def test_stalled_rank_ends_the_job_within_the_dist_timeout(world, tmp_path):
-    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "s", **{"train.dist_timeout_s": 10})
+    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "s", **{"ddp.timeout_s": 10})
     rc, run = run_to_end(["--config", str(cfg)], tmp_path, nproc=2, faults="sleep:rank=1:step=3:secs=600",
                          timeout=150)
     t_stall = run.time_of(r"\[rank 1\] VP_FAULTS: sleep at step 3")
@@ -134,7 +134,7 @@ def test_stalled_rank_ends_the_job_within_the_dist_timeout(world, tmp_path):
 
 def test_dataloader_worker_death_ends_the_job(world, tmp_path):
     cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "w",
-                     **{"train.dist_timeout_s": 10, "data.num_workers": 1})
+                     **{"ddp.timeout_s": 10, "data.num_workers": 1})
     rc, run = run_to_end(["--config", str(cfg)], tmp_path, nproc=2, faults="worker_kill:rank=1", timeout=150)
     assert rc != 0
     t_error = run.time_of(r"\[rank 1\] error: .*DataLoader worker")
@@ -145,7 +145,7 @@ def test_dataloader_worker_death_ends_the_job(world, tmp_path):
 
 
 def test_nonfinite_loss_halt_stops_both_ranks_before_the_optimizer_step(world, tmp_path):
-    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "h", **{"train.save_every": 1, "train.keep_last": 10,
+    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "h", **{"checkpoint.every": 1, "checkpoint.keep_last": 10,
                                                                      "train.nonfinite": "halt"})
     rc, run = run_to_end(["--config", str(cfg)], tmp_path, nproc=2, faults="nan_loss:rank=1:step=3")
     assert rc != 0
@@ -160,7 +160,7 @@ def test_nonfinite_loss_skip_leaves_weights_ema_optimizer_and_lr_bit_identical(w
     """Rank 1's loss is NaN at step 3 (0-based) and rank 0 gets SIGTERM in the same step: that step's update is
     masked and it is saved under its number, 4. Its weights and AdamW moments must equal the uninterrupted run's
     step-3 state bit for bit; the LR schedule and data position advanced as in the uninterrupted run's step 4."""
-    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "k", **{"train.save_every": 1, "train.keep_last": 10,
+    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "k", **{"checkpoint.every": 1, "checkpoint.keep_last": 10,
                                                                      "train.nonfinite": "skip"})
     rc, run = run_to_end(["--config", str(cfg)], tmp_path, nproc=2,
                          faults="nan_loss:rank=1:step=3,sigterm:rank=0:step=3")

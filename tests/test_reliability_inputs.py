@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import sys
-import textwrap
 import time
 import types
 
@@ -120,21 +119,26 @@ def test_bad_data_skip_under_torchrun_trains_on_both_ranks(world, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- 9. config traps
 
-def _yaml_with(world, tmp_path, name, train_lines: str):
-    """The world's config as YAML with raw lines inserted at the top of the train section (to write what a
-    dict cannot hold: duplicate keys, quoted numbers)."""
+def _yaml_with(world, tmp_path, name, lines: str):
+    """The world's config as YAML with raw lines `section: key: value` inserted at the top of their section (to
+    write what a dict cannot hold: duplicate keys, quoted numbers)."""
     text = yaml.safe_dump(world.config(tmp_path / "runs", "t"), sort_keys=False)
-    text = text.replace("\ntrain:\n", "\ntrain:\n" + textwrap.indent(train_lines, "  "), 1)
+    for line in lines.splitlines():
+        section, entry = line.split(": ", 1)
+        text = text.replace(f"\n{section}:\n", f"\n{section}:\n  {entry}\n", 1)
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
     return path
 
 
 TRAPS = {
-    "unknown_key": ("batchsize: 4\n", [], r"train\.batchsize: unknown key; did you mean 'batch_size'\?"),
-    "wrong_type": ("grad_clip: high\n", [], r"train\.grad_clip: expected float, got str 'high'"),
-    "quoted_1e-4": ("lr: '1e-4'\n", [], r"train\.lr: expected float, got str '1e-4' \(quoted number\?"),
-    "duplicate_key": ("lr: 1.0e-4\nlr: 2.0e-4\n", [], r"train\.lr: duplicate key \(lines \d+ and \d+\)"),
+    "unknown_key": ("train: batchsize: 4\n", [], r"train\.batchsize: unknown key; did you mean 'batch_size'\?"),
+    "moved_key": ("train: lr: 1.0e-4\n", [], r"train\.lr: unknown key; it moved to optim\.lr"),
+    "wrong_type": ("optim: grad_clip: high\n", [], r"optim\.grad_clip: expected float, got str 'high'"),
+    "quoted_1e-4": ("optim: lr: '1e-4'\n", [], r"optim\.lr: expected float, got str '1e-4' \(quoted number\?"),
+    "duplicate_key": ("optim: lr: 1.0e-4\noptim: lr: 2.0e-4\n", [],
+                      r"optim\.lr: duplicate key \(lines \d+ and \d+\)"),
+    "bad_choice": ("train: nonfinite: stop\n", [], r"train\.nonfinite: 'stop' is not one of \['halt', 'skip'\]"),
     "batch_vs_ranks": ("", ["train.batch_size=6", "train.grad_accum_steps=2"],
                        r"train\.batch_size: 6 \(global\) is not divisible by 2 ranks x train\.grad_accum_steps=2"),
     "changed_shape": ("", ["--resume", "latest", "unet.block_out_channels=[32, 64]"],
@@ -172,7 +176,7 @@ def test_config_trap_fails_before_any_process_group_identically_on_every_rank(wo
     # waiting for the missing rank would take dist_timeout_s (30 s); both calls must end before that. (A fixed 10 s
     # here failed once in CI at 16 s on rank 0's first call, on the loaded 2-core machine, with no group created:
     # a speed, not the property. The is_initialized check above catches any process group.)
-    assert max(seconds) < world.raw["train"]["dist_timeout_s"], seconds
+    assert max(seconds) < world.raw["ddp"]["timeout_s"], seconds
     record(f"9 config trap {trap}", trials=2, seconds_to_exit=round(max(seconds), 2))
 
 
@@ -225,7 +229,7 @@ def test_frozen_vae_is_bit_identical_after_training(world, tmp_path):
     """Encoding on the fly (no latent cache) runs the VAE every step; its weights must not move."""
     from train_video_pred import build
 
-    cfg = config_from_dict(world.config(tmp_path / "runs", "f", **{"train.latent_cache": False,
+    cfg = config_from_dict(world.config(tmp_path / "runs", "f", **{"cache.enabled": False,
                                                                     "train.max_steps": 3}))
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:

@@ -19,7 +19,7 @@ def run(tmp_path_factory):
     """A tiny run trained by the real command line; its final evaluation covers every val window."""
     root = tmp_path_factory.mktemp("tools")
     world = make_world(root)
-    raw = world.config(root / "runs", **{"train.max_steps": 6, "train.ema_decay": 0.9, "train.eval_clips": 0})
+    raw = world.config(root / "runs", **{"train.max_steps": 6, "ema.decay": 0.9, "eval.clips": 0})
     proc = run_cli(["--config", str(write_yaml(root / "run.yaml", raw))], root)
     assert proc.returncode == 0, explain(proc)
     return root / "runs" / "run"

@@ -108,8 +108,8 @@ def check_eval_json(path: Path, step: int, num_clips: int) -> dict:
 
 def test_cli_run_writes_every_item_of_the_run_folder_and_wandb_offline(world, tmp_path):
     cfg_path = write_yaml(tmp_path / "cli.yaml", world.config(
-        tmp_path / "runs", **{"logging.name": "cli", "train.visualize_every": 2, "train.eval_every": 2,
-                              "train.save_every": 2, "train.eval_clips": 2, "train.vis_clips": 2}))
+        tmp_path / "runs", **{"logging.name": "cli", "eval.visualize_every": 2, "eval.every": 2,
+                              "checkpoint.every": 2, "eval.clips": 2, "eval.vis_clips": 2}))
     sets = ["train.max_steps=3", "logging.wandb.mode=offline"]
     proc = run_cli(["--config", str(cfg_path), "--set", *sets], tmp_path)
     assert proc.returncode == 0, explain(proc)
@@ -167,11 +167,11 @@ def test_cli_run_writes_every_item_of_the_run_folder_and_wandb_offline(world, tm
 
 def test_cli_dry_run_prints_the_resolved_config_and_creates_nothing(world, tmp_path):
     cfg_path = write_yaml(tmp_path / "dry.yaml", world.config(tmp_path / "runs", **{"logging.name": "dry"}))
-    proc = run_cli(["--config", str(cfg_path), "--dry-run", "--set", "train.lr=3e-4", "sampler.eta=0.5"], tmp_path)
+    proc = run_cli(["--config", str(cfg_path), "--dry-run", "--set", "optim.lr=3e-4", "sampler.eta=0.5"], tmp_path)
     assert proc.returncode == 0, explain(proc)
     printed = config_from_dict(parse_yaml(proc.stdout))
-    assert printed == load_config(cfg_path, ["train.lr=3e-4", "sampler.eta=0.5"])
-    assert printed.train.lr == 3e-4
+    assert printed == load_config(cfg_path, ["optim.lr=3e-4", "sampler.eta=0.5"])
+    assert printed.optim.lr == 3e-4
     assert not (tmp_path / "runs").exists()
 
 
@@ -185,10 +185,10 @@ def test_cli_help():
 
 def test_cli_config_errors_exit_2_naming_every_key(world, tmp_path):
     cfg_path = write_yaml(tmp_path / "bad.yaml", world.config(tmp_path / "runs", **{"logging.name": "bad"}))
-    proc = run_cli(["--config", str(cfg_path), "--set", "train.lr=fast", "unet.block_out_channelz=[8]",
+    proc = run_cli(["--config", str(cfg_path), "--set", "optim.lr=fast", "unet.block_out_channelz=[8]",
                     "sampler.num_inference_steps=0"], tmp_path)
     assert proc.returncode == 2, explain(proc)
-    for key in ("train.lr", "unet.block_out_channelz", "did you mean 'block_out_channels'",
+    for key in ("optim.lr", "unet.block_out_channelz", "did you mean 'block_out_channels'",
                 "sampler.num_inference_steps"):
         assert key in proc.stderr, f"{key!r} not in:\n{proc.stderr}"
     assert not (tmp_path / "runs").exists()
@@ -203,8 +203,8 @@ def test_cli_config_errors_exit_2_naming_every_key(world, tmp_path):
 def ddp_runs(world, tmp_path_factory):
     """Three `torchrun --nproc_per_node=2` runs (gloo): 4 steps straight; 2 steps; the latter resumed to 4."""
     tmp = tmp_path_factory.mktemp("ddp")
-    common = {"train.save_every": 2, "train.eval_clips": 0, "train.vis_clips": 1,
-              "train.cache_dir": str(tmp / "cache")}  # a fresh cache: built by both ranks
+    common = {"checkpoint.every": 2, "eval.clips": 0, "eval.vis_clips": 1,
+              "cache.dir": str(tmp / "cache")}  # a fresh cache: built by both ranks
     runs, procs = {}, {}
     for name, steps, resume in (("straight", 4, None), ("half", 2, None), ("half", 4, "latest")):
         cfg = write_yaml(tmp / f"{name}{steps}.yaml", world.config(tmp / "runs", **{
@@ -242,7 +242,7 @@ def test_torchrun_two_ranks_train_evaluate_and_save_once(ddp_runs):
     assert (state["epoch"], state["position"]) == divmod(4, steps_per_epoch)
     assert (run / "checkpoints" / "ckpt_000000002.pt").is_file()
     # the latent cache was built by both ranks together and is complete
-    manifests = list((Path(ddp_runs.cfg.train.cache_dir)).glob("*/manifest.json"))
+    manifests = list((Path(ddp_runs.cfg.cache.dir)).glob("*/manifest.json"))
     assert len(manifests) == 1
     assert len(json.loads(manifests[0].read_text())["files"]) == 2 * 6  # mean + std of each of the 6 clips
 
@@ -285,13 +285,13 @@ def test_teardown_frees_a_ddp_model_held_in_a_reference_cycle_before_the_group_g
 @pytest.mark.slow
 def test_torchrun_bf16_gradient_all_reduce_into_bucket_views_trains_like_fp32_and_profiles_each_rank(
         world, ddp_runs, tmp_path):
-    """train.ddp_grad_dtype=bf16 (DDP's bf16_compress_hook) with train.ddp_bucket_view: the same 4 steps as the
+    """ddp.grad_dtype=bf16 (DDP's bf16_compress_hook) with ddp.bucket_view: the same 4 steps as the
     fp32 run above, but gradients rounded to bf16 on the wire: weights close to the fp32 run's, not equal to them
-    (the hook ran). train.profile_at writes every rank's summary and trace."""
+    (the hook ran). profile.at writes every rank's summary and trace."""
     straight = ddp_runs.runs["straight"]
     cfg = write_yaml(tmp_path / "bf16.yaml", world.config(tmp_path / "runs", **{
-        **ddp_runs.common, "logging.name": "bf16", "train.max_steps": 4, "train.ddp_grad_dtype": "bf16", "train.ddp_bucket_view": True,
-        "train.profile_at": 2, "train.profile_steps": 1}))
+        **ddp_runs.common, "logging.name": "bf16", "train.max_steps": 4, "ddp.grad_dtype": "bf16", "ddp.bucket_view": True,
+        "profile.at": 2, "profile.steps": 1}))
     proc = run_cli(["--config", str(cfg)], tmp_path, torchrun_procs=2, timeout=300)
     assert proc.returncode == 0, explain(proc)
     run = tmp_path / "runs" / "bf16"
@@ -309,7 +309,7 @@ def test_torchrun_bf16_gradient_all_reduce_into_bucket_views_trains_like_fp32_an
 
 
 def test_exact_resume_single_process_and_negative_control(world, tmp_path, monkeypatch):
-    common = {"train.save_every": 2, "train.keep_last": 4}
+    common = {"checkpoint.every": 2, "checkpoint.keep_last": 4}
     rc, straight = run_main(world, tmp_path, "straight", **common)
     assert rc == 0
     rc, half = run_main(world, tmp_path, "half", "train.max_steps=2", **common)
@@ -353,7 +353,7 @@ def test_resume_with_a_changed_model_shape_names_the_checkpoint(world, tmp_path,
     # the Trainer's own check (it also guards callers other than the command line)
     with pytest.raises(ValueError, match=f"cannot resume from {re.escape(str(checkpoint))}.*shape"):
         _trainer(world, tmp_path, "shape", resume="latest", **wider,
-                 **{"train.cache_dir": world.raw["train"]["cache_dir"]})
+                 **{"cache.dir": world.raw["cache"]["dir"]})
     # a refused resume leaves the run folder describing the checkpoints it holds
     assert {f: (run / f).read_text() for f in before} == before
 
@@ -380,7 +380,7 @@ def _check_after_kill(folder: Path) -> tuple[Path, dict]:
 @pytest.mark.slow
 def test_trainer_killed_at_a_random_moment_keeps_a_valid_checkpoint(world, tmp_path):
     cfg = write_yaml(tmp_path / "kill.yaml", world.config(tmp_path / "runs", **{
-        "logging.name": "kill", "train.max_steps": 10_000, "train.save_every": 1, "train.keep_last": 2,
+        "logging.name": "kill", "train.max_steps": 10_000, "checkpoint.every": 1, "checkpoint.keep_last": 2,
         "data.val_fraction": 0.0}))
     run = tmp_path / "runs" / "kill"
     folder = run / "checkpoints"
@@ -407,7 +407,7 @@ def test_trainer_killed_at_a_random_moment_keeps_a_valid_checkpoint(world, tmp_p
 
     # the run continues from it: `--resume latest` removes any temp file and trains on
     rc, _ = run_main(world, tmp_path, "kill", resume="latest", **{
-        "train.max_steps": state["step"] + 1, "train.save_every": 1, "train.keep_last": 2,
+        "train.max_steps": state["step"] + 1, "checkpoint.every": 1, "checkpoint.keep_last": 2,
         "data.val_fraction": 0.0})
     assert rc == 0
     assert not _tmp_files(folder)
@@ -518,8 +518,8 @@ def _count_encoder_calls(monkeypatch, vae) -> list:
 
 
 def _trainer(world, tmp_path: Path, name: str, resume: str | None = None, **dotted) -> Trainer:
-    """A Trainer in this process (one rank, CPU); its latent cache under tmp_path unless train.cache_dir is given."""
-    raw = world.config(tmp_path / "runs", **{"logging.name": name, "train.cache_dir": str(tmp_path / "cache"),
+    """A Trainer in this process (one rank, CPU); its latent cache under tmp_path unless cache.dir is given."""
+    raw = world.config(tmp_path / "runs", **{"logging.name": name, "cache.dir": str(tmp_path / "cache"),
                                             **dotted})
     return train_video_pred.build(config_from_dict(raw), DistInfo(), tmp_path / "runs" / name, resume=resume)
 
@@ -565,7 +565,7 @@ def test_latent_cache_no_encoder_in_training_reused_and_rebuilt_when_corrupt(wor
     trainer.tracker.close()
 
     # with the cache off, every training step runs the encoder
-    trainer = _trainer(world, tmp_path, "d", **{"train.latent_cache": False})
+    trainer = _trainer(world, tmp_path, "d", **{"cache.enabled": False})
     calls = _count_encoder_calls(monkeypatch, trainer.model.vae.vae)
     trainer.train_step()
     trainer.train_step()
@@ -580,7 +580,7 @@ def test_latent_cache_no_encoder_in_training_reused_and_rebuilt_when_corrupt(wor
 
 def test_nonfinite_halt_masks_the_update_and_stops(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VP_FAULTS", "nan_loss:step=2")
-    no_eval = {"data.val_fraction": 0.0, "train.save_every": 1}
+    no_eval = {"data.val_fraction": 0.0, "checkpoint.every": 1}
     trainer = _trainer(world, tmp_path, "halt", **no_eval)
     with pytest.raises(TrainingHalted, match="non-finite loss or gradient at step 2"):
         trainer.fit()
@@ -612,7 +612,7 @@ def test_flags_read_one_step_late_give_the_numbers_of_flags_read_at_once(world, 
     them at once. Losses, LR and the final training state are the same bit for bit."""
     runs = {}
     for name, save_every in (("late", 0), ("at_once", 1)):
-        rc, runs[name] = run_main(world, tmp_path, name, **{"data.val_fraction": 0.0, "train.save_every": save_every,
+        rc, runs[name] = run_main(world, tmp_path, name, **{"data.val_fraction": 0.0, "checkpoint.every": save_every,
                                                             "train.max_steps": 5})
         assert rc == 0
     late, at_once = train_records(runs["late"]), train_records(runs["at_once"])
@@ -625,7 +625,7 @@ def test_flags_read_one_step_late_give_the_numbers_of_flags_read_at_once(world, 
 def test_nonfinite_halt_read_one_step_late_masks_the_update(world, tmp_path, monkeypatch):
     monkeypatch.setenv("VP_FAULTS", "nan_loss:step=2")
     trainer = _trainer(world, tmp_path, "dhalt", **{"data.val_fraction": 0.0, "train.max_steps": 6,
-                                                    "train.save_every": 0})
+                                                    "checkpoint.every": 0})
     with pytest.raises(TrainingHalted, match="non-finite loss or gradient at step 2"):
         trainer.fit()
     # read at the end of the next step: 4 steps were launched, of which the third (index 2) was masked

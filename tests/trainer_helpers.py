@@ -6,58 +6,39 @@ Sizes are the smallest that exercise everything: 16x16 frames, 2 past + 2 future
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from configs.loader import config_from_dict
-from helpers import set_dotted, tiny_vae_folder
+import helpers
+from helpers import World
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_video_pred.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-@dataclass
-class World:
-    root: Path  # holds vae/, world/ (synthetic clips) and cache/ (latent cache shared by the runs)
-    raw: dict  # the base config as plain data (logging.run_dir is filled in per test)
-
-    def config(self, run_dir: Path, **dotted) -> dict:
-        """A deep copy of the base config with logging.run_dir set and dotted overrides applied."""
-        raw = copy.deepcopy(self.raw)
-        raw["logging"]["run_dir"] = str(run_dir)
-        return set_dotted(raw, dotted)
-
-
 def make_world(root: Path) -> World:
-    """A tiny random AutoencoderKL saved under root/vae and the synthetic world generated under root/world."""
-    from data import ensure_synthetic
-
-    vae = tiny_vae_folder(root)
-    raw = {
-        "data": {"root": str(root / "world"), "height": 16, "width": 16, "t_past": 2, "t_future": 2,
-                 "window_stride": 2, "val_fraction": 0.34, "num_workers": 0,
-                 "synthetic": {"enabled": True, "num_clips": 6, "frames_per_clip": 8, "height": 16, "width": 16}},
-        "vae": {"pretrained": str(vae), "chunk_size": 8},
-        "unet": {"block_out_channels": [16, 32], "attention": [False, True], "layers_per_block": 1,
-                 "attention_head_dim": 8, "norm_num_groups": 8},
-        "sampler": {"num_inference_steps": 2},
-        "train": {"batch_size": 4, "max_steps": 4, "warmup_steps": 2, "lr_schedule": "constant", "log_every": 1,
-                  "visualize_every": 0, "eval_every": 0, "save_every": 0, "eval_clips": 1, "vis_clips": 1,
-                  "cache_dir": str(root / "cache")},
-        "logging": {"run_dir": "unset", "name": "run", "wandb": {"mode": "disabled"}},
-    }
-    ensure_synthetic(config_from_dict(raw).data, progress=False)
-    return World(root, raw)
+    """The trainer tests' world: 6 synthetic clips of 8 16x16 frames (a val split), a two-level UNet with
+    attention, 4 steps, jobs off unless a test turns them on."""
+    return helpers.make_world(
+        root,
+        data={"height": 16, "width": 16, "t_past": 2, "t_future": 2, "window_stride": 2, "val_fraction": 0.34,
+              "num_workers": 0,
+              "synthetic": {"enabled": True, "num_clips": 6, "frames_per_clip": 8, "height": 16, "width": 16}},
+        unet={"block_out_channels": [16, 32], "attention": [False, True], "layers_per_block": 1,
+              "attention_head_dim": 8, "norm_num_groups": 8},
+        sampler={"num_inference_steps": 2},
+        train={"batch_size": 4, "max_steps": 4, "log_every": 1},
+        optim={"warmup_steps": 2, "lr_schedule": "constant"},
+        eval={"visualize_every": 0, "every": 0, "clips": 1, "vis_clips": 1},
+        checkpoint={"every": 0})
 
 
 def write_yaml(path: Path, raw: dict) -> Path:

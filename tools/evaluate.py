@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=0, help="window stride in sampled frames; 0 = the run's data.window_stride")
     p.add_argument("--rollout", type=int, default=1, metavar="R", help="rounds of t_future frames (default 1)")
     p.add_argument("--samples", type=int, default=0, metavar="K",
-                   help="samples per window; 0 = the run's train.eval_samples (default)")
+                   help="samples per window; 0 = the run's eval.samples (default)")
     p.add_argument("--weights", default="both", choices=["both", "ema", "raw"],
                    help="both: rows 'model' (EMA) and 'raw', as the trainer (default); ema / raw: one row 'model'")
-    p.add_argument("--steps", type=int, default=0, help="DDIM steps; 0 = train.eval_steps or sampler.num_inference_steps")
+    p.add_argument("--steps", type=int, default=0, help="DDIM steps; 0 = eval.steps or sampler.num_inference_steps")
     p.add_argument("--precision", choices=["bf16", "no"], help="default: the run's train.mixed_precision (bf16 = "
                                                                 "autocast on GPU; CPU is fp32 either way)")
     p.add_argument("--seed", type=int, help="noise seed; default train.seed + 777 (the trainer's)")
@@ -116,8 +116,8 @@ def main(argv=None) -> int:
           f"from {len({w.clip for w in windows})} clips")
 
     # ---- evaluate (the trainer's code path, seed and precision)
-    steps = args.steps or tc.eval_steps or cfg.sampler.num_inference_steps
-    samples = args.samples or tc.eval_samples
+    steps = args.steps or cfg.eval.steps or cfg.sampler.num_inference_steps
+    samples = args.samples or cfg.eval.samples
     seed = tc.seed + 777 if args.seed is None else args.seed
     precision = args.precision or tc.mixed_precision
     result = evaluate(loaded.model, dataset, list(range(len(dataset))), DistInfo(device=torch.device(device)), nets,

@@ -97,24 +97,25 @@ def printer(info: DistInfo):
     return say
 
 
-def wrap(unet: torch.nn.Module, tc, info: DistInfo) -> torch.nn.Module:
-    """The UNet as the training step calls it: in DDP on several ranks, compiled with train.compile on GPU."""
-    compiled = tc.compile and info.device.type == "cuda"  # like every speed switch, GPU only
+def wrap(unet: torch.nn.Module, cfg, info: DistInfo) -> torch.nn.Module:
+    """The UNet as the training step calls it: in DDP on several ranks, compiled with speed.compile on GPU."""
+    compiled = cfg.speed.compile and info.device.type == "cuda"  # like every speed switch, GPU only
     net = unet
     if info.enabled:
         net = DDP(unet, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                  bucket_cap_mb=_ddp_bucket_mb(unet, tc, compiled), gradient_as_bucket_view=tc.ddp_bucket_view)
-        if tc.ddp_grad_dtype == "bf16":
+                  bucket_cap_mb=_ddp_bucket_mb(unet, cfg.ddp, compiled),
+                  gradient_as_bucket_view=cfg.ddp.bucket_view)
+        if cfg.ddp.grad_dtype == "bf16":
             net.register_comm_hook(None, default_hooks.bf16_compress_hook)
     if compiled:
-        net = torch.compile(net, mode=tc.compile_mode)
+        net = torch.compile(net, mode=cfg.speed.compile_mode)
     return net
 
 
-def _ddp_bucket_mb(unet: torch.nn.Module, tc, compiled: bool) -> float:
-    """train.ddp_bucket_mb, or auto (0): one bucket holding every gradient when compiled, else DDP's 25 MiB."""
-    if tc.ddp_bucket_mb > 0:
-        return tc.ddp_bucket_mb
+def _ddp_bucket_mb(unet: torch.nn.Module, dc, compiled: bool) -> float:
+    """ddp.bucket_mb, or auto (0): one bucket holding every gradient when compiled, else DDP's 25 MiB."""
+    if dc.bucket_mb > 0:
+        return dc.bucket_mb
     grad_mib = sum(p.numel() * p.element_size() for p in unet.parameters() if p.requires_grad) / 2 ** 20
     return grad_mib + 1.0 if compiled else 25.0
 
@@ -185,7 +186,7 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 class StallWatchdog:
     """Ends this process (exit code 1, naming the rank and the step) when a guarded section overruns.
 
-    Why: when one rank stalls (a hung read, a deadlock), its peers' collectives time out after train.dist_timeout_s
+    Why: when one rank stalls (a hung read, a deadlock), its peers' collectives time out after ddp.timeout_s
     and they exit, but the stalled rank ignores torchrun's SIGTERM (the handler only asks for a stop at the next
     step) and holds the job for torchrun's 30 s grace, with no line saying which rank stalled. The allowance is
     `timeout_s` plus twice the longest guarded section so far, so a uniformly slow step is never mistaken for a stall.
@@ -215,5 +216,5 @@ class StallWatchdog:
             if deadline is not None and time.monotonic() > deadline:
                 print(f"[rank {self.rank}] error: stalled: {self._what} made no progress for "
                       f"{time.monotonic() - deadline + self.timeout_s + 2 * self._longest:.0f} s "
-                      "(train.dist_timeout_s); exiting so the job ends instead of hanging", file=sys.stderr, flush=True)
+                      "(ddp.timeout_s); exiting so the job ends instead of hanging", file=sys.stderr, flush=True)
                 os._exit(1)

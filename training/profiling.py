@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps, summed by kernel kind.
 
-`train.profile_at` / `train.profile_steps` profile those steps of a run on every rank and write
+`profile.at` / `profile.steps` profile those steps of a run on every rank and write
 run_dir/profile/rank{r}.json (the summary below) and rank{r}.trace.json.gz (open it in https://ui.perfetto.dev or
 chrome://tracing). The benchmarks summarise their own steps with `kernel_summary`.
 
