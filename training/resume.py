@@ -49,7 +49,7 @@ def find(cfg: Config, which: str) -> Resume:
     if found is None:
         return Resume(which, folder)
     path, state = found
-    if (reason := check_fits(cfg, state)) is not None:
+    if (reason := check_fits(cfg, state, resume=True)) is not None:  # a weights-only file: refused before the scan
         raise ValueError(f"cannot resume from {path}: {reason}")
     return Resume(which, folder, path, state)
 
