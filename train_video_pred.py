@@ -21,6 +21,7 @@ from configs import Config, ConfigError, dump_config, load_config
 from data import latent_cache, pipeline
 from model import VideoPredictionDiffusion, checkpoint, performance
 from model.checkpoint import CheckpointError
+from model.vae import read_downsample
 from training import distributed, tracking
 from training import optim as optimization
 from training.distributed import DistInfo, rank_seed, seed_everything
@@ -51,6 +52,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def frame_size_problem(cfg: Config, downsample: int | None) -> str | None:
+    """Why data.height/width do not fit a VAE that downsamples `downsample`x and the UNet's levels (each but the
+    last halves the latents), or None; None also when the VAE's factor is not known yet."""
+    if downsample is None:
+        return None
+    levels = len(cfg.unet.block_out_channels)
+    cell = downsample * 2 ** (levels - 1)
+    bad = [f"data.{k}: {v}" for k, v in (("height", cfg.data.height), ("width", cfg.data.width)) if v % cell]
+    if not bad:
+        return None
+    return (f"{', '.join(bad)} must be a multiple of {cell}: the VAE {cfg.vae.pretrained} downsamples {downsample}x "
+            f"and the UNet's {levels} levels (unet.block_out_channels) halve the latents {levels - 1} more times")
+
+
 def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | None = None) -> Trainer:
     """Every stage of a run's setup, in the order it happens, each a call into the module named for it; the Trainer
     receives the finished parts. `resume`: found by `resume.find` (or its `--resume` argument)."""
@@ -75,6 +90,8 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     performance.set_cudnn_benchmark(cfg.speed.cudnn_benchmark)
     torch.manual_seed(tc.seed)
     model = VideoPredictionDiffusion.from_config(cfg, info.device)
+    if problem := frame_size_problem(cfg, model.vae.downsample):  # a hub VAE whose config was not readable before
+        raise ConfigError([problem], "the config")
     torch.manual_seed(rank_seed(tc.seed, info.rank))
     net = distributed.wrap(model.unet, cfg, info)
 
@@ -106,6 +123,10 @@ def main(argv=None) -> int:
             raise ConfigError([f"train.batch_size: {cfg.train.batch_size} (global) is not divisible by "
                                f"{world} ranks x train.grad_accum_steps={cfg.train.grad_accum_steps}"],
                               args.config or "defaults")
+        # the VAE's downsampling, from its config.json: a frame size it does not divide fails here, not after the
+        # scan and a whole run (the final grid's decode)
+        if problem := frame_size_problem(cfg, read_downsample(cfg.vae.pretrained, cfg.vae.subfolder)):
+            raise ConfigError([problem], args.config or "defaults")
     except (ConfigError, FileNotFoundError) as e:
         print(f"[rank {rank}] config error: {e}", file=sys.stderr)
         return 2
@@ -135,6 +156,9 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(f"[rank {info.rank}] {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except ConfigError as e:  # found once the VAE is loaded
+        print(f"[rank {info.rank}] config error: {e}", file=sys.stderr)
+        return 2
     except TrainingHalted as e:
         print(f"[rank {info.rank}] training halted: {e}", file=sys.stderr)
         return 1

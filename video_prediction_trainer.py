@@ -359,9 +359,9 @@ class Trainer:
                     self.evaluate()
                     self.save()
             bar.close()
+            self.save(force=True)  # first: a failure in the final sampling below loses nothing
             self.visualize(force=True)
             result = self.evaluate(force=True)
-            self.save(force=True)
             if result is not None:
                 self.print(format_table(result))
             self.print(f"run folder: {self.run_dir}  (samples/: grids and GIFs, eval/: tables, checkpoints/)")

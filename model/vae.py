@@ -56,6 +56,19 @@ def load_diffusers_vae(pretrained: str, subfolder: str = "", dtype: str = "fp32"
         raise VAEError(f"could not load the VAE from {where}: {str(e).splitlines()[0]}") from e
 
 
+def read_downsample(pretrained: str, subfolder: str = "") -> int | None:
+    """Pixels per latent cell of the VAE `pretrained` names, from its config.json alone (no weights), so a frame
+    size can be checked before the data scan; None when the config cannot be read here (loading reports why)."""
+    path = Path(pretrained).expanduser()
+    try:
+        cfg = AutoencoderKL.load_config(str(path) if path.exists() else pretrained, subfolder=subfolder or None)
+    except (OSError, ValueError):
+        return None
+    tiny = cfg.get("_class_name") == "AutoencoderTiny"
+    blocks = cfg.get("encoder_block_out_channels" if tiny else "block_out_channels")
+    return 2 ** (len(blocks) - 1) if blocks else None
+
+
 class FrozenVAE(torch.nn.Module):
     """Encodes pixel frames to scaled latents and back, in chunks of frames; never trained."""
 

@@ -1,0 +1,65 @@
+"""Issue 16, the trainer's half: a frame size the VAE cannot divide refused before the scan, the final checkpoint
+saved before the final pictures and evaluation, an existing run folder never mixed with a new run, Ctrl-C saving
+like SIGTERM with the saved step in metrics.jsonl, resumes that say what changed and apply or refuse it, expected
+errors in one line. Real runs of the tiny trainer world (tests/trainer_helpers.py), in this process."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+import faults
+import train_video_pred
+import video_prediction_trainer
+from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from model import checkpoint as ckpt
+from trainer_helpers import make_world, read_jsonl, write_yaml
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("run_safety_world"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.delenv("VP_FAULTS", raising=False)
+    faults.install(monkeypatch)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def run_main(world, tmp_path: Path, name: str, *flags: str, **dotted) -> tuple[int, Path]:
+    """`main([--config <yaml>, FLAGS])` in this process; returns (exit code, run folder)."""
+    cfg = write_yaml(tmp_path / f"{name}.yaml", world.config(tmp_path / "runs", **{"logging.name": name, **dotted}))
+    return train_video_pred.main(["--config", str(cfg), "--device", "cpu", *flags]), tmp_path / "runs" / name
+
+
+def checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("ckpt_*.pt"))
+
+
+# ---------------------------------------------------------------- item 4: frame size; the final save comes first
+
+def test_a_frame_size_the_vae_and_unet_do_not_divide_is_refused_before_the_scan(world, tmp_path, capsys):
+    # the tiny VAE downsamples 2x; four UNet levels halve 3 more times: frames must be multiples of 16
+    rc, run = run_main(world, tmp_path, "size", **{"data.height": 24, "unet.block_out_channels": [8, 8, 8, 8],
+                                                   "unet.attention": [False] * 4})
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "data.height: 24" in err and "multiple of 16" in err and "data.width" not in err, err
+    assert "Traceback" not in err and not run.exists()  # refused before the run folder and the scan
+
+
+def test_the_final_checkpoint_is_saved_before_the_final_pictures(world, tmp_path, monkeypatch, capsys):
+    def broken(self, force=False):
+        if force:
+            raise RuntimeError("sampling failed")
+    monkeypatch.setattr(video_prediction_trainer.Trainer, "visualize", broken)
+    rc, run = run_main(world, tmp_path, "final", **{"train.max_steps": 2})
+    assert rc == 1 and "sampling failed" in capsys.readouterr().err
+    assert checkpoints(run) == ["ckpt_000000002.pt"]
