@@ -47,9 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="latest|PATH",
                    help="continue from the run's newest valid checkpoint (latest) or from a checkpoint file; "
                         "'latest' with no checkpoint yet starts from step 0 (safe for torchrun --max-restarts)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a run folder that holds an earlier one, deleting its checkpoints, "
+                        "metrics, samples and eval tables (without it such a start is refused)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in the folder, --overwrite deletes it: give one of them")
+    return args
 
 
 def frame_size_problem(cfg: Config, downsample: int | None) -> str | None:
@@ -66,9 +72,11 @@ def frame_size_problem(cfg: Config, downsample: int | None) -> str | None:
             f"and the UNet's {levels} levels (unet.block_out_channels) halve the latents {levels - 1} more times")
 
 
-def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | None = None) -> Trainer:
+def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | None = None,
+          overwrite: bool = False) -> Trainer:
     """Every stage of a run's setup, in the order it happens, each a call into the module named for it; the Trainer
-    receives the finished parts. `resume`: found by `resume.find` (or its `--resume` argument)."""
+    receives the finished parts. `resume`: found by `resume.find` (or its `--resume` argument); `overwrite`: delete
+    an earlier run's files in the run folder first."""
     tc = cfg.train
     say = distributed.printer(info)
     if isinstance(resume, str):
@@ -76,6 +84,8 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
 
     # ---- run folder (rank 0): samples/, eval/, no temp file of an interrupted save
     if info.is_main:
+        if overwrite and (removed := tracking.clear_run_folder(run_dir)):
+            say(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {run_dir}")
         tracking.make_run_folder(run_dir)
         if removed := checkpoint.clean_leftovers(run_dir / "checkpoints"):
             say(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
@@ -135,6 +145,15 @@ def main(argv=None) -> int:
             print(dump_config(cfg), end="")
         return 0
 
+    # ---- an earlier run in the run folder is continued (--resume) or deleted (--overwrite), never mixed with this one
+    if cfg.logging.name and not (args.resume or args.overwrite):
+        run_dir = Path(cfg.logging.run_dir) / cfg.logging.name
+        if found := tracking.earlier_run(run_dir):
+            print(f"[rank {rank}] {run_dir} holds an earlier run ({', '.join(found)}): continue it with "
+                  "--resume latest, or start over with --overwrite (deletes its checkpoints and metrics), "
+                  "or set logging.name to another folder", file=sys.stderr)
+            return 2
+
     # ---- resume: the checkpoint read and checked against the config, also before any process group
     resume = None
     if args.resume:
@@ -151,7 +170,7 @@ def main(argv=None) -> int:
         run_dir = Path(cfg.logging.run_dir) / name
 
         # ---- data, model, optimizer, latent cache, resume, tracking; then fit
-        build(cfg, info, run_dir, resume).fit()
+        build(cfg, info, run_dir, resume, overwrite=args.overwrite).fit()
         return 0
     except Preempted as e:
         print(f"[rank {info.rank}] {e}", file=sys.stderr)

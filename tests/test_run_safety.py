@@ -63,3 +63,27 @@ def test_the_final_checkpoint_is_saved_before_the_final_pictures(world, tmp_path
     rc, run = run_main(world, tmp_path, "final", **{"train.max_steps": 2})
     assert rc == 1 and "sampling failed" in capsys.readouterr().err
     assert checkpoints(run) == ["ckpt_000000002.pt"]
+
+
+# ---------------------------------------------------------------- item 3: an earlier run is never mixed with a new one
+
+def test_a_second_start_in_a_run_folder_is_refused_unless_resume_or_overwrite(world, tmp_path, capsys):
+    rc, run = run_main(world, tmp_path, "twice", **{"train.max_steps": 2, "checkpoint.every": 1})
+    assert rc == 0 and checkpoints(run) == ["ckpt_000000001.pt", "ckpt_000000002.pt"]
+    before = {p: p.read_bytes() for p in [run / "metrics.jsonl", *(run / "checkpoints").glob("ckpt_*")]}
+
+    capsys.readouterr()
+    rc, _ = run_main(world, tmp_path, "twice", **{"train.max_steps": 1, "checkpoint.every": 1})
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert str(run) in err and "--resume latest" in err and "--overwrite" in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in before} == before  # nothing touched
+
+    rc, _ = run_main(world, tmp_path, "twice", "--overwrite", **{"train.max_steps": 1, "checkpoint.every": 1})
+    assert rc == 0
+    assert checkpoints(run) == ["ckpt_000000001.pt"]  # the earlier run's step 2 is gone, not mixed in
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [1]
+
+    with pytest.raises(SystemExit) as e:
+        train_video_pred.parse_args(["--resume", "latest", "--overwrite"])
+    assert e.value.code == 2

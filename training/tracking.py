@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 import time
 import warnings
@@ -132,6 +133,35 @@ def drop_records_after(path: Path, step: int) -> int:
 
 def run_dir_name(run_dir: Path) -> str:
     return Path(run_dir).name
+
+
+RUN_ITEMS = ("checkpoints", "metrics.jsonl", "eval", "samples", "profile", "tensorboard", "wandb", "config.yaml")
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """What of an earlier run `run_dir` holds (its checkpoints, its metrics); [] for a new or empty folder."""
+    run_dir = Path(run_dir)
+    found = []
+    if any((run_dir / "checkpoints").glob("ckpt_*")):
+        found.append("checkpoints/")
+    if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size:
+        found.append("metrics.jsonl")
+    return found
+
+
+def clear_run_folder(run_dir: Path) -> list[str]:
+    """Rank 0, on --overwrite: delete what an earlier run wrote into `run_dir` (RUN_ITEMS); returns their names."""
+    removed = []
+    for name in RUN_ITEMS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def make_run_folder(run_dir: Path) -> None:
