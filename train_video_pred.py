@@ -27,14 +27,15 @@ from training import optim as optimization
 from training.distributed import DistInfo, rank_seed, seed_everything
 from training.resume import Resume, restore
 from training.resume import find as find_resume
-from video_prediction_trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingHalted
+from video_prediction_trainer import EXIT_INTERRUPTED, Preempted, Trainer, TrainingHalted
 
 EPILOG = """\
 overrides: any config key as section.key=value (YAML value), after --set or bare, e.g.
   --set optim.lr=2e-4 train.batch_size=32 data.root=/data/ped2 sampler.num_inference_steps=50
   vae.pretrained=stabilityai/sd-vae-ft-mse logging.wandb.mode=disabled
-exit codes: 0 done; 1 error (the message names the rank and the cause); 143 stopped by SIGTERM/SIGUSR1 after
-saving a checkpoint (continue with --resume latest).
+exit codes: 0 done; 1 error (the message names the rank and the cause); 2 a config error, a refused resume or
+run folder; 143 / 130 stopped by SIGTERM or SIGUSR1 / Ctrl-C after saving a checkpoint (continue with --resume
+latest; a second Ctrl-C stops at once, unsaved).
 The config reference is configs/schema.py: every key with its unit, default and how to turn it off."""
 
 
@@ -174,7 +175,10 @@ def main(argv=None) -> int:
         return 0
     except Preempted as e:
         print(f"[rank {info.rank}] {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: out at once, without a traceback
+        print(f"[rank {info.rank}] interrupted (Ctrl-C): stopped without saving", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as e:  # found once the VAE is loaded
         print(f"[rank {info.rank}] config error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from training.tracking import Tracker
 from training.visualize import clip_gif, sample_grid
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved and stopped on request; `--resume latest` continues
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: the same after Ctrl-C (a second Ctrl-C exits at once, without saving)
 
 
 class TrainingHalted(RuntimeError):
@@ -39,7 +40,12 @@ class TrainingHalted(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 was received by some rank; every rank saved and stops."""
+    """SIGTERM/SIGUSR1/SIGINT was received by some rank; every rank saved and stops. `exit_code`: 130 on a rank
+    that got SIGINT, else 143."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_PREEMPTED):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _EpochStream(torch.utils.data.Sampler):
@@ -95,7 +101,8 @@ class Trainer:
 
         # ---- the loop's own state
         self.stop_requested = False  # set on every rank at the same step, from the all-reduced flags
-        self._signalled = False  # this rank got SIGTERM/SIGUSR1; goes into the next step's flags
+        self._signalled = False  # this rank got SIGTERM/SIGUSR1/SIGINT; goes into the next step's flags
+        self._signal_name = ""  # the first of them, for the log and the exit code
         self._pending = None  # (step, host flags, CUDA event, lr) of the step whose flags are not read yet
         pin = self.device.type == "cuda"
         self._host_flags = [torch.zeros(4, pin_memory=pin) for _ in range(2)]  # two: step k+1 fills one while k is read
@@ -231,9 +238,9 @@ class Trainer:
         return self.step >= cfg.train.max_steps or any(self._due(e) for e in (cfg.eval.visualize_every, cfg.eval.every,
                                                                                   cfg.checkpoint.every))
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict, force: bool = False) -> None:
         step = metrics.get("step", self.step)
-        if not self._due(self.cfg.train.log_every, step) or "loss" not in metrics or "nonfinite" in metrics:
+        if not (force or self._due(self.cfg.train.log_every, step)) or "loss" not in metrics or "nonfinite" in metrics:
             return
         now = time.perf_counter()
         steps = step - self._last_log_step
@@ -318,10 +325,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self) -> dict:
-        """SIGTERM/SIGUSR1 only set a flag; every rank agrees on it at the next step. Returns the old handlers."""
+        """SIGTERM/SIGUSR1/SIGINT only set a flag; every rank agrees on it at the next step, saves and stops. A second
+        SIGINT (Ctrl-C again) raises KeyboardInterrupt at once, without saving. Returns the old handlers."""
         def handler(signum, frame):
+            if signum == signal.SIGINT and self._signal_name == "SIGINT":
+                raise KeyboardInterrupt
+            if not self._signalled:
+                self._signal_name = signal.Signals(signum).name
+                tqdm.write(f"[rank {self.info.rank}] {self._signal_name}: saving a checkpoint after this step, then "
+                           "stopping" + (" (Ctrl-C again: stop at once, unsaved)" if signum == signal.SIGINT else ""))
             self._signalled = True
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
     def _report(self, metrics: dict, bar) -> None:
         if "loss" in metrics and "nonfinite" not in metrics:
@@ -349,9 +363,11 @@ class Trainer:
                         self._report(metrics, bar)  # the step before; then this one, before jobs read the weights
                         metrics = self.flush()
                 if self.stop_requested:
+                    self.log(metrics, force=True)  # the saved step, whatever the cadence: a resume logs from the next
                     self.save(force=True)
-                    raise Preempted(f"stop requested (SIGTERM/SIGUSR1): saved step {self.step}; "
-                                    "continue with --resume latest")
+                    raise Preempted(f"stop requested (SIGTERM/SIGUSR1/SIGINT): saved step {self.step}; "
+                                    "continue with --resume latest",
+                                    EXIT_INTERRUPTED if self._signal_name == "SIGINT" else EXIT_PREEMPTED)
                 bar.update(1)
                 self._report(metrics, bar)
                 if self.step < tc.max_steps:  # the final step's jobs run once, forced, below

@@ -11,6 +11,7 @@ Parameters: secs=X (sleep points, default 3600).
 Points in the training step (before any collective of that step):
   raise      RuntimeError("injected fault ...")        sleep    stall for `secs`
   kill       SIGKILL this rank                         sigterm  SIGTERM this rank (a preemption notice)
+  sigint     SIGINT this rank (Ctrl-C)
   nan_loss   the loss of that rank/step becomes NaN (the graph stays connected, so the grads are NaN too)
 Points in a checkpoint write (rank 0, `step` = the checkpoint's step, from the temp file's name), after half of the
 payload is written:
@@ -97,6 +98,9 @@ def at_step(step: int, rank: int) -> None:
     if _match("sigterm", step, rank) is not None:
         _say("sigterm", step)
         os.kill(os.getpid(), signal.SIGTERM)
+    if _match("sigint", step, rank) is not None:
+        _say("sigint", step)
+        os.kill(os.getpid(), signal.SIGINT)
     if _match("kill", step, rank) is not None:
         _say("kill", step)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -76,7 +76,7 @@ def test_sigterm_to_one_rank_to_the_launcher_and_during_a_save_then_bit_identica
     t_signal = run.time_of(r"\[rank 1\] VP_FAULTS: sigterm at step 1")
     assert rc != 0 and t_signal is not None, run.tail()
     for rank in (0, 1):
-        assert f"[rank {rank}] stop requested (SIGTERM/SIGUSR1): saved step 2" in run.out, run.tail()
+        assert f"[rank {rank}] stop requested (SIGTERM/SIGUSR1/SIGINT): saved step 2" in run.out, run.tail()
     assert "exitcode: 143" in run.out, run.tail()
     one_rank_s = run.seconds - t_signal
     assert one_rank_s < 30
@@ -93,7 +93,7 @@ def test_sigterm_to_one_rank_to_the_launcher_and_during_a_save_then_bit_identica
     rc = run.wait(60)
     launcher_s = run.t_exit - t_signal
     assert rc != 0 and launcher_s < 30, run.tail()
-    assert run.out.count("stop requested (SIGTERM/SIGUSR1): saved step 6") == 2, run.tail()  # both ranks
+    assert run.out.count("stop requested (SIGTERM/SIGUSR1/SIGINT): saved step 6") == 2, run.tail()  # both ranks
     assert verify(run_dir / "checkpoints" / "ckpt_000000004.pt") is None  # the interrupted save completed
     assert latest_step(run_dir) == 6
     assert temp_files(run_dir / "checkpoints") == []
@@ -165,7 +165,7 @@ def test_nonfinite_loss_skip_leaves_weights_ema_optimizer_and_lr_bit_identical(w
     rc, run = run_to_end(["--config", str(cfg)], tmp_path, nproc=2,
                          faults="nan_loss:rank=1:step=3,sigterm:rank=0:step=3")
     assert rc != 0 and re.search(r"step skipped.*\(1/10 in a row\)", run.out), run.tail()
-    assert run.out.count("stop requested (SIGTERM/SIGUSR1): saved step 4") == 2, run.tail()
+    assert run.out.count("stop requested (SIGTERM/SIGUSR1/SIGINT): saved step 4") == 2, run.tail()
     skipped = load_checkpoint(ckpt_files(tmp_path / "runs" / "k")[4])
     moments = {"unet": skipped["unet"], "moments": skipped["optimizer"]["state"]}
     assert differences(moments, {"unet": reference[3]["unet"], "moments": reference[3]["optimizer"]["state"]},

@@ -87,3 +87,35 @@ def test_a_second_start_in_a_run_folder_is_refused_unless_resume_or_overwrite(wo
     with pytest.raises(SystemExit) as e:
         train_video_pred.parse_args(["--resume", "latest", "--overwrite"])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- items 9 and 8: Ctrl-C saves; the saved step is logged
+
+def test_ctrl_c_saves_exits_130_logs_the_saved_step_and_resumes(world, tmp_path, monkeypatch, capsys):
+    common = {"train.log_every": 100, "train.max_steps": 4}  # no step is due for logging: only the saved one is
+    monkeypatch.setenv("VP_FAULTS", "sigint:step=1:times=1")
+    faults.reset()
+    rc, run = run_main(world, tmp_path, "ctrl_c", **common)
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert "saved step" in err and "Traceback" not in err, err
+    (saved,) = checkpoints(run)
+    step = int(saved[5:-3])
+    assert 1 < step < 4
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [step]
+
+    monkeypatch.delenv("VP_FAULTS")
+    rc, _ = run_main(world, tmp_path, "ctrl_c", "--resume", "latest", **common)
+    assert rc == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [step]  # 4 is not due; no hole
+    assert ckpt.resolve_resume(run / "checkpoints")[1]["step"] == 4
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VP_FAULTS", "sigint:times=2")  # at the start of steps 0 and 1
+    faults.reset()
+    rc, run = run_main(world, tmp_path, "ctrl_c2", **{"train.max_steps": 4})
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert "stopped without saving" in err and "Traceback" not in err, err
+    assert checkpoints(run) == []
