@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a run folder that holds an earlier one, deleting its checkpoints, "
                         "metrics, samples and eval tables (without it such a start is refused)")
+    p.add_argument("--allow-objective-change", action="store_true",
+                   help="resume although the config changes what is learnt (diffusion.*, data.frame_interval, "
+                        "frame size, VAE); without it such a resume is refused")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     args = p.parse_args(argv)
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     resume = None
     if args.resume:
         try:
-            resume = find_resume(cfg, args.resume)
+            resume = find_resume(cfg, args.resume, args.allow_objective_change)
         except (CheckpointError, ValueError) as e:
             print(f"[rank {rank}] resume error: {e}", file=sys.stderr)
             return 2

@@ -119,3 +119,46 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(world, tmp_path, monkeypat
     assert rc == 130, err
     assert "stopped without saving" in err and "Traceback" not in err, err
     assert checkpoints(run) == []
+
+
+# ---------------------------------------------------------------- item 2: a resume says what changed, applies or refuses
+
+def test_a_resume_prints_every_change_and_applies_the_optimizer_settings(world, tmp_path, capsys):
+    first = {"train.max_steps": 2, "optim.lr": 1e-3, "ema.decay": 0.9}
+    rc, run = run_main(world, tmp_path, "changed", **first)
+    assert rc == 0
+    changed = {"train.max_steps": 3, "optim.lr": 1e-5, "optim.weight_decay": 0.1, "optim.adam_betas": [0.8, 0.99],
+               "ema.decay": 0.5}
+    capsys.readouterr()
+    rc, _ = run_main(world, tmp_path, "changed", "--resume", "latest", **changed)
+    out = capsys.readouterr().out
+    assert rc == 0
+    for line in ("optim.lr: 0.001 -> 1e-05", "optim.weight_decay: 0.0 -> 0.1", "ema.decay: 0.9 -> 0.5",
+                 "optim.adam_betas: [0.9, 0.999] -> [0.8, 0.99]", "train.max_steps: 2 -> 3"):
+        assert f"changed since the checkpoint: {line}" in out, out
+    state = ckpt.resolve_resume(run / "checkpoints")[1]
+    assert state["step"] == 3
+    (group,) = state["optimizer"]["param_groups"]
+    assert group["lr"] == 1e-5 and group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.99)
+    assert state["lr_scheduler"]["base_lrs"] == [1e-5]
+    assert state["ema"]["decay"] == 0.5
+    assert [r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r and r["step"] == 3] == [1e-5]
+
+
+def test_a_resume_that_changes_the_objective_is_refused_unless_allowed(world, tmp_path, capsys):
+    rc, run = run_main(world, tmp_path, "objective", **{"train.max_steps": 1})
+    assert rc == 0
+    later = {"train.max_steps": 2, "diffusion.prediction_type": "v_prediction", "data.frame_interval": 2}
+    capsys.readouterr()
+    rc, _ = run_main(world, tmp_path, "objective", "--resume", "latest", **later)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "diffusion.prediction_type: 'epsilon' -> 'v_prediction'" in err and "data.frame_interval: 1 -> 2" in err
+    assert "--allow-objective-change" in err and "Traceback" not in err, err
+    assert checkpoints(run) == ["ckpt_000000001.pt"]
+
+    rc, _ = run_main(world, tmp_path, "objective", "--resume", "latest", "--allow-objective-change", **later)
+    assert rc == 0
+    assert "changed since the checkpoint: diffusion.prediction_type: 'epsilon' -> 'v_prediction'" in \
+        capsys.readouterr().out
+    assert checkpoints(run) == ["ckpt_000000001.pt", "ckpt_000000002.pt"]

@@ -10,12 +10,20 @@ from pathlib import Path
 
 import torch
 
-from configs import Config
+from configs import Config, config_to_dict
 from model import performance
-from model.loading import check_fits
+from model.loading import LoadError, check_fits, stored_config
 from model.checkpoint import resolve_resume
 from training.distributed import DistInfo
-from training.optim import Optimization
+from training.optim import Optimization, lr_factor
+
+# settings that define what is learnt: changed mid-run they train another objective on the old weights, so a resume
+# refuses them unless --allow-objective-change (every diffusion.* key, and these)
+OBJECTIVE_KEYS = ("data.frame_interval", "data.height", "data.width", "data.resize_mode", "data.t_past",
+                  "data.t_future", "data.cond_keys", "vae.pretrained", "vae.subfolder", "vae.latent")
+# settings applied to the resumed optimizer and EMA (their checkpointed state would keep the old values); the LR
+# schedule's shape (optim.lr_schedule, warmup_steps, min_lr_ratio, train.max_steps) is read from the config anyway
+OPTIMIZER_KEYS = ("optim.lr", "optim.weight_decay", "optim.adam_betas", "ema.decay", "ema.warmup_power")
 
 
 @dataclass
@@ -25,6 +33,8 @@ class Resume:
     folder: Path  # the run's checkpoints/ folder
     path: Path | None = None
     state: dict | None = None
+    cfg: Config | None = None  # the config it was checked against
+    changed: list[tuple[str, object, object]] | None = None  # (dotted key, checkpoint's value, config's value)
 
 
 @dataclass
@@ -39,9 +49,32 @@ class Progress:
     rng: dict | None = None  # this rank's saved RNG states (None: a fresh start or another world size)
 
 
-def find(cfg: Config, which: str) -> Resume:
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_settings(cfg: Config, state: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, checkpoint's value, config's value) of every setting that differs from the checkpoint's config
+    (stored under an older layout: upgraded first; keys it does not hold are not compared)."""
+    try:
+        old = config_to_dict(stored_config(state))
+    except LoadError:  # a stored config the schema no longer accepts: compare what it holds
+        old = state.get("config") or {}
+    new = _flat(config_to_dict(cfg))
+    return [(k, v, new[k]) for k, v in _flat(old).items() if k in new and new[k] != v]
+
+
+def is_objective(key: str) -> bool:
+    return key.startswith("diffusion.") or key in OBJECTIVE_KEYS
+
+
+def find(cfg: Config, which: str, allow_objective_change: bool = False) -> Resume:
     """The checkpoint `--resume WHICH` names (latest: the run's newest valid one), verified and checked against
-    the config; ValueError or CheckpointError naming it when it cannot be resumed."""
+    the config; ValueError or CheckpointError naming it when it cannot be resumed, or when the config changes the
+    training objective (unless `allow_objective_change`)."""
     if which == "latest" and not cfg.logging.name:
         raise ValueError("--resume latest needs logging.name (the run folder to continue)")
     folder = Path(cfg.logging.run_dir) / cfg.logging.name / "checkpoints"
@@ -51,7 +84,28 @@ def find(cfg: Config, which: str) -> Resume:
     path, state = found
     if (reason := check_fits(cfg, state, resume=True)) is not None:  # a weights-only file: refused before the scan
         raise ValueError(f"cannot resume from {path}: {reason}")
-    return Resume(which, folder, path, state)
+    changed = changed_settings(cfg, state)
+    if not allow_objective_change and (objective := [c for c in changed if is_objective(c[0])]):
+        raise ValueError(f"cannot resume from {path}: the config changes the training objective ("
+                         + "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in objective)
+                         + "); put it back, or pass --allow-objective-change to train on with it")
+    return Resume(which, folder, path, state, cfg, changed)
+
+
+def apply_optimizer_settings(optim: Optimization, cfg: Config) -> None:
+    """The config's optim.lr, weight decay and betas into the resumed AdamW and LR schedule, its ema.decay and
+    warm-up into the resumed EMA (as training/optim.build sets them)."""
+    oc, ec = cfg.optim, cfg.ema
+    scheduler = optim.lr_scheduler
+    scheduler.base_lrs = [oc.lr] * len(optim.optimizer.param_groups)
+    for group in optim.optimizer.param_groups:
+        group.update(initial_lr=oc.lr, lr=oc.lr * lr_factor(oc, cfg.train.max_steps, scheduler.last_epoch),
+                     weight_decay=oc.weight_decay, betas=tuple(oc.adam_betas))
+    scheduler._last_lr = [g["lr"] for g in optim.optimizer.param_groups]
+    if optim.ema is not None:
+        warm = ec.warmup_power > 0
+        optim.ema.decay, optim.ema.use_ema_warmup = ec.decay, warm
+        optim.ema.power, optim.ema.min_decay = (ec.warmup_power if warm else 2 / 3), (0.0 if warm else ec.decay)
 
 
 def restore(resume: Resume | None, unet: torch.nn.Module, optim: Optimization, info: DistInfo, say=print) -> Progress:
@@ -62,12 +116,21 @@ def restore(resume: Resume | None, unet: torch.nn.Module, optim: Optimization, i
         say(f"--resume {resume.which}: no checkpoint in {resume.folder} yet; starting from step 0")
         return Progress()
     state = resume.state
+    for key, old, new in resume.changed or []:
+        say(f"changed since the checkpoint: {key}: {old!r} -> {new!r}")
     unet.load_state_dict(state["unet"])
-    if optim.ema is not None and state["ema"] is not None:
-        optim.ema.load_state_dict(state["ema"])
+    if optim.ema is not None:
+        if state["ema"] is not None:
+            optim.ema.load_state_dict(state["ema"])
+        else:  # ema.decay turned on: the average starts from the resumed weights, not the initial ones
+            optim.ema.shadow_params = [p.detach().clone() for p in unet.parameters()]
     optim.optimizer.load_state_dict(state["optimizer"])
     performance.match_param_layout(list(unet.parameters()), optim.optimizer, optim.ema)  # NCHW <-> NHWC
     optim.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if resume.cfg is not None and any(k in OPTIMIZER_KEYS for k, _, _ in resume.changed or []):
+        apply_optimizer_settings(optim, resume.cfg)
+        say("applied to the resumed optimizer and EMA: "
+            + ", ".join(k for k, _, _ in resume.changed if k in OPTIMIZER_KEYS))
     progress = Progress(state["step"], state["epoch"], state["position"], state.get("nonfinite_skips", 0),
                         resume.path, state.get("wandb_id"))
     if state["world_size"] == info.world_size:
