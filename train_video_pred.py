@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from configs import Config, ConfigError, dump_config, load_config
-from data import latent_cache, pipeline
+from data import DataError, latent_cache, pipeline
 from model import VideoPredictionDiffusion, checkpoint, performance
 from model.checkpoint import CheckpointError
-from model.vae import read_downsample
+from model.export import ExportError
+from model.loading import LoadError
+from model.vae import VAEError, read_downsample
 from training import distributed, tracking
 from training import optim as optimization
 from training.distributed import DistInfo, rank_seed, seed_everything
@@ -29,12 +31,16 @@ from training.resume import Resume, restore
 from training.resume import find as find_resume
 from video_prediction_trainer import EXIT_INTERRUPTED, Preempted, Trainer, TrainingHalted
 
+# errors of the user's making (bad data, a VAE or checkpoint that does not load): one line naming the cause, exit 2;
+# any other error is a bug or the machine's and keeps its traceback
+USER_ERRORS = (DataError, VAEError, LoadError, ExportError)
+
 EPILOG = """\
 overrides: any config key as section.key=value (YAML value), after --set or bare, e.g.
   --set optim.lr=2e-4 train.batch_size=32 data.root=/data/ped2 sampler.num_inference_steps=50
   vae.pretrained=stabilityai/sd-vae-ft-mse logging.wandb.mode=disabled
-exit codes: 0 done; 1 error (the message names the rank and the cause); 2 a config error, a refused resume or
-run folder; 143 / 130 stopped by SIGTERM or SIGUSR1 / Ctrl-C after saving a checkpoint (continue with --resume
+exit codes: 0 done; 1 error (the message names the rank and the cause, then the traceback); 2 a config error,
+bad data, a VAE or checkpoint that does not load, a refused resume or run folder (one line; --traceback for more); 143 / 130 stopped by SIGTERM or SIGUSR1 / Ctrl-C after saving a checkpoint (continue with --resume
 latest; a second Ctrl-C stops at once, unsaved).
 The config reference is configs/schema.py: every key with its unit, default and how to turn it off."""
 
@@ -54,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-objective-change", action="store_true",
                    help="resume although the config changes what is learnt (diffusion.*, data.frame_interval, "
                         "frame size, VAE); without it such a resume is refused")
+    p.add_argument("--traceback", action="store_true",
+                   help="print the traceback of expected errors too (bad config, data, VAE, checkpoint)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     args = p.parse_args(argv)
@@ -184,6 +192,13 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     except ConfigError as e:  # found once the VAE is loaded
         print(f"[rank {info.rank}] config error: {e}", file=sys.stderr)
+        if args.traceback:
+            traceback.print_exc()
+        return 2
+    except USER_ERRORS as e:
+        print(f"[rank {info.rank}] error: {type(e).__name__}: {e}", file=sys.stderr)
+        if args.traceback:
+            traceback.print_exc()
         return 2
     except TrainingHalted as e:
         print(f"[rank {info.rank}] training halted: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ like SIGTERM with the saved step in metrics.jsonl, resumes that say what changed
 errors in one line. Real runs of the tiny trainer world (tests/trainer_helpers.py), in this process."""
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 
@@ -162,3 +163,31 @@ def test_a_resume_that_changes_the_objective_is_refused_unless_allowed(world, tm
     assert "changed since the checkpoint: diffusion.prediction_type: 'epsilon' -> 'v_prediction'" in \
         capsys.readouterr().out
     assert checkpoints(run) == ["ckpt_000000001.pt", "ckpt_000000002.pt"]
+
+
+# ---------------------------------------------------------------- item 12: expected errors in one line, exit 2
+
+def test_a_bad_frame_is_named_once_without_a_traceback_unless_asked(world, tmp_path, capsys):
+    root = tmp_path / "frames"
+    shutil.copytree(world.raw["data"]["root"], root)
+    bad = sorted((root / "clip_0001").glob("*.png"))[3]
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG
+    where = {"data.root": str(root), "data.synthetic.enabled": False}
+    rc, run = run_main(world, tmp_path, "bad", **where)
+    captured = capsys.readouterr()
+    assert rc == 2, captured.err
+    assert (captured.out + captured.err).count(str(bad)) == 1, captured.err
+    assert "DataError" in captured.err and "Traceback" not in captured.err, captured.err
+    assert not (run / "checkpoints").exists()
+
+    rc, _ = run_main(world, tmp_path, "bad", "--traceback", **where)
+    assert rc == 2 and "Traceback" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_keeps_its_traceback(world, tmp_path, monkeypatch, capsys):
+    def broken(self, *a, **k):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(video_prediction_trainer.Trainer, "train_step", broken)
+    rc, _ = run_main(world, tmp_path, "bug", **{"train.max_steps": 1})
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: RuntimeError: a bug" in err and "Traceback" in err, err
