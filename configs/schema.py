@@ -89,6 +89,7 @@ class SyntheticConfig:
         _at_least(p, f"{path}.num_objects", self.num_objects, 0)
         _at_least(p, f"{path}.speed", self.speed, 0.0)
         _at_least(p, f"{path}.pan_speed", self.pan_speed, 0.0)
+        _at_least(p, f"{path}.seed", self.seed, 0)  # numpy's generators refuse negative seeds
 
 
 @dataclass
@@ -138,6 +139,7 @@ class DataConfig:
         _in_unit(p, f"{path}.max_bad_fraction", self.max_bad_fraction)
         _choice(p, f"{path}.convert_modes", self.convert_modes, ("off", "composite", "drop_alpha"))
         _at_least(p, f"{path}.num_workers", self.num_workers, 0)
+        _at_least(p, f"{path}.split_seed", self.split_seed, 0)
         if self.synthetic.action_pan and self.synthetic.enabled and self.cond_keys not in ([], ["action"]):
             p.append(f"{path}.cond_keys: the synthetic world writes only 'action'; got {self.cond_keys}")
         self.synthetic.validate(p, f"{path}.synthetic")
@@ -199,10 +201,14 @@ class UNetConfig:
         if len(self.attention) != len(self.block_out_channels):
             p.append(f"{path}.attention: needs one entry per block_out_channels level "
                      f"({len(self.block_out_channels)}), got {len(self.attention)}")
+        for i, c in enumerate(self.block_out_channels):
+            _at_least(p, f"{path}.block_out_channels[{i}]", c, 1)
+        _at_least(p, f"{path}.norm_num_groups", self.norm_num_groups, 1)
+        _at_least(p, f"{path}.attention_head_dim", self.attention_head_dim, 1)
         for c in self.block_out_channels:
-            if c % self.norm_num_groups:
+            if self.norm_num_groups >= 1 and c % self.norm_num_groups:  # (a size below 1 is reported above)
                 p.append(f"{path}.norm_num_groups: {self.norm_num_groups} does not divide block_out_channels entry {c}")
-            if c % self.attention_head_dim:
+            if self.attention_head_dim >= 1 and c % self.attention_head_dim:
                 p.append(f"{path}.attention_head_dim: {self.attention_head_dim} does not divide block_out_channels entry {c}")
         _at_least(p, f"{path}.layers_per_block", self.layers_per_block, 1)
         _in_unit(p, f"{path}.dropout", self.dropout, closed_high=False)
@@ -296,12 +302,13 @@ class TrainConfig:
     log_every: int = 10  # write metrics.jsonl / wandb scalars, optimizer steps; 0 = off
 
     def validate(self, p: list[str], path: str) -> None:
+        _at_least(p, f"{path}.seed", self.seed, 0)
         _at_least(p, f"{path}.batch_size", self.batch_size, 1)
         _at_least(p, f"{path}.grad_accum_steps", self.grad_accum_steps, 1)
         _at_least(p, f"{path}.max_steps", self.max_steps, 1)
         _at_least(p, f"{path}.max_nonfinite_skips", self.max_nonfinite_skips, 1)
         _at_least(p, f"{path}.log_every", self.log_every, 0)
-        if self.batch_size % self.grad_accum_steps:
+        if self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps:
             p.append(f"{path}.batch_size: {self.batch_size} is not divisible by "
                      f"train.grad_accum_steps={self.grad_accum_steps}")
 

@@ -60,8 +60,9 @@ def read_downsample(pretrained: str, subfolder: str = "") -> int | None:
     """Pixels per latent cell of the VAE `pretrained` names, from its config.json alone (no weights), so a frame
     size can be checked before the data scan; None when the config cannot be read here (loading reports why)."""
     path = Path(pretrained).expanduser()
-    try:
-        cfg = AutoencoderKL.load_config(str(path) if path.exists() else pretrained, subfolder=subfolder or None)
+    try:  # a hub id only from the local cache: no network before the run starts
+        cfg = AutoencoderKL.load_config(str(path) if path.exists() else pretrained, subfolder=subfolder or None,
+                                        local_files_only=True)
     except (OSError, ValueError):
         return None
     tiny = cfg.get("_class_name") == "AutoencoderTiny"

@@ -3,6 +3,7 @@ load time with a ConfigError that names the dotted key path; overrides go throug
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,49 @@ def test_dump_load_round_trip_of_awkward_values(tmp_path):
     assert back == cfg
     assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
     assert type(back.diffusion.snr_gamma) is float
+
+
+# ---------------------------------------------------------------- zero and negative sizes (issue 16 item 7)
+
+def _scalar_fields(cls, prefix: str = ""):
+    """(dotted key, type) of every int or float field of the schema, recursively."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _scalar_fields(hints[f.name], f"{prefix}{f.name}.")
+        elif hints[f.name] in (int, float):
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["unet.norm_num_groups=0"], "unet.norm_num_groups"),
+    (["unet.norm_num_groups=-8"], "unet.norm_num_groups"),
+    (["unet.attention_head_dim=0"], "unet.attention_head_dim"),
+    (["unet.attention_head_dim=-8"], "unet.attention_head_dim"),
+    (["unet.block_out_channels=[-32, 64]", "unet.attention=[false, false]"], "unet.block_out_channels[0]"),
+    (["unet.block_out_channels=[64, 0]", "unet.attention=[false, false]"], "unet.block_out_channels[1]"),
+    (["train.grad_accum_steps=0"], "train.grad_accum_steps"),
+    (["train.grad_accum_steps=-2"], "train.grad_accum_steps"),
+])
+def test_zero_or_negative_sizes_are_config_problems_naming_the_key(overrides, key, capsys):
+    """Were a ZeroDivisionError inside validation (0) or accepted until the model was built (negative)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert any(p.startswith(f"{key}:") and "must be >= 1" in p for p in info.value.problems), info.value.problems
+    import train_video_pred
+    assert train_video_pred.main(["--dry-run", "--set", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_no_number_in_the_schema_breaks_validation(value):
+    """Every int or float field set to 0 gives a Config or a ConfigError naming it, never another exception; no
+    field takes -1 (no size, count, rate or seed of this schema is negative)."""
+    for key, _ in _scalar_fields(Config):
+        try:
+            load_config(None, [f"{key}={value}"])
+        except ConfigError as e:
+            assert any(key in p for p in e.problems), (key, e.problems)
+        else:
+            assert value == 0, f"{key}={value} was accepted"
