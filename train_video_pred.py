@@ -29,7 +29,7 @@ from training import optim as optimization
 from training.distributed import DistInfo, rank_seed, seed_everything
 from training.resume import Resume, restore
 from training.resume import find as find_resume
-from video_prediction_trainer import EXIT_INTERRUPTED, Preempted, Trainer, TrainingHalted
+from video_prediction_trainer import EXIT_INTERRUPTED, Preempted, Trainer, TrainingHalted, WriteFailed
 
 # errors of the user's making (bad data, a VAE or checkpoint that does not load): one line naming the cause, exit 2;
 # any other error is a bug or the machine's and keeps its traceback
@@ -200,6 +200,9 @@ def main(argv=None) -> int:
         if args.traceback:
             traceback.print_exc()
         return 2
+    except WriteFailed as e:  # a full disk: named, saved, no traceback
+        print(f"[rank {info.rank}] error: {e}", file=sys.stderr)
+        return 1
     except TrainingHalted as e:
         print(f"[rank {info.rank}] training halted: {e}", file=sys.stderr)
         return 1

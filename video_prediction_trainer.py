@@ -48,6 +48,10 @@ class Preempted(Exception):
         self.exit_code = exit_code
 
 
+class WriteFailed(RuntimeError):
+    """A log or picture could not be written (a full disk); every rank saved after the next step and stopped."""
+
+
 class _EpochStream(torch.utils.data.Sampler):
     """The rank's window indices epoch after epoch, without end, from (epoch, skip_batches) on. Each epoch is the
     DistributedSampler's order for that epoch cut to whole batches (what drop_last did per epoch), so the order is
@@ -103,6 +107,7 @@ class Trainer:
         self.stop_requested = False  # set on every rank at the same step, from the all-reduced flags
         self._signalled = False  # this rank got SIGTERM/SIGUSR1/SIGINT; goes into the next step's flags
         self._signal_name = ""  # the first of them, for the log and the exit code
+        self._write_error = ""  # rank 0: a log or picture write that failed (stop after a save, then exit 1)
         self._pending = None  # (step, host flags, CUDA event, lr) of the step whose flags are not read yet
         pin = self.device.type == "cuda"
         self._host_flags = [torch.zeros(4, pin_memory=pin) for _ in range(2)]  # two: step k+1 fills one while k is read
@@ -123,6 +128,19 @@ class Trainer:
         if self.device.type == "cuda" and self.cfg.train.mixed_precision == "bf16":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _disk_write(self, path: Path | str):
+        """Rank 0's write of a log, table or picture (`path`: what it writes). An OSError (a full disk) does not stop
+        the step in the middle: the file is named, this rank asks every rank to save after the next step and stop
+        (the SIGTERM path), and fit() then ends with WriteFailed."""
+        try:
+            yield
+        except OSError as e:
+            if not self._write_error:
+                self._write_error = f"could not write {e.filename or path}: {e.strerror or e}"
+                self.print(f"error: {self._write_error}; saving a checkpoint after the next step, then stopping")
+            self._signalled = True
 
     def _ema_net(self) -> torch.nn.Module:
         if self.ema is not None:
@@ -249,7 +267,8 @@ class Trainer:
         if self.ema is not None:
             metrics["ema_decay"] = self.ema.get_decay(self.ema.optimization_step)
         self._t_log, self._last_log_step = now, step
-        self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+        with self._disk_write(self.run_dir / "metrics.jsonl"):
+            self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
 
     @torch.no_grad()
     def visualize(self, force: bool = False) -> None:
@@ -267,10 +286,11 @@ class Trainer:
             with self._autocast():
                 preds[name] = self.model.predict(past, cond, generator=g, net=net).cpu()
         out = self.run_dir / "samples"
-        grid = sample_grid(past, truth, preds, out / f"step_{self.step:07d}.png")
-        gifs = {f"samples/clip{j}": clip_gif(past[j], truth[j], {k: v[j] for k, v in preds.items()},
-                                             out / f"step_{self.step:07d}_clip{j}.gif") for j in range(len(items))}
-        self.tracker.log_media({"samples/grid": grid}, gifs, self.step)
+        with self._disk_write(out / f"step_{self.step:07d}.png"):
+            grid = sample_grid(past, truth, preds, out / f"step_{self.step:07d}.png")
+            gifs = {f"samples/clip{j}": clip_gif(past[j], truth[j], {k: v[j] for k, v in preds.items()},
+                                                 out / f"step_{self.step:07d}_clip{j}.gif") for j in range(len(items))}
+            self.tracker.log_media({"samples/grid": grid}, gifs, self.step)
 
     @torch.no_grad()
     def evaluate(self, force: bool = False) -> dict | None:
@@ -288,9 +308,11 @@ class Trainer:
         result = {"step": self.step, **result}
         if self.info.is_main:
             path = self.run_dir / "eval" / f"step_{self.step:07d}.json"
-            path.write_text(json.dumps(result, indent=1))
+            with self._disk_write(path):
+                path.write_text(json.dumps(result, indent=1))
             scalars = {f"eval/{m}_{k}": sum(v) / len(v) for m in ("psnr", "ssim") for k, v in result[m].items()}
-            self.tracker.log(scalars, self.step)
+            with self._disk_write(self.run_dir / "metrics.jsonl"):
+                self.tracker.log(scalars, self.step)
         return result
 
     def save(self, force: bool = False) -> Path | None:
@@ -365,6 +387,9 @@ class Trainer:
                 if self.stop_requested:
                     self.log(metrics, force=True)  # the saved step, whatever the cadence: a resume logs from the next
                     self.save(force=True)
+                    if self._write_error:
+                        raise WriteFailed(f"{self._write_error}; saved step {self.step} and stopped: free space, "
+                                          "then continue with --resume latest")
                     raise Preempted(f"stop requested (SIGTERM/SIGUSR1/SIGINT): saved step {self.step}; "
                                     "continue with --resume latest",
                                     EXIT_INTERRUPTED if self._signal_name == "SIGINT" else EXIT_PREEMPTED)
@@ -378,6 +403,8 @@ class Trainer:
             self.save(force=True)  # first: a failure in the final sampling below loses nothing
             self.visualize(force=True)
             result = self.evaluate(force=True)
+            if self._write_error:  # in the final jobs: the final checkpoint is already saved
+                raise WriteFailed(f"{self._write_error}; the final checkpoint (step {self.step}) is saved")
             if result is not None:
                 self.print(format_table(result))
             self.print(f"run folder: {self.run_dir}  (samples/: grids and GIFs, eval/: tables, checkpoints/)")

@@ -4,6 +4,7 @@ like SIGTERM with the saved step in metrics.jsonl, resumes that say what changed
 errors in one line. Real runs of the tiny trainer world (tests/trainer_helpers.py), in this process."""
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
 from pathlib import Path
@@ -15,6 +16,7 @@ import train_video_pred
 import video_prediction_trainer
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from model import checkpoint as ckpt
+from training import tracking
 from trainer_helpers import make_world, read_jsonl, write_yaml
 
 
@@ -191,3 +193,32 @@ def test_an_unexpected_error_keeps_its_traceback(world, tmp_path, monkeypatch, c
     rc, _ = run_main(world, tmp_path, "bug", **{"train.max_steps": 1})
     err = capsys.readouterr().err
     assert rc == 1 and "error: RuntimeError: a bug" in err and "Traceback" in err, err
+
+
+# ---------------------------------------------------------------- item 10: a full disk in a log or picture write
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("what", ["picture", "metrics"])
+def test_a_full_disk_in_a_log_or_picture_write_names_the_file_saves_and_stops(world, tmp_path, monkeypatch, capsys,
+                                                                              what):
+    if what == "picture":
+        monkeypatch.setattr(video_prediction_trainer, "sample_grid", _no_space)
+        dotted, name = {"eval.visualize_every": 1}, "samples/step_0000001.png"
+    else:
+        real = tracking.Tracker.log
+        monkeypatch.setattr(tracking.Tracker, "log",
+                            lambda self, metrics, step: _no_space() if step == 1 else real(self, metrics, step))
+        dotted, name = {}, "metrics.jsonl"
+    rc, run = run_main(world, tmp_path, what, **{"train.max_steps": 6, **dotted})
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert f"could not write {run / name}: No space left on device" in err and "Traceback" not in err, err
+    # the stop goes with the next step's flags: the picture of step 1 fails before step 2, whose flags are read at
+    # once (jobs run after it); step 1's record is written after step 2 (metrics read one step late), the stop
+    # goes with step 3's flags, read after step 4
+    (saved,) = checkpoints(run)
+    step = 2 if what == "picture" else 4
+    assert saved == f"ckpt_{step:09d}.pt" and f"saved step {step} and stopped" in err, err
