@@ -442,10 +442,14 @@ class WandbConfig:
     entity: str = ""  # wandb entity (team/user); "" = your default
     tags: list[str] = field(default_factory=list)  # run tags
     finish_timeout_s: float = 60.0  # seconds to wait for wandb.finish (uploads) at the end, then leave it behind
+    # seconds wandb may take to start (in its own thread: training and the other ranks never wait for it); then
+    # wandb is off for the run and metrics.jsonl alone is written
+    init_timeout_s: float = 60.0
 
     def validate(self, p: list[str], path: str) -> None:
         _choice(p, f"{path}.mode", self.mode, ("online", "offline", "disabled"))
         _at_least(p, f"{path}.finish_timeout_s", self.finish_timeout_s, 0.0)
+        _at_least(p, f"{path}.init_timeout_s", self.init_timeout_s, 0.0)
 
 
 @dataclass

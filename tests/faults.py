@@ -21,6 +21,7 @@ Points elsewhere:
   join_late    sleep `secs` (default 3) before joining the process group
   prune_crash  SIGKILL in retention pruning, right after an old checkpoint is deleted
   worker_kill  a DataLoader worker of that rank SIGKILLs itself at its first training window
+  wandb_init_sleep  wandb.init stalls for `secs` (wandb online without a network), then fails
 """
 from __future__ import annotations
 
@@ -226,6 +227,17 @@ def _prune(original):
     return prune
 
 
+def _wandb_init(original):
+    @functools.wraps(original)
+    def init(*args, **kwargs):
+        if enabled() and (c := _match("wandb_init_sleep", None, _rank())) is not None:
+            _say("wandb_init_sleep", None)
+            time.sleep(float(c.get("secs", 3600)))
+            raise TimeoutError("injected: wandb.init found no network")
+        return original(*args, **kwargs)
+    return init
+
+
 def _init_process_group(original):
     @functools.wraps(original)
     def init_process_group(*args, **kwargs):
@@ -262,6 +274,8 @@ def install(monkeypatch=None) -> None:
     patch(checkpoint, "open", _checkpoint_open)
     patch(checkpoint, "prune", _prune(checkpoint.prune))
     patch(dist, "init_process_group", _init_process_group(dist.init_process_group))
+    import wandb
+    patch(wandb, "init", _wandb_init(wandb.init))
     for dataset in (LatentWindowDataset, VideoWindowDataset):
         patch(dataset, "__getitem__", _getitem(dataset.__getitem__))
     reset()

@@ -207,3 +207,18 @@ def test_config_error_under_torchrun_is_identical_on_both_ranks(world, tmp_path)
     assert "train.batch_size: 6 (global) is not divisible by 2 ranks x train.grad_accum_steps=2" in stderr[0]
     assert not (tmp_path / "runs").exists()  # nothing was created: no run folder, no process group
     record("9 config under torchrun", trials=1, seconds_total=round(run.seconds, 1))
+
+
+def test_wandb_without_a_network_on_rank_0_never_times_out_the_other_rank(world, tmp_path):
+    """Issue 16 item 5: rank 0's wandb.init stalls 15 s (online, no network) while ddp.timeout_s is 10; wandb starts
+    in its own thread, so rank 1's first collective does not wait for it, and it is given up after its deadline."""
+    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "wb", **{
+        "ddp.timeout_s": 10, "logging.wandb.mode": "online", "logging.wandb.init_timeout_s": 12,
+        "train.max_steps": 4})
+    rc, run = run_to_end(["--config", str(cfg)], tmp_path, nproc=2, faults="wandb_init_sleep:rank=0:secs=15",
+                         timeout=150)
+    assert rc == 0, run.tail()
+    assert run.time_of(r"\[rank 0\] VP_FAULTS: wandb_init_sleep") is not None, "the fault never fired"
+    assert "wandb did not start within logging.wandb.init_timeout_s=12 s" in run.out, run.tail()
+    assert sorted(ckpt_files(tmp_path / "runs" / "wb")) == [2, 4]
+    record("issue16 5 wandb", dist_timeout_s=10, wandb_stall_s=15, seconds_total=round(run.seconds, 1))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,40 @@ def test_a_full_disk_in_a_log_or_picture_write_names_the_file_saves_and_stops(wo
     (saved,) = checkpoints(run)
     step = 2 if what == "picture" else 4
     assert saved == f"ckpt_{step:09d}.pt" and f"saved step {step} and stopped" in err, err
+
+
+# ---------------------------------------------------------------- item 5: wandb starts in its own thread, with a deadline
+
+def test_wandb_that_never_starts_is_given_up_after_its_deadline_and_training_goes_on(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("VP_FAULTS", "wandb_init_sleep:secs=3")
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match=r"wandb did not start within logging.wandb.init_timeout_s=1 s"):
+        rc, run = run_main(world, tmp_path, "wandb_stall", **{"logging.wandb.mode": "online",
+                                                              "logging.wandb.init_timeout_s": 1})
+    assert rc == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    assert time.monotonic() - t0 < 60
+
+
+def test_what_is_logged_while_wandb_starts_is_sent_once_it_is_up_in_order(world, tmp_path, monkeypatch):
+    import wandb
+    sent = []
+
+    class SlowRun:
+        id = "slow"
+
+        def log(self, metrics, step):
+            sent.append((step, "loss" in metrics))
+
+        def finish(self):
+            sent.append("finish")
+
+    def slow_init(*args, **kwargs):
+        time.sleep(1.5)
+        return SlowRun()
+
+    monkeypatch.setattr(wandb, "init", slow_init)
+    rc, run = run_main(world, tmp_path, "wandb_slow", **{"logging.wandb.mode": "online"})
+    assert rc == 0
+    assert [s for s, is_train in sent[:-1] if is_train] == [1, 2, 3, 4] and sent[-1] == "finish", sent
+    assert ckpt.resolve_resume(run / "checkpoints")[1]["wandb_id"] in (None, "slow")

@@ -1,7 +1,9 @@
 """Rank-0 logging: metrics.jsonl always; wandb (online | offline | disabled) and TensorBoard optionally.
 
 wandb is never fatal: if it is missing, fails to start, fails mid-run or hangs at finish, training goes on
-with a warning and metrics.jsonl stays complete.
+with a warning and metrics.jsonl stays complete. It starts in a thread of its own, so rank 0 goes on training
+(and the other ranks' collectives never wait for it, whatever ddp.timeout_s is); what is logged before it is up is
+sent once it is, and after logging.wandb.init_timeout_s without it, wandb is off for the run.
 """
 from __future__ import annotations
 
@@ -32,11 +34,18 @@ class Tracker:
         self.wandb_id = resume_id
         self.tb = None
         self.finish_timeout_s = cfg.logging.wandb.finish_timeout_s
+        self.init_timeout_s = cfg.logging.wandb.init_timeout_s
+        self._starting: threading.Thread | None = None  # wandb.init running
+        self._queued: list = []  # wandb calls made while it starts, sent once it is up
+        self._lock = threading.Lock()
         if not enabled:
             return
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.logging.wandb.mode != "disabled":
-            self._start_wandb(cfg, config_dict, resume_id)
+            self._init_deadline = time.monotonic() + self.init_timeout_s
+            self._starting = threading.Thread(target=self._start_wandb, args=(cfg, config_dict, resume_id),
+                                              name="wandb-init", daemon=True)
+            self._starting.start()
         if cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -48,15 +57,36 @@ class Tracker:
         w = cfg.logging.wandb
         try:
             import wandb
-            self.wandb = wandb.init(
+            run = wandb.init(
                 project=w.project, entity=w.entity or None, name=cfg.logging.name or run_dir_name(self.run_dir),
                 tags=w.tags or None, mode=w.mode, dir=str(self.run_dir), config=config_dict,
-                id=resume_id, resume="allow" if resume_id else None)
-            self.wandb_id = self.wandb.id
+                id=resume_id, resume="allow" if resume_id else None,
+                settings=wandb.Settings(init_timeout=max(1.0, self.init_timeout_s)))
         except Exception as e:  # noqa: BLE001 - wandb must never stop training
             warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); continuing with metrics.jsonl only",
                           stacklevel=2)
-            self.wandb = None
+            run = None
+        with self._lock:
+            if self._starting is None:  # given up on meanwhile (_wandb_up): leave this run behind
+                return
+            self.wandb, self._starting = run, None
+            self.wandb_id = run.id if run is not None else self.wandb_id
+
+    def _wandb_up(self) -> bool:
+        """Whether wandb calls can be made now; while it starts, False (queue them); past its deadline, give up."""
+        with self._lock:
+            if self._starting is None:
+                queued, self._queued = self._queued, []
+            elif time.monotonic() < self._init_deadline:
+                return False
+            else:
+                self._starting, self._queued = None, []
+                warnings.warn(f"wandb did not start within logging.wandb.init_timeout_s={self.init_timeout_s:g} s "
+                              "(no network?); continuing with metrics.jsonl only", stacklevel=3)
+                return False
+        for what, fn in queued:  # what was logged while it started, in order
+            self._wandb_call(what, fn)
+        return self.wandb is not None
 
     def _wandb_call(self, what: str, fn) -> None:
         if self.wandb is None:
@@ -73,14 +103,25 @@ class Tracker:
             return
         record = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
-        self._wandb_call("log", lambda: self.wandb.log(metrics, step=step))
+        self._send("log", lambda: self.wandb.log(metrics, step=step))
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(_jsonable(v), (int, float)):
                     self.tb.add_scalar(k, _jsonable(v), step)
 
+    def _send(self, what: str, fn) -> None:
+        """A wandb call now, or queued while wandb starts."""
+        if self._starting is not None and not self._wandb_up():
+            with self._lock:
+                if self._starting is not None:
+                    self._queued.append((what, fn))
+                    return
+            if not self._wandb_up():  # it came up meanwhile (True), or was given up (False)
+                return
+        self._wandb_call(what, fn)
+
     def log_media(self, images: dict[str, Path], videos: dict[str, Path], step: int) -> None:
-        if not self.enabled or self.wandb is None:
+        if not self.enabled or (self.wandb is None and self._starting is None):
             return
 
         def send():
@@ -89,7 +130,7 @@ class Tracker:
             media.update({k: wandb.Video(str(p), format="gif") for k, p in videos.items()})
             self.wandb.log(media, step=step)
 
-        self._wandb_call("log_media", send)
+        self._send("log_media", send)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Close wandb in a daemon thread so a hanging finish cannot keep the process alive
@@ -100,6 +141,9 @@ class Tracker:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self._starting is not None:  # still starting: wait for it until its deadline, then send what is queued
+            self._starting.join(max(0.0, self._init_deadline - time.monotonic()))
+            self._wandb_up()
         if self.wandb is not None:
             run = self.wandb
             t = threading.Thread(target=lambda: self._wandb_call("finish", run.finish), daemon=True)
