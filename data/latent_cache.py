@@ -114,8 +114,23 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _save_clip(folder: Path, ci: int, arrays: dict[str, np.ndarray]) -> None:
-    for what, arr in arrays.items():
-        _save_npy(_clip_file(folder, ci, what), arr)
+    for what in sorted(arrays, key=lambda w: w == "mean"):  # mean last: it marks the clip complete (_encoded)
+        _save_npy(_clip_file(folder, ci, what), arrays[what])
+
+
+def _encoded(folder: Path, clips: list[Clip]) -> set[int]:
+    """Clips of an unfinished build (stopped by SIGTERM, a crash, a full disk) whose files are complete: each file
+    is written under its final name only when whole (_save_npy), and a clip's mean last, so a mean file of the
+    clip's frame count means the clip is done. A rebuild encodes only the others."""
+    done = set()
+    for ci, clip in enumerate(clips):
+        path = _clip_file(folder, ci, "mean")
+        try:
+            if path.is_file() and np.load(path, mmap_mode="r").shape[0] == clip.num_frames:
+                done.add(ci)
+        except (OSError, ValueError):  # unreadable: encoded again
+            pass
+    return done
 
 
 _WRITERS = 2  # threads writing finished clips (np.save + fsync) while the main thread keeps the GPU fed
@@ -188,13 +203,20 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info,
     if reason is None:
         log(f"latent cache: using {folder}")
         return folder
+    done: set[int] = set()
     if info.is_main:
-        log(f"latent cache: building {folder} ({reason}); {sum(c.num_frames for c in clips)} frames")
-        if folder.exists():
+        if folder.exists() and not (folder / "manifest.json").exists():  # an unfinished build: keep its clips
+            for tmp in folder.glob("*.tmp*"):
+                tmp.unlink()
+            done = _encoded(folder, clips)
+        elif folder.exists():  # a stale or corrupt finished cache
             shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = f"; continuing: {len(done)} of {len(clips)} clips already encoded" if done else ""
+        log(f"latent cache: building {folder} ({reason}); {sum(c.num_frames for c in clips)} frames{kept}")
+    done = _from_rank0(done, info)
     _barrier(info)
-    mine = list(range(info.rank, len(clips), info.world_size))
+    mine = [ci for ci in range(len(clips)) if ci not in done][info.rank::info.world_size]
     chunks = _FrameChunks(clips, mine, data_cfg, vae.chunk_size)
     loader = DataLoader(chunks, batch_size=None, num_workers=num_workers,
                         pin_memory=info.device.type == "cuda", persistent_workers=False)

@@ -180,6 +180,42 @@ def test_latent_cache_write_failure_raises_and_leaves_no_manifest(uneven_clips, 
     assert sorted(p.name for p in folder.glob("*.npy")) == expected
 
 
+def test_an_interrupted_cache_build_keeps_the_clips_it_encoded(uneven_clips, tmp_path, monkeypatch):
+    """Issue 16 item 13: a build stopped after two clips (SIGTERM, a crash) is continued, not started over: the next
+    build encodes only the third clip, and the cache equals one built in one go."""
+    import data.latent_cache as latent_cache
+
+    clips, data_cfg, vae = uneven_clips
+    fresh = build_or_load(clips, data_cfg, vae, tmp_path / "fresh", DistInfo(), num_workers=0, log=lambda *a: None)
+    real_save = latent_cache._save_npy
+
+    def stopped_at_third_clip(path, array):
+        if path.name.startswith("000002."):
+            raise KeyboardInterrupt  # the process stops here, as a signal would stop it
+        real_save(path, array)
+
+    monkeypatch.setattr(latent_cache, "_save_npy", stopped_at_third_clip)
+    with pytest.raises(KeyboardInterrupt):
+        build_or_load(clips, data_cfg, vae, tmp_path / "cache", DistInfo(), num_workers=0, log=lambda *a: None)
+    monkeypatch.undo()
+    (folder,) = (tmp_path / "cache").iterdir()
+    (folder / "000001.mean.npy.tmp999").write_bytes(b"half")  # a write the stop cut short
+
+    frames, logs = [], []
+    hook = vae.vae.encoder.register_forward_pre_hook(lambda m, args: frames.append(args[0].shape[0]))
+    try:
+        assert build_or_load(clips, data_cfg, vae, tmp_path / "cache", DistInfo(), num_workers=0,
+                             log=logs.append) == folder
+    finally:
+        hook.remove()
+    assert sum(frames) == clips[2].num_frames, frames  # clips 0 and 1 were not encoded again
+    assert "continuing: 2 of 3 clips already encoded" in logs[0], logs
+    assert sorted(p.name for p in folder.glob("*.npy")) == sorted(p.name for p in fresh.glob("*.npy"))
+    for p in fresh.glob("*.npy"):
+        assert np.array_equal(np.load(p), np.load(folder / p.name)), p.name
+    assert not list(folder.glob("*.tmp*"))
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_subpixel_upsample_equals_nearest_upsample_then_conv(memory_format):
     """vae.fuse_upsample: the four 2x2 phase convs give diffusers' Upsample2D output (nearest 2x, then 3x3 conv), on
