@@ -94,11 +94,11 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     if isinstance(resume, str):
         resume = find_resume(cfg, resume)
 
-    # ---- run folder (rank 0): samples/, eval/, no temp file of an interrupted save
+    # ---- run folder (rank 0): an earlier run's files gone with --overwrite, no temp file of an interrupted save
+    # (the folder itself is made by the tracking stage: a start that fails before leaves none behind)
     if info.is_main:
         if overwrite and (removed := tracking.clear_run_folder(run_dir)):
             say(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {run_dir}")
-        tracking.make_run_folder(run_dir)
         if removed := checkpoint.clean_leftovers(run_dir / "checkpoints"):
             say(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
 
@@ -128,7 +128,9 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     # ---- resume: the checkpoint found before the process group, loaded into the parts
     progress = restore(resume, model.unet, optim, info, say)
 
-    # ---- tracking (rank 0): config.yaml, metrics.jsonl, wandb
+    # ---- tracking (rank 0): the run folder with samples/ and eval/, config.yaml, metrics.jsonl, wandb
+    if info.is_main:
+        tracking.make_run_folder(run_dir)
     tracker = tracking.start(run_dir, cfg, info, progress.resumed_from, progress.step, progress.wandb_id, say)
     return Trainer(cfg, info, run_dir, model, net, optim, train_set, splits.val_set(cfg.data), tracker, progress)
 
