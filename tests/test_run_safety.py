@@ -260,3 +260,15 @@ def test_what_is_logged_while_wandb_starts_is_sent_once_it_is_up_in_order(world,
     assert rc == 0
     assert [s for s, is_train in sent[:-1] if is_train] == [1, 2, 3, 4] and sent[-1] == "finish", sent
     assert ckpt.resolve_resume(run / "checkpoints")[1]["wandb_id"] in (None, "slow")
+
+
+def test_resume_latest_before_the_first_save_drops_the_stopped_attempts_records(world, tmp_path):
+    """An attempt stopped before its first checkpoint (kill -9) left records; `--resume latest` starts from step 0
+    and must not log a second run's steps after them."""
+    run = tmp_path / "runs" / "early"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n{"step": 3, "lo')
+    rc, _ = run_main(world, tmp_path, "early", "--resume", "latest", **{"train.max_steps": 2})
+    assert rc == 0
+    records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] != 9.0 for r in records)

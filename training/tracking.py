@@ -220,6 +220,7 @@ def start(run_dir: Path, cfg, info, resumed_from: Path | None, step: int, wandb_
     tracker (rank 0 writes; on the other ranks it does nothing)."""
     if info.is_main:
         dump_config(cfg, Path(run_dir) / "config.yaml")
-        if resumed_from is not None and (n := drop_records_after(Path(run_dir) / "metrics.jsonl", step)):
+        # also with no checkpoint to resume (--resume latest before the first save): that attempt's records go
+        if (n := drop_records_after(Path(run_dir) / "metrics.jsonl", step)):
             say(f"metrics.jsonl: dropped {n} record(s) logged after step {step} (they are redone now)")
     return Tracker(Path(run_dir), cfg, config_to_dict(cfg), enabled=info.is_main, resume_id=wandb_id)
