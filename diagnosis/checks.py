@@ -337,7 +337,8 @@ def check_schedule(ctx: Context) -> list[Check]:
         measured.append((st["t"], a * a))
     # ... and at each step's target t_prev, from the update x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps
     # (exact for eta = 0, and for the last step at any eta, where sigma = 0)
-    nexts = [s["x_t"] for s in steps[1:]] + [ctx.trace.final]
+    final = ctx.trace.final  # latents; the steps live in the sampler's space (diffusion.target)
+    nexts = [s["x_t"] for s in steps[1:]] + [ctx.model.to_x0(final, ctx.past[:final.shape[0]])]
     for i, (st, x_next) in enumerate(zip(steps, nexts)):
         if ctx.cfg.sampler.eta == 0 or i == len(steps) - 1:
             a, _ = _fit_two(x_next, st["x0_pred"], st["eps_pred"])

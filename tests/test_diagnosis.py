@@ -451,3 +451,13 @@ def test_one_step_check_warns_when_copying_beats_the_model_on_a_still_camera(tmp
     mse["ema"] = [min(m, 0.9 * c) for m, c in zip(mse["ema"], mse["copy_last"])]  # better than copying everywhere
     (check,) = check_one_step(ctx)
     assert check.status == "pass", check
+
+
+def test_schedule_and_oracle_checks_hold_with_a_residual_target(healthy, tmp_path):
+    """With diffusion.target=residual the sampler works on the change from the last past latent: the schedule read
+    back from the callback, the last step's landing and the oracle must be judged in that space, not in latents."""
+    run = plant(healthy, tmp_path / "residual", lambda s: s["config"]["diffusion"].update(target="residual"))
+    _, checks, _ = diagnose(run, tmp_path / "out")
+    failing = {n: (checks[n]["status"], checks[n]["value"]) for n in SCHEDULE | {"oracle_sampler"}
+               if checks[n]["status"] != "pass"}
+    assert not failing, failing
