@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data.clips import Clip, clips_fingerprint
 from data.dataset import VideoWindowDataset, read_clip_frames, read_cond
+from data.errors import DataError
 from data.windows import Window, build_windows
 
 _VERSION = 1
@@ -319,7 +320,7 @@ class LatentWindowDataset(Dataset):
 
 def training_set(splits, cfg, vae, info, min_windows: int = 1, log=print) -> Dataset:
     """The training windows: over cached latents (cache.enabled, the cache built here when missing or stale,
-    a collective) or over pixels encoded on the fly. ValueError when there are fewer than `min_windows`."""
+    a collective) or over pixels encoded on the fly. DataError when there are fewer than `min_windows`."""
     windows = build_windows(splits.train, cfg.data)
     if cfg.cache.enabled:
         folder = build_or_load(splits.clips, cfg.data, vae, cfg.cache.dir, info, store_std=cfg.cache.std,
@@ -329,6 +330,6 @@ def training_set(splits, cfg, vae, info, min_windows: int = 1, log=print) -> Dat
     else:
         dataset = VideoWindowDataset(splits.train, cfg.data, windows)
     if len(dataset) < min_windows:
-        raise ValueError(f"the training split has {len(dataset)} windows, fewer than one global batch "
+        raise DataError(f"the training split has {len(dataset)} windows, fewer than one global batch "
                          f"({min_windows}); add data or lower train.batch_size")
     return dataset

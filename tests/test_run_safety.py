@@ -272,3 +272,10 @@ def test_resume_latest_before_the_first_save_drops_the_stopped_attempts_records(
     assert rc == 0
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2] and all(r["loss"] != 9.0 for r in records)
+
+
+def test_too_little_data_for_one_batch_is_a_one_line_error(world, tmp_path, capsys):
+    rc, run = run_main(world, tmp_path, "small", **{"train.batch_size": 64})
+    err = capsys.readouterr().err
+    assert rc == 2 and "fewer than one global batch" in err and "Traceback" not in err, err
+    assert not run.exists()
