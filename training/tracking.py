@@ -63,14 +63,15 @@ class Tracker:
                 id=resume_id, resume="allow" if resume_id else None,
                 settings=wandb.Settings(init_timeout=max(1.0, self.init_timeout_s)))
         except Exception as e:  # noqa: BLE001 - wandb must never stop training
-            warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); continuing with metrics.jsonl only",
-                          stacklevel=2)
-            run = None
+            run, error = None, e
         with self._lock:
-            if self._starting is None:  # given up on meanwhile (_wandb_up): leave this run behind
+            if self._starting is None:  # given up on meanwhile (_wandb_up, which said so): leave it behind
                 return
             self.wandb, self._starting = run, None
             self.wandb_id = run.id if run is not None else self.wandb_id
+        if run is None:
+            warnings.warn(f"wandb could not start ({type(error).__name__}: {error}); continuing with metrics.jsonl "
+                          "only", stacklevel=2)
 
     def _wandb_up(self) -> bool:
         """Whether wandb calls can be made now; while it starts, False (queue them); past its deadline, give up."""
