@@ -72,15 +72,11 @@ def main(argv=None) -> int:
     from diagnosis.frame_scores import read_source, score_clip
     from diagnosis.plots import tile
     from diagnosis.report import json_safe
-    from model.loading import LoadError, load_model
+    from tools.run_tools import load_run
 
     # ---- model, clips, labels
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
-    try:
-        loaded = load_model(run=args.run, checkpoint=args.checkpoint, overrides=args.set, device=device)
-    except LoadError as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+    loaded = load_run(args)
+    if loaded is None:
         return 2
     cfg = loaded.cfg
     data_cfg = dataclasses.replace(cfg.data, root=args.data_root,

@@ -70,20 +70,14 @@ def main(argv=None) -> int:
     if args.rollout < 1 or args.windows < 0 or args.samples < 0 or not 0 < args.last_fraction <= 1:
         print("error: --rollout >= 1, --windows >= 0, --samples >= 0 and 0 < --last-fraction <= 1", file=sys.stderr)
         return 2
-    import torch
-
     from data import DataError, VideoWindowDataset, discover_clips, prepare_clips
-    from model.loading import LoadError, load_model
+    from tools.run_tools import load_run
     from training.distributed import DistInfo
     from training.evaluation import evaluate, format_table
 
     # ---- model
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
-    try:
-        loaded = load_model(run=args.run, checkpoint=args.checkpoint, overrides=args.set, device=device)
-    except LoadError as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+    loaded = load_run(args)
+    if loaded is None:
         return 2
     cfg, tc = loaded.cfg, loaded.cfg.train
     if args.weights == "both":
@@ -120,7 +114,7 @@ def main(argv=None) -> int:
     samples = args.samples or cfg.eval.samples
     seed = tc.seed + 777 if args.seed is None else args.seed
     precision = args.precision or tc.mixed_precision
-    result = evaluate(loaded.model, dataset, list(range(len(dataset))), DistInfo(device=torch.device(device)), nets,
+    result = evaluate(loaded.model, dataset, list(range(len(dataset))), DistInfo(device=loaded.model.vae.device), nets,
                       steps, batch_size=args.batch_size, seed=seed, samples=samples, rounds=args.rollout,
                       precision=precision)
     result = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "data": source,

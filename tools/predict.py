@@ -96,22 +96,17 @@ def input_fps(path: Path) -> float | None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
     from PIL import Image
     from tqdm import tqdm
 
     from data import DataError
     from data.pixels import to_uint8_hwc
     from diagnosis.frame_scores import read_source, score_clip
-    from model.loading import LoadError, load_model
+    from tools.run_tools import load_run
 
     # ---- model and frames
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
-    try:
-        loaded = load_model(run=args.run, checkpoint=args.checkpoint, overrides=args.set, device=device)
-    except LoadError as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+    loaded = load_run(args)
+    if loaded is None:
         return 2
     cfg = loaded.cfg
     H = args.rollout * cfg.data.t_future

@@ -19,11 +19,17 @@ def add_run_args(p: argparse.ArgumentParser, run_help: str, seed_help: str, outp
 
 
 def load_run(args: argparse.Namespace) -> LoadedModel | None:
-    """The run's model (newest valid checkpoint, or --checkpoint); None after printing why it cannot load."""
+    """The run's model (newest valid checkpoint, or --checkpoint; --set overrides and --device where the tool has
+    them, "auto" = CUDA when present); None after printing why it cannot load."""
+    device = getattr(args, "device", "cpu")
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return load_model(run=args.run, checkpoint=args.checkpoint)
+        return load_model(run=args.run, checkpoint=args.checkpoint, overrides=getattr(args, "set", None) or (),
+                          device=device)
     except LoadError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
         return None
 
 
