@@ -65,17 +65,17 @@ evaluate() {  # name [extra quality_eval args]
 for phase in $1; do
   case $phase in
   vae)  # the two camera VAEs (README's Ped2 command), saved in fp16 too for carrying to the next call
-    timeout "$TO" $PY tools/train_vae.py --data-root "$DATA/ped2" --height 128 --width 192 \
-      --block-out-channels 64 128 128 --no-mid-attention --steps 4000 --batch-size 16 --lr 1e-3 --rec-loss l2 \
+    picked vae_ped2 && timeout "$TO" $PY tools/train_vae.py --data-root "$DATA/ped2" --height 128 --width 192 \
+      --block-out-channels 64 128 128 --no-mid-attention --steps "${STUDY_VAE_STEPS:-4000}" --batch-size 16 --lr 1e-3 --rec-loss l2 \
       --fp16 --out runs/vae_ucsd_ped2 > "$OUT/vae_ped2.log" 2>&1 &
-    timeout "$TO" $PY tools/train_vae.py --data-root "$DATA/car" --height 144 --width 256 --val-fraction 0.2 \
-      --split-seed 3 --block-out-channels 64 128 128 --no-mid-attention --steps 4000 --batch-size 16 --lr 1e-3 \
+    picked vae_car && timeout "$TO" $PY tools/train_vae.py --data-root "$DATA/car" --height 144 --width 256 \
+      --val-fraction 0.2 --split-seed 3 --block-out-channels 64 128 128 --no-mid-attention --steps "${STUDY_VAE_STEPS:-4000}" --batch-size 16 --lr 1e-3 \
       --rec-loss l2 --fp16 --out runs/vae_car > "$OUT/vae_car.log" 2>&1 &
     ;;
   demo)  # fp32 as on the CPU the demo is made for
     world configs/demo.yaml; world configs/demo_action.yaml
-    for v in "${!DEMO[@]}"; do picked "$v" && train "demo_$v" configs/demo.yaml train.mixed_precision=no ${DEMO[$v]}; done
-    for v in "${!ACTION[@]}"; do picked "$v" && train "demo_$v" configs/demo_action.yaml train.mixed_precision=no ${ACTION[$v]}; done
+    for v in "${!DEMO[@]}"; do picked "$v" && train "demo_$v" configs/demo.yaml "train.mixed_precision='no'" ${DEMO[$v]}; done
+    for v in "${!ACTION[@]}"; do picked "$v" && train "demo_$v" configs/demo_action.yaml "train.mixed_precision='no'" ${ACTION[$v]}; done
     ;;
   ped2)
     for v in "${!PED2[@]}"; do picked "$v" && train "ped2_$v" configs/ucsd_ped2.yaml data.root="$DATA/ped2" ${PED2[$v]}; done
@@ -91,6 +91,7 @@ for phase in $1; do
   case $phase in
   vae)
     for v in vae_ucsd_ped2 vae_car; do
+      [ -d "runs/$v" ] || continue
       $PY -c "import sys; from diffusers import AutoencoderKL; import torch; m = AutoencoderKL.from_pretrained(sys.argv[1]); m.to(torch.float16).save_pretrained(sys.argv[2])" "runs/$v" "$OUT/${v}_fp16" || true
       tail -3 "$OUT/vae_${v#vae_}.log" 2>/dev/null
     done
