@@ -61,7 +61,7 @@ class Tracker:
                 project=w.project, entity=w.entity or None, name=cfg.logging.name or run_dir_name(self.run_dir),
                 tags=w.tags or None, mode=w.mode, dir=str(self.run_dir), config=config_dict,
                 id=resume_id, resume="allow" if resume_id else None,
-                settings=wandb.Settings(init_timeout=max(1.0, self.init_timeout_s)))
+                settings={"init_timeout": max(1.0, self.init_timeout_s)})  # a dict: wandb.init takes both forms
         except Exception as e:  # noqa: BLE001 - wandb must never stop training
             run, error = None, e
         with self._lock:
