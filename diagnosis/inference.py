@@ -9,7 +9,7 @@ import torch
 
 from diagnosis import plots
 from diagnosis.inputs import Windows
-from model.sliding import WindowKey, decode_predictions, precision_context, predict_windows
+from model.sliding import WindowKey, precision_context, predict_windows
 from model.video_prediction_diffusion import VideoPredictionDiffusion
 from training.evaluation import frame_metrics
 from training.visualize import clip_gif, sample_grid
@@ -51,7 +51,7 @@ def rollout(model: VideoPredictionDiffusion, net: torch.nn.Module, past_frames: 
     with precision_context(dev, precision):
         mean, std = model.vae.encode_moments(past_frames)
         latents = predict_windows(model, net, mean, keys, std, cond, len(conds), steps, seed)
-        frames = decode_predictions(model, latents, past_frames, mean)
+        frames = model.decode_future(latents, past_frames, mean)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return {"frames": frames.float().cpu(), "latents": latents.float().cpu(), "past_latents": mean.cpu(),

@@ -78,14 +78,6 @@ def predict_windows(model: VideoPredictionDiffusion, net: torch.nn.Module, past_
     return torch.cat(out)  # groups are in window order
 
 
-@torch.no_grad()
-def decode_predictions(model: VideoPredictionDiffusion, latents: torch.Tensor, past_frames: torch.Tensor,
-                       past_latents: torch.Tensor) -> torch.Tensor:
-    """Predicted latents (B, H, C, h, w) -> frames (B, H, 3, H', W') through the model's own decoding (residual
-    decoding included), relative to the window's observed past frames (B, Tp, 3, H', W') and their latents."""
-    return model.decode_future(latents, past_frames, past_latents)
-
-
 # ---------------------------------------------------------------- whole clips
 
 def window_starts(num_frames: int, t_past: int) -> list[int]:
@@ -148,7 +140,7 @@ def slide(model: VideoPredictionDiffusion, net: torch.nn.Module, frames: torch.T
         decoded = None
         if decode:
             past_frames = torch.stack([frames[s:s + Tp] for s in chunk]).to(dev)
-            decoded = decode_predictions(model, latents, past_frames, past_mean)
+            decoded = model.decode_future(latents, past_frames, past_mean)
         if progress is not None:
             progress.update(len(chunk))
         yield SlideBatch(chunk, latents, decoded)

@@ -194,18 +194,19 @@ class VideoPredictionDiffusion:
 
     @torch.no_grad()
     def decode_future(self, future: torch.Tensor, past_frames: torch.Tensor, past: torch.Tensor,
-                      mode: str | None = None) -> torch.Tensor:
+                      mode: str | None = None, last_rec: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted future latents (B, Tf, C, h, w) -> frames (B, Tf, 3, H, W) in [-1, 1], with residual decoding
         (sampler.residual_decode, or `mode`): the last past frame's VAE reconstruction error x_last - D(z_last) is
         added back where the prediction did not move away from D(z_last), so pixels that stay put come out as the
-        camera saw them rather than as the VAE redraws them. past_frames (B, Tp, 3, H, W), past their latents."""
+        camera saw them rather than as the VAE redraws them. past_frames (B, Tp, 3, H, W), past their latents;
+        last_rec = D(z_last), (B, 1, 3, H, W), when the caller has it already (decoded here otherwise)."""
         s = self.cfg.sampler
         mode = s.residual_decode if mode is None else mode
         pred = self.vae.decode(future)
         if mode == "off":
             return pred
         last = past_frames[:, -1:].to(pred.device, torch.float32)  # (B, 1, 3, H, W)
-        last_rec = self.vae.decode(past[:, -1:])
+        last_rec = self.vae.decode(past[:, -1:]) if last_rec is None else last_rec
         correction = last - last_rec
         if mode == "full":
             return (pred + correction).clamp(-1, 1)

@@ -10,7 +10,7 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from data.pixels import to_unit
-from model.sliding import WindowKey, decode_predictions, precision_context, predict_windows
+from model.sliding import WindowKey, precision_context, predict_windows
 from training.distributed import DistInfo, all_reduce
 
 
@@ -81,12 +81,13 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
             past, future = frames[:, :Tp], frames[:, Tp:]
             past_mean, past_std = model.vae.encode_moments(past)
             keys = [_window_key(it, i) for it, i in zip(items, chunk)]
+            last_rec = model.vae.decode(past_mean[:, -1:])  # D(z_last): copy_last_vae, and every residual decoding
             metrics = {}  # row -> (psnr (B, Hz), ssim (B, Hz))
             for name, net in nets.items():
                 per_sample, frame_sum = [], torch.zeros_like(future)
                 for k in range(samples):
                     latents = predict_windows(model, net, past_mean, keys, past_std, cond, rounds, steps, seed, k)
-                    pred = decode_predictions(model, latents, past, past_mean)
+                    pred = model.decode_future(latents, past, past_mean, last_rec=last_rec)
                     per_sample.append(frame_metrics(pred, future))
                     frame_sum += pred
                 metrics[name] = per_sample[0]
@@ -98,7 +99,7 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
                     metrics[f"{name}.k{samples}_best"] = tuple(best)
                     metrics[f"{name}.k{samples}_avg"] = frame_metrics(frame_sum / samples, future)
             metrics["copy_last"] = frame_metrics(past[:, -1:].expand_as(future), future)
-            metrics["copy_last_vae"] = frame_metrics(model.vae.decode(past_mean[:, -1:]).expand_as(future), future)
+            metrics["copy_last_vae"] = frame_metrics(last_rec.expand_as(future), future)
             metrics["vae_roundtrip"] = frame_metrics(model.vae.decode(model.vae.encode_moments(future)[0]), future)
             for j, name in enumerate(names):
                 psnr, ssim = metrics[name]
