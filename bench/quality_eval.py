@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, nargs="+", default=[],
                    help="extra masked-mode thresholds to try (sampler.residual_decode_threshold)")
     p.add_argument("--samples", type=int, default=1, help="K: samples per window (mean, best-of-K and K-average rows)")
+    p.add_argument("--steps", type=int, default=0, help="DDIM steps; 0 = the run's eval.steps (sampler levers without retraining)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta; default: the run's sampler.eta")
     p.add_argument("--label", default="", help="name of this variant in the output (default: the run folder)")
     p.add_argument("--out", help="append the JSON line to this file")
     args = p.parse_args(argv)
@@ -49,7 +51,9 @@ def main(argv=None) -> int:
     ema = loaded.net("ema").to(device)
     val = val_windows(loaded)
     indices = spread(len(val), cfg.eval.clips or 10 ** 9)
-    steps = cfg.eval.steps or cfg.sampler.num_inference_steps
+    steps = args.steps or cfg.eval.steps or cfg.sampler.num_inference_steps
+    if args.eta is not None:
+        cfg.sampler.eta = args.eta
     seed = cfg.train.seed + 777  # the trainer's evaluation seed: same windows, same noise
     precision = cfg.train.mixed_precision  # the trainer's switch: bf16 autocast on a GPU
     info = DistInfo(device=device)
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     modes = [(m, m, cfg.sampler.residual_decode_threshold) for m in args.decode]
     modes += [(f"masked@{t:g}", "masked", t) for t in args.threshold]
     out = {"run": str(args.run), "label": args.label or Path(args.run).name, "step": loaded.step,
-           "eval_windows": len(indices), "ddim_steps": steps, "decode": {}}
+           "eval_windows": len(indices), "ddim_steps": steps, "eta": cfg.sampler.eta, "decode": {}}
     start = time.perf_counter()
     for key, mode, threshold in modes:
         cfg.sampler.residual_decode, cfg.sampler.residual_decode_threshold = mode, threshold

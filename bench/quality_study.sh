@@ -8,7 +8,9 @@
 # Data the GPU machine lacks is read from $STUDY_DATA (default .gpu_data): ped2/<clip>/*.png (UCSD Ped2 training
 # frames resized to 192x128 as the config's crop does), car/{train_0..3,test_last20}/*.jpg (car-detection.mp4 at
 # 256x144, first 80% in four clips, last 20% as the val clip: data.split_seed=3 puts exactly it in val).
-# STUDY_TIMEOUT_S bounds each training run; STUDY_VARIANTS="name ..." picks variants of a phase (default: all).
+# STUDY_TIMEOUT_S bounds each training run; STUDY_VARIANTS="name ..." picks variants of a phase (default: all);
+# STUDY_VAES=folder: VAEs trained by an earlier call (folder/vae_ucsd_ped2, folder/vae_car) are copied into runs/.
+# STUDY_SET="key=value ...": overrides added to every training run (e.g. train.max_steps=6000).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
@@ -18,6 +20,7 @@ DATA=${STUDY_DATA:-.gpu_data}
 OUT=${2:-study_out}
 TO=${STUDY_TIMEOUT_S:-540}
 mkdir -p "$OUT"
+if [ -n "${STUDY_VAES:-}" ]; then mkdir -p runs && cp -r "$STUDY_VAES"/vae_* runs/; fi
 
 declare -A DEMO=(
   [base]=""
@@ -36,6 +39,8 @@ declare -A PED2=(
   [res]="diffusion.target=residual"
   [res_g0]="diffusion.target=residual diffusion.snr_gamma=0.0"
   [g0]="diffusion.snr_gamma=0.0"
+  [res_s4]="diffusion.target=residual diffusion.residual_scale=4.0 sampler.clip_bound=32.0"
+  [res_s4_g0]="diffusion.target=residual diffusion.residual_scale=4.0 sampler.clip_bound=32.0 diffusion.snr_gamma=0.0"
 )
 declare -A CAR=(
   [base]=""
@@ -52,7 +57,7 @@ train() {  # name config overrides... : one training run in the background, its 
            # runs that start together would otherwise build the same cache at the same time)
   local name=$1 config=$2; shift 2
   timeout "$TO" $PY train_video_pred.py --config "$config" --set logging.name="$name" logging.wandb.mode=disabled \
-    eval.visualize_every=0 cache.dir="data_cache/latents_$name" "$@" > "$OUT/train_$name.log" 2>&1 &
+    eval.visualize_every=0 cache.dir="data_cache/latents_$name" "$@" ${STUDY_SET:-} > "$OUT/train_$name.log" 2>&1 &
 }
 
 evaluate() {  # name [extra quality_eval args]
