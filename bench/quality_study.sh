@@ -113,8 +113,8 @@ for phase in $1; do
       $PY tools/action_ablation.py --run "runs/demo_$v" --out "$OUT/ablation_demo_$v" > "$OUT/ablation_demo_$v.log" 2>&1
     done
     ;;
-  ped2) for v in "${!PED2[@]}"; do picked "$v" && evaluate "ped2_$v" --threshold 0.05 0.2; done ;;
-  car) for v in "${!CAR[@]}"; do picked "$v" && evaluate "car_$v" --threshold 0.05 0.2; done ;;
+  ped2) for v in "${!PED2[@]}"; do picked "$v" && evaluate "ped2_$v" --decode off masked --threshold 0.2 & done; wait ;;
+  car) for v in "${!CAR[@]}"; do picked "$v" && evaluate "car_$v" --decode off masked --threshold 0.1 & done; wait ;;
   esac
 done
 echo "study done: $OUT/study.jsonl"
