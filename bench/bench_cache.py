@@ -53,11 +53,10 @@ def write_jpegs(cfg, root: Path) -> None:
 
 
 def vae_for(cfg) -> FrozenVAE:
-    """The FrozenVAE as the trainer gets it (from_config, then the vae.* speed settings)."""
+    """The FrozenVAE as the trainer gets it (from_config, then the speed.vae_* settings)."""
     torch.backends.cudnn.benchmark = cfg.speed.cudnn_benchmark and torch.cuda.is_available()
     vae = FrozenVAE.from_config(cfg.vae).to(device())
-    return performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.vae.compile_mode,
-                                    cfg.vae.fuse_upsample)
+    return performance.speed_up_vae(vae, cfg.speed)
 
 
 def main() -> None:
@@ -86,13 +85,13 @@ def main() -> None:
         emit(B, "jpeg_decode_only", workers=workers, frames=n, frames_per_s=n / (time.perf_counter() - t))
 
     # ---- the encoder alone on GPU-resident frames (chunk of vae.chunk_size frames)
-    variants = {"encoder_fp32_nchw": ["vae.dtype=fp32", "vae.channels_last=false", "speed.cudnn_benchmark=false"],
-                "encoder_bf16_nchw": ["vae.dtype=bf16", "vae.channels_last=false"],
+    variants = {"encoder_fp32_nchw": ["vae.dtype=fp32", "speed.vae_channels_last=false", "speed.cudnn_benchmark=false"],
+                "encoder_bf16_nchw": ["vae.dtype=bf16", "speed.vae_channels_last=false"],
                 "encoder_bf16_channels_last": ["vae.dtype=bf16"],
-                "encoder_bf16_channels_last_compiled": ["vae.dtype=bf16", "vae.compile=true",
-                                                        "vae.compile_mode=default"],
-                "encoder_bf16_channels_last_compiled_cuda_graphs": ["vae.dtype=bf16", "vae.compile=true",
-                                                                    "vae.compile_mode=reduce-overhead"]}
+                "encoder_bf16_channels_last_compiled": ["vae.dtype=bf16", "speed.vae_compile=true",
+                                                        "speed.vae_compile_mode=default"],
+                "encoder_bf16_channels_last_compiled_cuda_graphs": ["vae.dtype=bf16", "speed.vae_compile=true",
+                                                                    "speed.vae_compile_mode=reduce-overhead"]}
     x = torch.rand(1, cfg.vae.chunk_size, 3, cfg.data.height, cfg.data.width, device=device()) * 2 - 1
     ref = None
     for name, over in variants.items():
@@ -105,17 +104,18 @@ def main() -> None:
         del vae
 
     # ---- build_or_load end to end: baseline (fp32, NCHW, 8 workers) and optimised (bf16, 12 workers, compiled)
-    builds = {"build_fp32_nchw_8workers": ["vae.dtype=fp32", "vae.channels_last=false",
+    builds = {"build_fp32_nchw_8workers": ["vae.dtype=fp32", "speed.vae_channels_last=false",
                                            "speed.cudnn_benchmark=false", f"data.num_workers={min(8, workers_hi)}"],
-              "build_bf16_nchw_12workers": ["vae.dtype=bf16", "vae.channels_last=false",
+              "build_bf16_nchw_12workers": ["vae.dtype=bf16", "speed.vae_channels_last=false",
                                             f"data.num_workers={workers_hi}"],
-              "build_bf16_compiled_channels_last_12workers": ["vae.dtype=bf16", "vae.channels_last=true",
-                                                              "vae.compile=true", f"data.num_workers={workers_hi}",
-                                                              "vae.compile_mode=default"],
-              # CUDA graphs for the encoder (vae.compile_mode=reduce-overhead): session 5 measured it slower
-              "build_bf16_compiled_cuda_graphs_12workers": ["vae.dtype=bf16", "vae.channels_last=true",
-                                                            "vae.compile=true", f"data.num_workers={workers_hi}",
-                                                            "vae.compile_mode=reduce-overhead"]}
+              "build_bf16_compiled_channels_last_12workers": ["vae.dtype=bf16", "speed.vae_channels_last=true",
+                                                              "speed.vae_compile=true",
+                                                              f"data.num_workers={workers_hi}",
+                                                              "speed.vae_compile_mode=default"],
+              # CUDA graphs for the encoder (speed.vae_compile_mode=reduce-overhead): session 5 measured it slower
+              "build_bf16_compiled_cuda_graphs_12workers": ["vae.dtype=bf16", "speed.vae_channels_last=true",
+                                                            "speed.vae_compile=true", f"data.num_workers={workers_hi}",
+                                                            "speed.vae_compile_mode=reduce-overhead"]}
     folder = None
     for name, over in builds.items():
         c = reference_config(args, data + over)

@@ -57,7 +57,7 @@ def run(args, gpus: int, name: str, extra: list[str] = ()) -> dict:
         f"train.batch_size={gpus * args.batch_per_gpu}", f"train.max_steps={args.steps}", "optim.warmup_steps=0",
         f"train.log_every={args.log_every}", "eval.visualize_every=0", "eval.every=0", "checkpoint.every=0",
         "eval.vis_clips=0", "eval.clips=1", "eval.steps=2",
-        "sampler.compile=false",  # the final evaluation is not timed: compiling the sampler would only cost a minute
+        "speed.sampler_compile=false",  # the final evaluation is not timed: compiling the sampler would cost a minute
         f"cache.dir={work / 'ddp_latents'}",
         f"logging.run_dir={work / 'ddp_runs'}", f"logging.name={name}", "logging.wandb.mode=disabled",
         f"profile.at={args.profile_at}",

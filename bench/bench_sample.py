@@ -3,8 +3,8 @@ through VideoPredictionDiffusion.predict_latents and FrozenVAE.decode, baseline 
 
 Baseline as in the issue: eager UNet under bf16 autocast, bf16 VAE decode with diffusers' own upsampling, NCHW,
 chunk 32. Optimised variants switch on what a user switches on in the config (speed.channels_last,
-vae.channels_last, sampler.compile, vae.compile, vae.fuse_upsample, speed.compile_mode, vae.compile_mode,
-vae.chunk_size); each is a fresh model from `VideoPredictionDiffusion.from_config`.
+speed.vae_channels_last, speed.sampler_compile, speed.vae_compile, speed.vae_fuse_upsample, speed.compile_mode,
+speed.vae_compile_mode, vae.chunk_size); each is a fresh model from `VideoPredictionDiffusion.from_config`.
 
     python bench/bench_sample.py [--tiny] [--budget-s 300]
 """
@@ -24,11 +24,11 @@ from bench.common import (device, elapsed_s, emit, emit_env, gpu_mem_gib, parse_
 from model import VideoPredictionDiffusion  # noqa: E402
 
 B = "sample"
-BASELINE = ["vae.dtype=bf16", "vae.channels_last=false", "speed.channels_last=false", "speed.cudnn_benchmark=false",
-            "vae.fuse_upsample=false"]
-FAST = ["vae.dtype=bf16", "sampler.compile=true", "vae.compile=true",  # UNet NHWC (the config's), VAE NCHW
+BASELINE = ["vae.dtype=bf16", "speed.vae_channels_last=false", "speed.channels_last=false",
+            "speed.cudnn_benchmark=false", "speed.vae_fuse_upsample=false"]
+FAST = ["vae.dtype=bf16", "speed.sampler_compile=true", "speed.vae_compile=true",  # UNet NHWC (the config's), VAE NCHW
         "speed.compile_mode=default"]
-GRAPHS = FAST + ["speed.compile_mode=reduce-overhead", "vae.compile_mode=reduce-overhead"]  # as measured before
+GRAPHS = FAST + ["speed.compile_mode=reduce-overhead", "speed.vae_compile_mode=reduce-overhead"]  # as measured before
 
 
 def autocast():
@@ -102,9 +102,9 @@ def main() -> None:
         emit(B, name, rel_err=float(err), note=f"same noise; bf16 autocast in both; {what}")
 
     # the sub-pixel upsampling alone, eager (same UNet: the latents must be identical; the pixels differ by rounding)
-    fused = build(args, BASELINE + ["vae.fuse_upsample=true"])  # the later override wins
+    fused = build(args, BASELINE + ["speed.vae_fuse_upsample=true"])  # the later override wins
     res = run(fused, "eager_bf16_nchw_fused_upsample", clips, 1, iters)
-    compare("fused_vs_eager_latents", res, ref, "the UNet is untouched by vae.fuse_upsample")
+    compare("fused_vs_eager_latents", res, ref, "the UNet is untouched by speed.vae_fuse_upsample")
     with autocast():
         emit(B, "fused_vs_plain_decode", rel_err=float((fused.vae.decode(lat).float() - bf16.float()).norm()
                                                        / bf16.float().norm()), note="bf16, one clip")
@@ -112,12 +112,12 @@ def main() -> None:
     gc.collect()
 
     # CUDA graphs: the 20 UNet calls (and the decoder chunks) replayed, no per-kernel launch cost; with diffusers'
-    # upsampling (the best of session 2) and with the sub-pixel one (vae.fuse_upsample, the default); the config's
-    # compiled UNet has the NHWC GroupNorm (unet.nhwc_group_norm, measured for training), so ATen's is its baseline
-    variants = [("", ["vae.fuse_upsample=false"]), ("_fused_upsample", []),
-                ("_fused_upsample_aten_group_norm", ["unet.nhwc_group_norm=false"]),
-                ("_fused_upsample_unet_too", ["unet.fuse_upsample=true"]),
-                ("_fused_upsample_vae_nhwc", ["vae.channels_last=true"])]
+    # upsampling (the best of session 2) and with the sub-pixel one (speed.vae_fuse_upsample, the default); the
+    # config's compiled UNet has the NHWC GroupNorm (speed.nhwc_group_norm, measured for training), so ATen's is its baseline
+    variants = [("", ["speed.vae_fuse_upsample=false"]), ("_fused_upsample", []),
+                ("_fused_upsample_aten_group_norm", ["speed.nhwc_group_norm=false"]),
+                ("_fused_upsample_unet_too", ["speed.fuse_upsample=true"]),
+                ("_fused_upsample_vae_nhwc", ["speed.vae_channels_last=true"])]
     for i, (suffix, extra) in enumerate(variants):
         if i >= 3 and elapsed_s() > args.budget_s:
             continue

@@ -32,7 +32,7 @@ import train_video_pred  # noqa: E402
 from video_prediction_trainer import Trainer  # noqa: E402
 
 B = "train"
-BASELINE = ["speed.channels_last=false", "speed.cudnn_benchmark=false", "vae.channels_last=false"]
+BASELINE = ["speed.channels_last=false", "speed.cudnn_benchmark=false", "speed.vae_channels_last=false"]
 NAIVE = BASELINE + ["cache.enabled=false", "vae.dtype=fp32", "train.mixed_precision='no'"]
 # the cache is built once (bf16 encoder), then read; compiled variants in torch.compile's default mode (the
 # reference config's CUDA graphs are their own variants: the same speed on one GPU, BENCHMARKS.md)
@@ -188,7 +188,7 @@ def main() -> None:
     def block_variant(name: str, overrides: list[str], size: int) -> None:
         """A compiled Trainer's train_step in a block of steps (deferred checks), after compiling and warming up,
         then a profile of three of its steps. MFU counts diffusers' UNet FLOPs (the model the issue names);
-        mfu_own_flops counts what this variant's net computes (fewer with unet.fuse_upsample)."""
+        mfu_own_flops counts what this variant's net computes (fewer with speed.fuse_upsample)."""
         if not torch.cuda.is_available():
             return
         reset_mem()
@@ -279,12 +279,12 @@ def main() -> None:
 
     def fit_reduce_overhead() -> None:
         """Trainer.fit, the real loop, with CUDA graphs for the training step (speed.compile_mode=reduce-overhead)
-        and for the sampler (sampler.compile) in one process: sample grids and an evaluation are due mid-run, and
+        and for the sampler (speed.sampler_compile) in one process: sample grids and an evaluation are due mid-run, and
         training goes on after them. Its own log gives samples/s; a grid is copied to $OUT."""
         steps = 20 if tiny else 120
         tr = build(args, "fit_reduce_overhead",
                    CACHED + ["speed.compile=true", f"train.batch_size={big}", "speed.compile_mode=reduce-overhead",
-                             "sampler.compile=true", f"train.max_steps={steps}", f"train.log_every={steps // 12}",
+                             "speed.sampler_compile=true", f"train.max_steps={steps}", f"train.log_every={steps // 12}",
                              f"eval.visualize_every={steps // 3}", f"eval.every={steps // 2}",
                              "eval.clips=16", "eval.vis_clips=2", "checkpoint.every=0"])
         t = time.perf_counter()
@@ -310,19 +310,19 @@ def main() -> None:
     # itself), CUDA graphs on the fixed batch, attention heads of 64 channels instead of 32
     parts = {
         "compiled": compiled,
-        "compiled_nhwc_group_norm": lambda: block_variant("compiled_nhwc_group_norm", ["unet.nhwc_group_norm=true"],
+        "compiled_nhwc_group_norm": lambda: block_variant("compiled_nhwc_group_norm", ["speed.nhwc_group_norm=true"],
                                                           big),
         "compiled_512_nhwc_group_norm_fused_upsample": lambda: block_variant(
-            "compiled_512_nhwc_group_norm_fused_upsample", ["unet.nhwc_group_norm=true", "unet.fuse_upsample=true"],
+            "compiled_512_nhwc_group_norm_fused_upsample", ["speed.nhwc_group_norm=true", "speed.fuse_upsample=true"],
             2 * big),
         "loader_reduce_overhead": lambda: loader("loader_reduce_overhead", ["speed.compile_mode=reduce-overhead"]),
         "fit_reduce_overhead": fit_reduce_overhead,
         "max_batch": max_batch_eager,
-        "compiled_fused_upsample": lambda: block_variant("compiled_fused_upsample", ["unet.fuse_upsample=true"], big),
+        "compiled_fused_upsample": lambda: block_variant("compiled_fused_upsample", ["speed.fuse_upsample=true"], big),
         "compiled_512_fused_upsample": lambda: block_variant("compiled_512_fused_upsample",
-                                                             ["unet.fuse_upsample=true"], 2 * big),
+                                                             ["speed.fuse_upsample=true"], 2 * big),
         "compiled_diffusers_layouts": lambda: block_variant("compiled_diffusers_layouts",
-                                                            ["unet.nhwc_shortcuts=false"], big),
+                                                            ["speed.nhwc_shortcuts=false"], big),
         "compiled_512": lambda: block_variant("compiled_512", [], 2 * big),
         "compiled_nchw": lambda: block_variant("compiled_nchw", ["speed.channels_last=false"], big),
         "compiled_reduce_overhead": lambda: block_variant("compiled_reduce_overhead",

@@ -10,11 +10,12 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
 
 
-# keys that moved when issue 17 split `train` into one section per concern: old dotted key -> new one (the
-# loader names the new place; checkpoints that store the old layout still load, model/loading.py)
+# keys that moved when issue 17 split `train` into one section per concern and gathered the speed switches: old
+# dotted key -> new one (the loader names the new place; checkpoints that store the old layout still load,
+# model/loading.py)
 MOVED_KEYS = {
     "train.lr": "optim.lr", "train.weight_decay": "optim.weight_decay", "train.adam_betas": "optim.adam_betas",
     "train.lr_schedule": "optim.lr_schedule", "train.warmup_steps": "optim.warmup_steps",
@@ -28,6 +29,11 @@ MOVED_KEYS = {
     "train.ddp_bucket_mb": "ddp.bucket_mb", "train.ddp_grad_dtype": "ddp.grad_dtype",
     "train.ddp_bucket_view": "ddp.bucket_view", "train.dist_timeout_s": "ddp.timeout_s",
     "train.profile_at": "profile.at", "train.profile_steps": "profile.steps",
+    # issue 17 (8): every speed switch in the speed section
+    "vae.channels_last": "speed.vae_channels_last", "vae.compile": "speed.vae_compile",
+    "vae.compile_mode": "speed.vae_compile_mode", "vae.fuse_upsample": "speed.vae_fuse_upsample",
+    "unet.fuse_upsample": "speed.fuse_upsample", "unet.nhwc_shortcuts": "speed.nhwc_shortcuts",
+    "unet.nhwc_group_norm": "speed.nhwc_group_norm", "sampler.compile": "speed.sampler_compile",
 }
 
 
@@ -154,15 +160,6 @@ class VAEConfig:
     latent: str = "mean"  # mean: posterior mean (deterministic); sample: posterior sample
     dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the VAE's weights and compute
     chunk_size: int = 32  # frames per encoder/decoder call (bounds memory); must be >= 1
-    # GPU: weights and activations in NHWC memory format, for vae.compile (eager: slower, BENCHMARKS.md); false = NCHW
-    channels_last: bool = False
-    compile: bool = False  # GPU: torch.compile the encoder and decoder (mode vae.compile_mode); false = eager
-    # torch.compile mode of vae.compile, its own (CUDA graphs made the encoder slower, BENCHMARKS.md): default |
-    # reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    compile_mode: str = "default"
-    # decoder: each nearest-2x upsample + 3x3 conv computed as four 2x2 convs of the low-resolution input (sub-pixel),
-    # the same function with 2.25x fewer FLOPs in those convs (equal to 1e-5 in fp32); false = diffusers' own forward
-    fuse_upsample: bool = True
 
     def validate(self, p: list[str], path: str) -> None:
         if not self.pretrained:
@@ -170,7 +167,6 @@ class VAEConfig:
         _choice(p, f"{path}.latent", self.latent, ("mean", "sample"))
         _choice(p, f"{path}.dtype", self.dtype, ("fp32", "bf16", "fp16"))
         _at_least(p, f"{path}.chunk_size", self.chunk_size, 1)
-        _choice(p, f"{path}.compile_mode", self.compile_mode, COMPILE_MODES)
 
 
 @dataclass
@@ -184,16 +180,6 @@ class UNetConfig:
     norm_num_groups: int = 32  # GroupNorm groups; must divide every block_out_channels entry
     dropout: float = 0.0  # dropout in ResNet blocks; 0 = off
     gradient_checkpointing: bool = False  # trade compute for memory
-    # up blocks: nearest-2x upsample + 3x3 conv as four 2x2 convs of the low-resolution input (vae.fuse_upsample's
-    # sub-pixel form), the same function with 8% fewer UNet FLOPs at the reference size; false = diffusers' forward
-    fuse_upsample: bool = False
-    # GPU with speed.channels_last: the ResNet shortcut convs keep NHWC in training (diffusers makes their input NCHW,
-    # layout copies of the largest activations each step); the same function. false = diffusers' forward
-    nhwc_shortcuts: bool = True
-    # GPU with speed.channels_last and speed.compile: GroupNorm as var-mean and elementwise ops, which keep NHWC
-    # through the compiled graph (ATen's group_norm outputs NCHW, and every conv backward then copies); the same
-    # function, faster and larger in memory; eager nets and sampling keep ATen's, where it was slower (BENCHMARKS.md)
-    nhwc_group_norm: bool = True
 
     def validate(self, p: list[str], path: str) -> None:
         if not self.block_out_channels:
@@ -264,7 +250,6 @@ class SamplerConfig:
     clip_percentile: float = 0.995  # dynamic: per-sample quantile of |x0| used as the bound
     guidance_past: float = 1.0  # classifier-free guidance scale on the past frames; 1 = off (needs diffusion.past_dropout > 0)
     guidance_cond: float = 1.0  # guidance scale on the conditioning vector; 1 = off (needs diffusion.cond_dropout > 0)
-    compile: bool = False  # GPU: torch.compile the denoiser for sampling (mode speed.compile_mode); false = eager
     # residual decoding: add the last past frame's VAE reconstruction error back to the decoded prediction,
     # x = D(z) + m * (x_last - D(z_last)), so a still camera's background is not limited by the VAE (copy_last_vae).
     # off = D(z); full: m = 1; masked: m = 1 where the prediction did not change from D(z_last), falling linearly to 0
@@ -393,14 +378,36 @@ class CacheConfig:
 
 @dataclass
 class SpeedConfig:
-    """GPU speed switches of the UNet (each ignored on CPU); the same function either way (BENCHMARKS.md)."""
+    """Every speed switch, one place: they change how the VAE, the UNet and the sampler compute, never what (the
+    same function; BENCHMARKS.md has the measurements). Plain keys are the UNet's, vae_* the frozen VAE's. Each is
+    ignored on CPU except the two fuse_upsample switches. Three rewrite diffusers modules (nhwc_shortcuts,
+    fuse_upsample, vae_fuse_upsample): they were written against diffusers [0.35, 0.43); under another version, or
+    when the code they rely on changed, they are skipped with a warning (model/performance.diffusers_mismatches)."""
 
     compile: bool = False  # torch.compile the UNet's training step (the first steps compile); false = eager
-    # torch.compile mode of speed.compile and sampler.compile; reduce-overhead = CUDA graphs; the autotuning modes
-    # compile for minutes. vae.compile has its own vae.compile_mode
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # torch.compile mode of speed.compile and speed.sampler_compile; reduce-overhead = CUDA graphs; the autotuning
+    # modes compile for minutes. speed.vae_compile has its own speed.vae_compile_mode
+    compile_mode: CompileMode = "default"
+    sampler_compile: bool = False  # torch.compile the denoiser for sampling (mode speed.compile_mode); false = eager
     channels_last: bool = False  # UNet in NHWC memory format, for speed.compile (slower eager); false = NCHW
     cudnn_benchmark: bool = False  # cuDNN times its conv algorithms per new input shape; false = its heuristics
+    # with speed.channels_last: the ResNet shortcut convs keep NHWC in training (diffusers makes their input NCHW,
+    # layout copies of the largest activations each step); false = diffusers' forward
+    nhwc_shortcuts: bool = True
+    # with speed.channels_last and speed.compile: GroupNorm as var-mean and elementwise ops, which keep NHWC through
+    # the compiled graph (ATen's group_norm outputs NCHW, and every conv backward then copies); faster and larger in
+    # memory; eager nets and sampling keep ATen's, where it was slower. false = ATen's group_norm
+    nhwc_group_norm: bool = True
+    # UNet up blocks, any device: nearest-2x upsample + 3x3 conv as four 2x2 convs of the low-resolution input
+    # (sub-pixel), 8% fewer UNet FLOPs at the reference size; false = diffusers' forward
+    fuse_upsample: bool = False
+    # VAE decoder, any device: the same sub-pixel upsampling, 2.25x fewer FLOPs in those convs (equal to 1e-5 in
+    # fp32); false = diffusers' forward
+    vae_fuse_upsample: bool = True
+    vae_channels_last: bool = False  # VAE weights and activations in NHWC, for speed.vae_compile (eager: slower)
+    vae_compile: bool = False  # torch.compile the VAE encoder and decoder (mode speed.vae_compile_mode); false = eager
+    # torch.compile mode of speed.vae_compile, its own (CUDA graphs made the encoder slower)
+    vae_compile_mode: CompileMode = "default"
 
     def validate(self, p: list[str], path: str) -> None:
         pass

@@ -22,13 +22,16 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
 # ---------------------------------------------------------------- the speed patches to diffusers internals
-# Two switches give diffusers modules a forward or a flag of ours, the same function, faster: unet.nhwc_shortcuts
-# (ResnetBlock2D's `training` flag, `nhwc_shortcuts`) and unet.fuse_upsample / vae.fuse_upsample (Upsample2D's
-# forward, `fuse_upsample_convs`). Each relies on diffusers' code as it was in the versions below.
-# `diffusers_mismatches()` names every assumption that no longer holds: the test suite fails on any
-# (tests/test_performance.py), and at run time a patch whose assumption broke is skipped with a warning, leaving
-# diffusers' own forward. (unet.nhwc_group_norm replaces torch's nn.GroupNorm.forward, not diffusers code.)
+# Three switches of the config's speed section give diffusers modules a forward or a flag of ours, the same function,
+# faster: speed.nhwc_shortcuts (ResnetBlock2D's `training` flag, `nhwc_shortcuts`) and speed.fuse_upsample /
+# speed.vae_fuse_upsample (Upsample2D's forward, `fuse_upsample_convs`). Each relies on diffusers' code as it was in
+# the versions below. `diffusers_mismatches()` names every assumption that no longer holds: the test suite fails on
+# any (tests/test_performance.py), and at run time a patch whose assumption broke is skipped with a warning naming
+# its config keys, leaving diffusers' own forward. (speed.nhwc_group_norm replaces torch's nn.GroupNorm.forward, not
+# diffusers code.) requirements.txt pins diffusers to the same range.
 DIFFUSERS_TESTED = ((0, 35), (0, 43))  # diffusers versions [low, high) these patches were written against
+PATCH_KEYS = {"nhwc_shortcuts": "speed.nhwc_shortcuts",  # patch -> the config switches that ask for it
+              "fuse_upsample": "speed.fuse_upsample and speed.vae_fuse_upsample"}
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -54,6 +57,8 @@ def diffusers_mismatches() -> dict[str, str]:
             torch.manual_seed(0)
             up = Upsample2D(8, use_conv=True).eval()
             x = torch.randn(1, 8, 4, 5)
+        if not _fusable(up):  # the attributes the patch selects modules by changed meaning
+            raise TypeError("a nearest-2x + 3x3 conv Upsample2D no longer passes fuse_upsample_convs' selection")
         with torch.no_grad():
             same = torch.allclose(_subpixel_upsample_forward(up, x), Upsample2D.forward(up, x), atol=1e-5)
         if not same:
@@ -66,8 +71,8 @@ def diffusers_mismatches() -> dict[str, str]:
 def _patch_allowed(name: str) -> bool:
     why = diffusers_mismatches().get(name)
     if why is not None:
-        warnings.warn(f"{name} is off: {why}; diffusers' own forward is used (the same function, slower)",
-                      stacklevel=3)
+        warnings.warn(f"{name} is off ({PATCH_KEYS[name]}): {why}; diffusers' own forward is used (the same "
+                      "function, slower)", stacklevel=3)
     return why is None
 
 
@@ -105,7 +110,7 @@ def nhwc_shortcuts(module: torch.nn.Module) -> int:
     backward converts the saved input and the gradients again: layout copies of the largest activations in every
     up block. That is the block's only use of its own `training` flag (its dropout is a child module with a flag of
     its own), so the flag is kept False on those blocks, and `train()` still sets their children. Same function,
-    same parameters and state_dict; GPU channels_last nets only (speed.channels_last and unet.nhwc_shortcuts)."""
+    same parameters and state_dict; GPU channels_last nets only (speed.channels_last and speed.nhwc_shortcuts)."""
     if not _patch_allowed("nhwc_shortcuts"):
         return 0
     changed = 0
@@ -206,29 +211,45 @@ def fuse_upsample_convs(module: torch.nn.Module) -> int:
         return 0
     count = 0
     for m in module.modules():
-        conv = getattr(m, "conv", None)
-        if (type(m) is Upsample2D and m.use_conv and not m.use_conv_transpose and m.interpolate and m.norm is None
-                and m.name == "conv" and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
-                and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
-                and conv.groups == 1 and conv.padding_mode == "zeros"):
+        if _fusable(m):
             m.forward = types.MethodType(_subpixel_upsample_forward, m)
             count += 1
     return count
 
 
-def speed_up_vae(vae, channels_last_format: bool, compile_modules: bool, mode: str = "default",
-                 fuse_upsample: bool = False):
-    """A FrozenVAE's decoder upsampling fused (any device), its convs in NHWC and/or its encoder and decoder
-    compiled (GPU only); returns the same object."""
-    if fuse_upsample:
+def _fusable(m: torch.nn.Module) -> bool:
+    """A diffusers Upsample2D that is nearest 2x + a plain 3x3 conv (padding 1, no norm), read from its attributes."""
+    conv = getattr(m, "conv", None)
+    return (type(m) is Upsample2D and m.use_conv and not m.use_conv_transpose and m.interpolate and m.norm is None
+            and m.name == "conv" and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def speed_up_vae(vae, speed):
+    """speed.vae_*: a FrozenVAE's decoder upsampling fused (any device), its convs in NHWC and its encoder and
+    decoder compiled (GPU only); returns the same object. `speed`: the config's SpeedConfig."""
+    if speed.vae_fuse_upsample:
         fuse_upsample_convs(vae.vae)
-    channels_last(vae.vae, channels_last_format)
-    if compile_modules:
+    channels_last(vae.vae, speed.vae_channels_last)
+    if speed.vae_compile:
         for name in ("encoder", "decoder"):
             part = getattr(vae.vae, name, None)
             if isinstance(part, torch.nn.Module):
-                compile_in_place(part, mode)
+                compile_in_place(part, speed.vae_compile_mode)
     return vae
+
+
+def speed_up_unet(unet: torch.nn.Module, speed) -> torch.nn.Module:
+    """speed.channels_last, speed.nhwc_shortcuts and speed.nhwc_group_norm on a GPU UNet, in place (CPU: untouched);
+    returns it. speed.fuse_upsample is applied where the model is built (VideoPredictionDiffusion), on any device."""
+    channels_last(unet, speed.channels_last)
+    if speed.channels_last and on_gpu(unet):
+        if speed.nhwc_shortcuts:
+            nhwc_shortcuts(unet)
+        if speed.nhwc_group_norm and speed.compile:  # measured compiled; eager keeps ATen's (memory)
+            nhwc_group_norms(unet)
+    return unet
 
 
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs

@@ -11,7 +11,6 @@ import torch
 from diffusers import UNet2DModel
 
 from configs.schema import UNetConfig
-from model.performance import fuse_upsample_convs
 
 
 class ConditionalUNet(torch.nn.Module):
@@ -35,8 +34,6 @@ class ConditionalUNet(torch.nn.Module):
         )
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if cfg.fuse_upsample:
-            fuse_upsample_convs(self.unet)
         self.cond_proj = None
         if cond_dim:
             self.cond_proj = torch.nn.Sequential(

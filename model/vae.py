@@ -163,8 +163,8 @@ class FrozenVAE(torch.nn.Module):
             raise ValueError(f"expected latents (B, T, {self.latent_channels}, h, w), got {tuple(latents.shape)}")
         B, T = latents.shape[:2]
         flat = latents.reshape(B * T, *latents.shape[2:])
-        # copy=True: a decoder compiled with CUDA graphs (vae.compile, vae.compile_mode=reduce-overhead) returns its
-        # graph's output buffer, which the next chunk's replay overwrites; an fp32 `.float()` would alias it
+        # copy=True: a decoder compiled with CUDA graphs (speed.vae_compile, speed.vae_compile_mode=reduce-overhead)
+        # returns its graph's output buffer, which the next chunk's replay overwrites; an fp32 `.float()` would alias it
         out = [self.vae.decode(self.unscale(c.to(self.device, torch.float32)).to(self.dtype)).sample.to(
                torch.float32, copy=True) for c in flat.split(self.chunk_size)]
         return torch.cat(out).clamp(-1, 1).reshape(B, T, *out[0].shape[1:])

@@ -34,22 +34,16 @@ class VideoPredictionDiffusion:
             raise ValueError(f"the UNet expects {self.unet.latent_channels} latent channels but the VAE "
                              f"{vae.name} has {vae.latent_channels}")
         self.unet.check_latent_size(cfg.data.height // vae.downsample, cfg.data.width // vae.downsample)
-        self.compiled_nets = performance.CompiledNets(cfg.speed.compile_mode)  # for sampler.compile (GPU)
+        if cfg.speed.fuse_upsample:  # sub-pixel up blocks, any device; before the trainer's EMA copy is made
+            performance.fuse_upsample_convs(self.unet)
+        self.compiled_nets = performance.CompiledNets(cfg.speed.compile_mode)  # for speed.sampler_compile (GPU)
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | str = "cpu") -> "VideoPredictionDiffusion":
-        """Frozen VAE and UNet on `device`; on GPU in NHWC and compiled as vae.* and speed.channels_last say."""
-        vae = FrozenVAE.from_config(cfg.vae).to(device)
-        performance.speed_up_vae(vae, cfg.vae.channels_last, cfg.vae.compile, cfg.vae.compile_mode,
-                                 cfg.vae.fuse_upsample)
+        """Frozen VAE and UNet on `device`, sped up as the config's speed section says (NHWC, compiled: GPU only)."""
+        vae = performance.speed_up_vae(FrozenVAE.from_config(cfg.vae).to(device), cfg.speed)
         model = cls(cfg, vae)
-        model.unet.to(device)
-        performance.channels_last(model.unet, cfg.speed.channels_last)
-        if cfg.speed.channels_last and performance.on_gpu(model.unet):
-            if cfg.unet.nhwc_shortcuts:
-                performance.nhwc_shortcuts(model.unet)
-            if cfg.unet.nhwc_group_norm and cfg.speed.compile:  # measured compiled; eager keeps ATen's (memory)
-                performance.nhwc_group_norms(model.unet)
+        performance.speed_up_unet(model.unet.to(device), cfg.speed)
         return model
 
     # ------------------------------------------------------------------ batches -> latents
@@ -172,7 +166,8 @@ class VideoPredictionDiffusion:
         was_training = net.training
         net.eval()
         try:
-            call = self.compiled_nets(net) if s.compile else net  # same weights, compiled forward (GPU only)
+            # speed.sampler_compile: the same weights, a compiled forward (GPU only)
+            call = self.compiled_nets(net) if self.cfg.speed.sampler_compile else net
             x0 = ddim_sample(self.denoiser(past, cond, call, **guidance), noise, self.schedule,
                              steps or s.num_inference_steps, generator=generator, callback=callback, **kw)
             return self.from_x0(x0, past)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from configs.loader import ConfigError, apply_overrides, config_from_dict, dump_config, load_config, parse_yaml
-from configs.schema import Config
+from configs.schema import MOVED_KEYS, Config, SpeedConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 YAML_FILES = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
@@ -69,6 +69,51 @@ def test_unknown_key_names_path_and_suggests(tmp_path):
     assert p.startswith("trian:") and "did you mean 'train'" in p
     (p,) = problems_of(tmp_path, "logging:\n  wandb:\n    mdoe: online\n")
     assert p.startswith("logging.wandb.mdoe:") and "did you mean 'mode'" in p
+
+
+SPEED_MOVES = {old: new for old, new in MOVED_KEYS.items() if new.startswith("speed.")
+               and not old.startswith("train.")}
+
+
+def test_every_speed_switch_lives_in_the_speed_section():
+    """Issue 17 (8): the switches that change how, not what, are computed are in one section; none is left in
+    vae, unet or sampler."""
+    assert set(SPEED_MOVES) == {"vae.channels_last", "vae.compile", "vae.compile_mode", "vae.fuse_upsample",
+                                "unet.fuse_upsample", "unet.nhwc_shortcuts", "unet.nhwc_group_norm",
+                                "sampler.compile"}
+    for new in SPEED_MOVES.values():
+        assert new.split(".")[1] in {f.name for f in dataclasses.fields(SpeedConfig)}, new
+    for section in ("vae", "unet", "sampler"):
+        names = {f.name for f in dataclasses.fields(type(getattr(Config(), section)))}
+        assert not names & {"compile", "compile_mode", "channels_last", "fuse_upsample", "nhwc_shortcuts",
+                            "nhwc_group_norm"}, (section, names)
+
+
+@pytest.mark.parametrize("old", sorted(SPEED_MOVES))
+def test_a_speed_switch_at_its_old_key_is_refused_naming_its_new_place(tmp_path, old):
+    section, key = old.split(".")
+    value = "default" if key == "compile_mode" else "true"
+    (p,) = problems_of(tmp_path, f"{section}:\n  {key}: {value}\n")
+    assert p == f"{old}: unknown key; it moved to {SPEED_MOVES[old]}"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{old}={value}"])
+    assert info.value.problems == [p]
+    assert getattr(load_config(None, [f"{SPEED_MOVES[old]}={value}"]).speed, SPEED_MOVES[old].split(".")[1]) == \
+        ("default" if key == "compile_mode" else True)
+
+
+def test_a_stored_config_with_the_old_speed_keys_loads_with_their_values_in_speed():
+    """A checkpoint written before the move carries vae.compile, unet.nhwc_shortcuts, ...: it loads (the tools and
+    --resume read it), each value at its new key."""
+    from model.loading import stored_config
+    old = {"vae": {"channels_last": True, "compile": True, "compile_mode": "max-autotune", "fuse_upsample": False},
+           "unet": {"fuse_upsample": True, "nhwc_shortcuts": False, "nhwc_group_norm": False},
+           "sampler": {"compile": True}}
+    speed = stored_config({"config": old}).speed
+    assert (speed.vae_channels_last, speed.vae_compile, speed.vae_compile_mode, speed.vae_fuse_upsample) == \
+        (True, True, "max-autotune", False)
+    assert (speed.fuse_upsample, speed.nhwc_shortcuts, speed.nhwc_group_norm, speed.sampler_compile) == \
+        (True, False, False, True)
 
 
 @pytest.mark.parametrize("text, path, words", [
@@ -228,7 +273,7 @@ def test_overrides_on_defaults_and_later_wins():
     ("train.batch_size=abc", "train.batch_size", "expected int"),
     ("sampler.eta=2", "sampler.eta", "must be in"),
     ("logging.wandb.mode=loud", "logging.wandb.mode", "not one of"),
-    ("vae.compile_mode=fast", "vae.compile_mode", "not one of"),
+    ("speed.vae_compile_mode=fast", "speed.vae_compile_mode", "not one of"),
     ("speed.compile_mode=cudagraphs", "speed.compile_mode", "not one of"),
     ("train.batch_size=10", "train.batch_size", "not divisible"),  # with grad_accum_steps=3 below
     ("optim.lr.x=1", "optim.lr", "expected float"),

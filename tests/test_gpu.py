@@ -53,7 +53,7 @@ def test_bf16_training_steps_run_with_finite_loss_and_move_the_weights(world, tm
 
 
 def test_nhwc_unet_switches_match_diffusers_under_bf16_autocast_and_keep_nhwc_on_cuda():
-    """unet.nhwc_shortcuts + nhwc_group_norm on CUDA: ATen's group_norm returns NCHW here, ours NHWC; under bf16
+    """speed.nhwc_shortcuts + nhwc_group_norm on CUDA: ATen's group_norm returns NCHW here, ours NHWC; under bf16
     autocast the patched UNet's output and gradients match diffusers' forward to bf16 rounding."""
     import copy
     from model import performance
@@ -99,7 +99,7 @@ def test_compiled_sampler_equals_eager_sampler(world, tmp_path, autocast):
 
 
 def test_cuda_graph_sampler_with_guidance_equals_eager_sampler(world, tmp_path):
-    """sampler.compile with CUDA graphs (the reference config's speed.compile_mode) and guidance: two UNet calls
+    """speed.sampler_compile with CUDA graphs (the reference config's speed.compile_mode) and guidance: two UNet calls
     per DDIM step, whose outputs a graph replay shares unless CompiledNets copies them out."""
     cfg = gpu_config(world, tmp_path, **{"sampler.num_inference_steps": 4, "speed.compile_mode": "reduce-overhead",
                                          "diffusion.past_dropout": 0.1, "sampler.guidance_past": 2.0})
@@ -120,7 +120,7 @@ def eager_and_compiled_are_close(cfg, autocast: bool) -> None:
     try:
         with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=autocast):
             for compiled in (False, True):
-                model.cfg.sampler.compile = compiled
+                model.cfg.speed.sampler_compile = compiled
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out[compiled] = model.predict_latents(past, noise=noise.clone()).float()
     finally:
@@ -133,7 +133,7 @@ def eager_and_compiled_are_close(cfg, autocast: bool) -> None:
 def test_bf16_channels_last_latent_cache_matches_fp32(world, tmp_path):
     means = {}
     for dtype in ("fp32", "bf16"):
-        cfg = gpu_config(world, tmp_path, **{"vae.dtype": dtype, "vae.channels_last": dtype == "bf16"})
+        cfg = gpu_config(world, tmp_path, **{"vae.dtype": dtype, "speed.vae_channels_last": dtype == "bf16"})
         model = VideoPredictionDiffusion.from_config(cfg, CUDA)
         clips = discover_clips(cfg.data)
         folder = build_or_load(clips, cfg.data, model.vae, tmp_path / f"cache_{dtype}", DistInfo(device=CUDA),

@@ -281,7 +281,7 @@ def test_guidance_runs_and_changes_the_prediction(vae):
 
 
 def test_guidance_with_a_net_that_reuses_its_output_buffer_needs_copy_out(vae):
-    """A CUDA-graph replay (sampler.compile in a reduce-overhead or max-autotune mode) returns the same static
+    """A CUDA-graph replay (speed.sampler_compile in a reduce-overhead or max-autotune mode) returns the same static
     buffer at every call, so guidance's second call overwrote the first call's output. Here a net that writes into
     one buffer plays that part on the CPU: guided by hand it gives the wrong numbers; through performance.copy_out,
     which CompiledNets applies in those modes, the numbers of a plain net."""

@@ -218,8 +218,8 @@ def test_an_interrupted_cache_build_keeps_the_clips_it_encoded(uneven_clips, tmp
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_subpixel_upsample_equals_nearest_upsample_then_conv(memory_format):
-    """vae.fuse_upsample: the four 2x2 phase convs give diffusers' Upsample2D output (nearest 2x, then 3x3 conv), on
-    odd sizes, in both memory formats (NHWC stays NHWC), with the same input and weight gradients."""
+    """speed.vae_fuse_upsample: the four 2x2 phase convs give diffusers' Upsample2D output (nearest 2x, then 3x3
+    conv), on odd sizes, in both memory formats (NHWC stays NHWC), with the same input and weight gradients."""
     from diffusers.models.upsampling import Upsample2D
     torch.manual_seed(0)
     ref = Upsample2D(6, use_conv=True, out_channels=5).to(memory_format=memory_format)
@@ -243,11 +243,11 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(memory_format):
 
 def test_fused_decoder_decodes_like_diffusers_and_keeps_its_state_dict(tmp_path):
     """Through the config, as the trainer and the sampler build it: same pixels (fp32), same state_dict keys (the
-    checkpoint and the VAE fingerprint do not change), and vae.fuse_upsample=false leaves diffusers' forward."""
+    checkpoint and the VAE fingerprint do not change), and speed.vae_fuse_upsample=false leaves diffusers' forward."""
     from helpers import tiny_vae_folder
     folder = tiny_vae_folder(tmp_path)
     fused = VideoPredictionDiffusion.from_config(tiny_config(folder))
-    plain = VideoPredictionDiffusion.from_config(tiny_config(folder, **{"vae.fuse_upsample": False}))
+    plain = VideoPredictionDiffusion.from_config(tiny_config(folder, **{"speed.vae_fuse_upsample": False}))
     ups = [m for m in fused.vae.vae.decoder.modules() if type(m).__name__ == "Upsample2D"]
     assert ups and all("forward" in vars(m) for m in ups)
     assert not any("forward" in vars(m) for m in plain.vae.vae.decoder.modules())
@@ -257,14 +257,15 @@ def test_fused_decoder_decodes_like_diffusers_and_keeps_its_state_dict(tmp_path)
 
 
 def test_fused_unet_upsampling_trains_like_diffusers_and_survives_the_ema_copy():
-    """unet.fuse_upsample: same loss and gradients as diffusers' up blocks (fp32), and the EMA's deepcopy of the net
-    keeps the sub-pixel forward bound to the copy (its own weights), not to the trained net."""
+    """speed.fuse_upsample, through the config as the trainer and the tools build the model: same loss and gradients
+    as diffusers' up blocks (fp32), and the EMA's deepcopy of the net keeps the sub-pixel forward bound to the copy
+    (its own weights), not to the trained net."""
     import copy
-    from model.unet import ConditionalUNet
     torch.manual_seed(0)
-    cfgs = {f: tiny_config(**{"unet.fuse_upsample": f}).unet for f in (False, True)}
-    plain = ConditionalUNet(cfgs[False], 4, 2, 2)
-    fused = ConditionalUNet(cfgs[True], 4, 2, 2)
+    vae = FrozenVAE(tiny_kl_vae())
+    plain, fused = (VideoPredictionDiffusion(tiny_config(**{"speed.fuse_upsample": f}), vae).unet for f in (False, True))
+    assert not any("forward" in vars(m) for m in plain.modules())
+    assert any("forward" in vars(m) for m in fused.modules())
     fused.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(1)
     noisy, past = torch.randn(2, 2, 4, 8, 8, generator=g), torch.randn(2, 2, 4, 8, 8, generator=g)
@@ -371,10 +372,9 @@ def test_nhwc_switches_give_every_unet_conv_but_the_first_an_nhwc_input_as_the_c
     tensors (torch.compile's view of strides) feeds NHWC to every conv but conv_in (whose input is the stacked
     latents); diffusers' own forward feeds NCHW to nearly all of them, which each conv backward then copies."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from model.unet import ConditionalUNet
 
     def nchw_inputs(kept: bool) -> list[str]:
-        net = ConditionalUNet(tiny_config(**{"unet.fuse_upsample": kept}).unet, 4, 2, 2)
+        net = VideoPredictionDiffusion(tiny_config(**{"speed.fuse_upsample": kept}), FrozenVAE(tiny_kl_vae())).unet
         net = net.to(memory_format=torch.channels_last).train()
         if kept:
             performance.nhwc_shortcuts(net)
@@ -408,7 +408,7 @@ def test_ddp_bucket_auto_is_one_bucket_when_compiled_and_ddp_default_otherwise()
 
 
 def test_fused_decoder_traces_under_torch_compile():
-    """vae.compile compiles the decoder whose Upsample2D modules carry the sub-pixel forward as an instance
+    """speed.vae_compile compiles the decoder whose Upsample2D modules carry the sub-pixel forward as an instance
     attribute: dynamo must trace it (no graph break, same pixels). backend="eager": tracing without code generation."""
     from helpers import tiny_kl_vae
     torch._dynamo.reset()
@@ -504,22 +504,69 @@ def test_bench_train_parts_run_through_the_trainer_on_a_cpu(tmp_path):
 
 
 def test_diffusers_internals_under_the_speed_patches_are_as_they_were_written_for(monkeypatch):
-    """The speed patches (unet.nhwc_shortcuts, unet/vae.fuse_upsample) rely on diffusers' code: this fails loudly
-    when an upgrade changes it, naming the patch and why. Negative control: under a diffusers version outside the
-    tested range every patch is refused and a module is left with diffusers' own forward."""
+    """The speed patches (speed.nhwc_shortcuts, speed.fuse_upsample, speed.vae_fuse_upsample) rely on diffusers'
+    code: this fails loudly when an upgrade changes it, naming the patch and why. The tested range is the one
+    requirements.txt pins. Negative control: under a diffusers version outside that range every patch is refused
+    with a warning naming its config keys, and a module is left with diffusers' own forward."""
+    import re
+    from pathlib import Path
     from diffusers.models.upsampling import Upsample2D
     assert performance.diffusers_mismatches() == {}, performance.diffusers_mismatches()
+    requirements = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text()
+    pin = re.search(r"^diffusers>=([\d.]+),<([\d.]+)", requirements, re.M)
+    assert pin and (performance._version(pin[1]), performance._version(pin[2])) == performance.DIFFUSERS_TESTED
 
     performance.diffusers_mismatches.cache_clear()
     monkeypatch.setattr(performance.diffusers, "__version__", "0.99.0")
     try:
         assert set(performance.diffusers_mismatches()) == {"nhwc_shortcuts", "fuse_upsample"}
         block = torch.nn.Sequential(Upsample2D(8, use_conv=True))
-        with pytest.warns(UserWarning, match=r"fuse_upsample is off: diffusers 0\.99\.0 is outside"):
+        with pytest.warns(UserWarning, match=r"fuse_upsample is off \(speed\.fuse_upsample and "
+                                             r"speed\.vae_fuse_upsample\): diffusers 0\.99\.0 is outside"):
             assert performance.fuse_upsample_convs(block) == 0
         assert "forward" not in vars(block[0])  # diffusers' own forward
     finally:
         performance.diffusers_mismatches.cache_clear()
+
+
+def test_the_diffusers_check_reads_the_code_not_only_the_version(monkeypatch):
+    """Inside the tested versions, diffusers code that changed under a patch turns that patch off by name: a
+    ResnetBlock2D.forward that uses its training flag for more than the shortcut's contiguous copy, an Upsample2D
+    whose forward is no longer nearest 2x + conv, and one that lost an attribute the patch selects modules by."""
+    import torch.nn.functional as F
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
+    def resnet_forward(self, input_tensor, temb, *args, **kwargs):
+        if self.training:
+            input_tensor = input_tensor * 2
+        return input_tensor
+
+    def bilinear_forward(self, hidden_states, output_size=None, *args, **kwargs):
+        return self.conv(F.interpolate(hidden_states, scale_factor=2.0, mode="bilinear"))
+
+    init = Upsample2D.__init__
+
+    def init_without_interpolate(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        del self.interpolate
+
+    performance.diffusers_mismatches.cache_clear()
+    try:
+        monkeypatch.setattr(ResnetBlock2D, "forward", resnet_forward)
+        monkeypatch.setattr(Upsample2D, "forward", bilinear_forward)
+        found = performance.diffusers_mismatches()
+        assert set(found) == {"nhwc_shortcuts", "fuse_upsample"}, found
+        assert "self.training" in found["nhwc_shortcuts"] and "sub-pixel" in found["fuse_upsample"]
+        monkeypatch.undo()
+        performance.diffusers_mismatches.cache_clear()
+        monkeypatch.setattr(Upsample2D, "__init__", init_without_interpolate)
+        found = performance.diffusers_mismatches()
+        assert set(found) == {"fuse_upsample"} and "interpolate" in found["fuse_upsample"], found
+    finally:
+        monkeypatch.undo()
+        performance.diffusers_mismatches.cache_clear()
+    assert performance.diffusers_mismatches() == {}
 
 
 def test_the_diffusers_check_leaves_the_global_rng_alone():
