@@ -27,7 +27,8 @@ from model.vae import VAEError, read_downsample
 from training import distributed, tracking
 from training import optim as optimization
 from training.distributed import DistInfo, rank_seed, seed_everything
-from training.resume import Resume, restore
+from training.resume import Resume, check_same_start, restore
+from training.resume import share as share_resume
 from training.resume import find as find_resume
 from video_prediction_trainer import EXIT_INTERRUPTED, Preempted, Trainer, TrainingHalted, WriteFailed
 
@@ -101,6 +102,11 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
             say(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {run_dir}")
         if removed := checkpoint.clean_leftovers(run_dir / "checkpoints"):
             say(f"removed {len(removed)} leftover temp file(s) of an interrupted save")
+    if overwrite and info.enabled:  # the same folder on another node's own disk: cleared there (after rank 0's, so
+        distributed.barrier(info)   # a shared one is cleared once), or a later --resume latest would refuse it
+        if info.local_rank == 0 and not info.is_main and (removed := tracking.clear_run_folder(run_dir)):
+            print(f"[rank {info.rank}] --overwrite: deleted the earlier run's {', '.join(removed)} in {run_dir} on "
+                  "this node's disk", file=sys.stderr)
 
     # ---- data: rank 0 writes the synthetic world (if on), scans every frame and splits by clip; all ranks share it
     splits = distributed.broadcast_object(pipeline.split_data(cfg.data) if info.is_main else None, info)
@@ -125,14 +131,51 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     train_set = latent_cache.training_set(splits, cfg, model.vae, info, micro_batch * info.world_size, log=say)
     torch.manual_seed(rank_seed(tc.seed, info.rank))  # the RNG at step 0 must not depend on the cache build above
 
-    # ---- resume: the checkpoint found before the process group, loaded into the parts
+    # ---- resume: the checkpoint rank 0 found (and sent to every rank), loaded into the parts; every rank must
+    # then hold the same weights and step
     progress = restore(resume, model.unet, optim, info, say)
+    check_same_start(model.unet, progress.step, info)
 
     # ---- tracking (rank 0): the run folder with samples/ and eval/, config.yaml, metrics.jsonl, wandb
     if info.is_main:
         tracking.make_run_folder(run_dir)
     tracker = tracking.start(run_dir, cfg, info, progress.resumed_from, progress.step, progress.wandb_id, say)
     return Trainer(cfg, info, run_dir, model, net, optim, train_set, splits.val_set(cfg.data), tracker, progress)
+
+
+def read_run_folder(cfg: Config, args: argparse.Namespace, run_dir: Path, info: DistInfo
+                    ) -> tuple[str | None, Resume | None]:
+    """(why this start is refused, or None, on every rank; on rank 0, the checkpoint `--resume` names, found and
+    checked against the config). A collective. Rank 0 alone reads the run folder, but every rank lists its own
+    (another node's disk, when run_dir is not shared): an earlier run there is continued (--resume) or deleted
+    (--overwrite), never mixed with this one, and a resume that would skip newer checkpoints there is refused."""
+    listed = distributed.all_gather_object(
+        (tracking.earlier_run(run_dir), [int(p.stem[5:]) for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]),
+        info)
+    refusal, resume = None, None
+    if info.is_main and cfg.logging.name and not (args.resume or args.overwrite):
+        if held := [(r, found) for r, (found, _) in enumerate(listed) if found]:
+            r, found = held[0]
+            where = "" if r == 0 else f" on the disk of rank {r}'s node"
+            refusal = (f"{run_dir} holds an earlier run ({', '.join(found)}){where}: continue it with --resume latest, "
+                       "or start over with --overwrite (deletes its checkpoints and metrics), or set logging.name to "
+                       "another folder")
+    elif info.is_main and args.resume:
+        try:
+            resume = find_resume(cfg, args.resume, args.allow_objective_change)
+        except (CheckpointError, ValueError) as e:
+            refusal = f"resume error: {e}"
+        own = max(listed[0][1], default=-1)
+        if refusal is None and args.resume == "latest" and (
+                newer := [(r, max(steps)) for r, (_, steps) in enumerate(listed) if max(steps, default=-1) > own]):
+            r, step = newer[0]
+            refusal = (f"resume error: rank 0 finds {f'step {own}' if own >= 0 else 'no checkpoint'} in "
+                       f"{run_dir / 'checkpoints'}, but the same folder on rank {r}'s node holds step {step}: "
+                       "logging.run_dir is not shared and the node that holds the run is not node rank 0 this time. "
+                       "Start that node as node rank 0 (torchrun --node_rank=0 with --rdzv_backend=static; with c10d, "
+                       "node ranks follow the sorted --local-addr or host names), or put logging.run_dir on a "
+                       "filesystem every node sees")
+    return distributed.broadcast_object(refusal, info), resume
 
 
 def main(argv=None) -> int:
@@ -159,29 +202,20 @@ def main(argv=None) -> int:
             print(dump_config(cfg), end="")
         return 0
 
-    # ---- an earlier run in the run folder is continued (--resume) or deleted (--overwrite), never mixed with this one
-    if cfg.logging.name and not (args.resume or args.overwrite):
-        run_dir = Path(cfg.logging.run_dir) / cfg.logging.name
-        if found := tracking.earlier_run(run_dir):
-            print(f"[rank {rank}] {run_dir} holds an earlier run ({', '.join(found)}): continue it with "
-                  "--resume latest, or start over with --overwrite (deletes its checkpoints and metrics), "
-                  "or set logging.name to another folder", file=sys.stderr)
-            return 2
-
-    # ---- resume: the checkpoint read and checked against the config, also before any process group
-    resume = None
-    if args.resume:
-        try:
-            resume = find_resume(cfg, args.resume, args.allow_objective_change)
-        except (CheckpointError, ValueError) as e:
-            print(f"[rank {rank}] resume error: {e}", file=sys.stderr)
-            return 2
-
-    # ---- distributed: process group (NCCL on GPU, gloo on CPU), device, run folder name
+    # ---- distributed: process group (NCCL on GPU, gloo on CPU), device
     info = distributed.setup(cfg.ddp.timeout_s, args.device)
     try:
         name = cfg.logging.name or distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), info)
         run_dir = Path(cfg.logging.run_dir) / name
+
+        # ---- the run folder and the checkpoint to resume are rank 0's (other nodes' disks need not hold them): its
+        # verdict goes to every rank, so all refuse together, and its checkpoint, so all start from it
+        refusal, resume = read_run_folder(cfg, args, run_dir, info)
+        if refusal:
+            print(f"[rank {info.rank}] {refusal}", file=sys.stderr)
+            return 2
+        if args.resume:
+            resume = share_resume(resume, cfg, info)
 
         # ---- data, model, optimizer, latent cache, resume, tracking; then fit
         build(cfg, info, run_dir, resume, overwrite=args.overwrite).fit()

@@ -6,6 +6,8 @@ latents, and `manifest.json` written last. The key hashes everything the latents
 (config, scale, dtype), the resolution and resize mode, and the data fingerprint (file names, sizes, mtimes).
 A manifest that is missing, for another key, or whose files' sizes or checksums differ means the cache is
 incomplete or corrupt: it is rebuilt, never used.
+cache.dir may be shared by every node or local to each (found out at start, `sharing_ranks`): each group of ranks
+that sees one folder builds, keys and verifies its own copy, from the frames its own data.root holds.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,12 +42,35 @@ def _barrier(info) -> None:
         dist.barrier(**({"device_ids": [info.device.index]} if info.device.type == "cuda" else {}))
 
 
-def _from_rank0(obj, info):
+def _gather(obj, info) -> list:
     if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sharing_ranks(cache_dir: Path, info) -> list[list[int]]:
+    """For each rank, the ranks that see the same `cache_dir` as it does (itself included): on a filesystem shared by
+    all nodes, every rank; on a node-local disk, the ranks of its node. Found by each rank creating a token file named
+    for its rank and looking for the others' by name (a collective). DataError when the answer is not a partition
+    (rank a sees b's token but b does not see a's)."""
+    if not info.enabled:
+        return [[0]]
+    run = _gather(uuid.uuid4().hex[:12] if info.is_main else None, info)[0]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    token = cache_dir / f".rank-probe-{run}-{info.rank}"
+    token.touch()
+    _barrier(info)
+    seen = [r for r in range(info.world_size) if (cache_dir / f".rank-probe-{run}-{r}").exists()]
+    _barrier(info)
+    token.unlink(missing_ok=True)
+    groups = _gather(seen, info)
+    if any(groups[r] != groups[q] for r in range(info.world_size) for q in groups[r]):
+        raise DataError(f"cache.dir {cache_dir}: the ranks see it inconsistently ("
+                        + "; ".join(f"rank {r} sees the files of ranks {g}" for r, g in enumerate(groups))
+                        + "); use a folder that is either shared by every node or local to each")
+    return groups
 
 
 def cache_key(clips: list[Clip], data_cfg, vae_identity: dict, store_std: bool) -> tuple[str, dict]:
@@ -193,19 +219,31 @@ def _wait_for(writes: deque[Future], keep: int) -> None:
 
 def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info, store_std: bool = True,
                   num_workers: int = 2, log=print, pad_chunks: bool | None = None) -> Path:
-    """Return the folder of a valid cache for these clips and this VAE, building it (all ranks share the work)
-    when it is missing, stale or corrupt. Every rank must call this. pad_chunks: encode every chunk at
-    vae.chunk_size frames (None = on CUDA only, where fixed shapes keep one cuDNN/compiled plan; on a CPU the
-    padding is only extra work: 32-frame clips in 64-frame chunks doubled the demo's cache build)."""
-    key, ident = cache_key(clips, data_cfg, vae.identity(), store_std)
+    """Return the folder of a valid cache for these clips and this VAE, building it when it is missing, stale or
+    corrupt. Every rank must call this. The ranks that see the same cache_dir (sharing_ranks: all of them on a shared
+    filesystem, one node's on a node-local disk) check, build and verify their copy together, the first of them
+    leading; the work is split over them. pad_chunks: encode every chunk at vae.chunk_size frames (None = on CUDA
+    only, where fixed shapes keep one cuDNN/compiled plan; on a CPU the padding is only extra work: 32-frame clips
+    in 64-frame chunks doubled the demo's cache build)."""
+    key, ident = cache_key(clips, data_cfg, vae.identity(), store_std)  # this rank's data files (sizes, mtimes)
     folder = Path(cache_dir) / key
-    reason = _valid(folder, key, len(clips)) if info.is_main else None
-    reason = _from_rank0(reason, info)
-    if reason is None:
+    groups = sharing_ranks(Path(cache_dir), info)
+    group = groups[info.rank]
+    leader, lead = group[0], info.rank == group[0]
+    keys = _gather(key, info)
+    if differ := [(r, g[0]) for r, g in enumerate(groups) if keys[r] != keys[g[0]]]:  # raised on every rank
+        raise DataError(f"ranks {differ[0][1]} and {differ[0][0]} share cache.dir {cache_dir} but see other data "
+                        "files under data.root (names, sizes or mtimes differ): every node must read the same data")
+    reasons = _gather(_valid(folder, key, len(clips)) if lead else None, info)
+    reason = reasons[leader]
+    if len(group) < info.world_size and info.is_main:
+        log(f"latent cache: cache.dir {cache_dir} is not shared by all ranks (rank 0 shares it with ranks {group}): "
+            "each node builds and verifies its own copy")
+    if all(r is None for r in reasons):
         log(f"latent cache: using {folder}")
         return folder
     done: set[int] = set()
-    if info.is_main:
+    if lead and reason is not None:
         if folder.exists() and not (folder / "manifest.json").exists():  # an unfinished build: keep its clips
             for tmp in folder.glob("*.tmp*"):
                 tmp.unlink()
@@ -215,9 +253,10 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info,
         folder.mkdir(parents=True, exist_ok=True)
         kept = f"; continuing: {len(done)} of {len(clips)} clips already encoded" if done else ""
         log(f"latent cache: building {folder} ({reason}); {sum(c.num_frames for c in clips)} frames{kept}")
-    done = _from_rank0(done, info)
+    done = _gather(done, info)[leader]
     _barrier(info)
-    mine = [ci for ci in range(len(clips)) if ci not in done][info.rank::info.world_size]
+    todo = [] if reason is None else [ci for ci in range(len(clips)) if ci not in done]
+    mine = todo[group.index(info.rank)::len(group)]
     chunks = _FrameChunks(clips, mine, data_cfg, vae.chunk_size)
     loader = DataLoader(chunks, batch_size=None, num_workers=num_workers,
                         pin_memory=info.device.type == "cuda", persistent_workers=False)
@@ -269,7 +308,7 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info,
         pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     _barrier(info)
-    if info.is_main:
+    if lead and reason is not None:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.glob("*.npy"))}
         manifest = {"key": key, "num_clips": len(clips), "identity": ident, "files": files}
         tmp = folder / "manifest.json.tmp"

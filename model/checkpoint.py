@@ -169,17 +169,32 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     reason = verify(path)
     if reason:
         raise CheckpointError(f"checkpoint {path} is not valid: {reason}")
-    data = path.read_bytes()[:-_FOOTER_LEN]
+    return _unpickle(path.read_bytes()[:-_FOOTER_LEN], path, map_location)
+
+
+def load_bytes(data: bytes, name: str | Path, map_location="cpu") -> dict:
+    """A checkpoint file's bytes received from another rank (`name`: the file there, for messages), checked against
+    their footer and loaded as load_checkpoint loads a file; CheckpointError when they do not verify."""
+    if len(data) < _FOOTER_LEN or not data[-_FOOTER_LEN:].startswith(MAGIC):
+        raise CheckpointError(f"checkpoint {name} as received: no commit marker ({len(data)} bytes)")
+    footer, payload = data[-_FOOTER_LEN:], data[:-_FOOTER_LEN]
+    digest, length = footer[len(MAGIC):len(MAGIC) + 64].decode(), int(footer[len(MAGIC) + 64:-1])
+    if length != len(payload) or hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {name} as received: checksum or length mismatch")
+    return _unpickle(payload, name, map_location)
+
+
+def _unpickle(payload: bytes, name: str | Path, map_location) -> dict:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         try:
-            named = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))) or "?"
+            named = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(payload))) or "?"
         except Exception:  # noqa: BLE001 - the listing is only for the message
             named = "?"
         raise UnsafeCheckpointError(
-            f"refusing to load checkpoint {path}: besides tensors and plain data it names {named}, which loading "
+            f"refusing to load checkpoint {name}: besides tensors and plain data it names {named}, which loading "
             "would call (this project's checkpoints never do; do not use this file unless you know who made it "
             "and why)") from None
 

@@ -113,13 +113,14 @@ class Run:
 
 
 def launch(args: list[str], tmp: Path, nproc: int = 0, faults: str = "", torchrun_args: tuple = (),
-           **env: str) -> Run:
-    """Start `python train_video_pred.py ARGS`, or torchrun with `nproc` ranks (gloo on CPU), in its own process
-    group; stdout and stderr are merged and timestamped line by line."""
-    launcher = ([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", *torchrun_args] if nproc
-                else [sys.executable])
+           cwd: Path = REPO, standalone: bool = True, **env: str) -> Run:
+    """Start `python train_video_pred.py ARGS`, or torchrun with `nproc` ranks (gloo on CPU; one node unless
+    `standalone` is False and torchrun_args give the rendezvous), in `cwd` and its own process group; stdout and
+    stderr are merged and timestamped line by line."""
+    launcher = ([str(TORCHRUN), *(["--standalone"] if standalone else []), f"--nproc_per_node={nproc}",
+                 *torchrun_args] if nproc else [sys.executable])
     script = FAULT_LAUNCHER if faults else SCRIPT
-    proc = subprocess.Popen([*launcher, str(script), *args, "--device", "cpu"], cwd=REPO,
+    proc = subprocess.Popen([*launcher, str(script), *args, "--device", "cpu"], cwd=cwd,
                             env=child_env(tmp, faults, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
     run = Run(proc, time.monotonic())

@@ -151,6 +151,26 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     return box[0]
 
 
+def broadcast_bytes(data: bytes | None, info: DistInfo, chunk_mib: int = 256) -> bytes:
+    """Rank 0's `data` on every rank, through the process group in chunks (on the GPU under NCCL, so a multi-GiB
+    checkpoint takes one chunk of device memory at a time). The other ranks pass None."""
+    if not info.enabled:
+        return data
+    size = broadcast_object(len(data) if info.is_main else None, info)
+    received = bytearray() if not info.is_main else None
+    step = chunk_mib << 20
+    for a in range(0, size, step):
+        n = min(step, size - a)
+        if info.is_main:
+            chunk = torch.from_numpy(np.frombuffer(data, np.uint8, n, a).copy()).to(info.device)
+        else:
+            chunk = torch.empty(n, dtype=torch.uint8, device=info.device)
+        dist.broadcast(chunk, src=0)
+        if not info.is_main:
+            received += chunk.cpu().numpy().tobytes()
+    return data if info.is_main else bytes(received)
+
+
 def rank_seed(global_seed: int, rank: int) -> int:
     """Per-rank seed derived from one global seed (DiT: seed * world_size + rank; here a hash-like mix)."""
     return (global_seed * 1_000_003 + rank * 7919) % (2 ** 31)

@@ -1,9 +1,12 @@
-"""Resuming: find the checkpoint `--resume` names and check that it fits the config (every rank, before any process
-group, so a bad resume fails everywhere with one message), then load it into the built parts. Each rank unpickles
-the checkpoint once.
+"""Resuming: find the checkpoint `--resume` names and check that it fits the config, then load it into the built parts.
+
+Under torchrun, rank 0 alone reads the run's checkpoints (`find`) and sends the file to every rank (`share`), so the
+other nodes need no shared filesystem and all ranks start from one state; `check_same_start` refuses to train
+when they do not.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +16,8 @@ import torch
 from configs import Config, config_to_dict
 from model import performance
 from model.loading import LoadError, check_fits, stored_config
-from model.checkpoint import resolve_resume
-from training.distributed import DistInfo
+from model.checkpoint import load_bytes, resolve_resume
+from training.distributed import DistInfo, all_gather_object, broadcast_bytes, broadcast_object
 from training.optim import Optimization, lr_factor
 
 # settings that define what is learnt: changed mid-run they train another objective on the old weights, so a resume
@@ -90,6 +93,41 @@ def find(cfg: Config, which: str, allow_objective_change: bool = False) -> Resum
                          + "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in objective)
                          + "); put it back, or pass --allow-objective-change to train on with it")
     return Resume(which, folder, path, state, cfg, changed)
+
+
+def share(resume: Resume | None, cfg: Config, info: DistInfo) -> Resume | None:
+    """Rank 0's `resume` (found by `find` on rank 0 alone) on every rank: its checkpoint file is sent as it is on
+    disk, and each rank checks the bytes against the file's checksum and loads them as a file is loaded. All ranks
+    call this; the others pass None."""
+    if not info.enabled:
+        return resume
+    head = broadcast_object(None if resume is None else (resume.which, resume.folder, resume.path, resume.changed),
+                            info)
+    if head is None:
+        return None
+    which, folder, path, changed = head
+    if path is None:  # --resume latest before the first checkpoint
+        return Resume(which, folder)
+    data = broadcast_bytes(path.read_bytes() if info.is_main else None, info)
+    if info.is_main:
+        return resume
+    return Resume(which, folder, path, load_bytes(data, path), cfg, changed)
+
+
+def check_same_start(unet: torch.nn.Module, step: int, info: DistInfo) -> None:
+    """RuntimeError naming the ranks when the UNet's weights or the step differ between ranks after start or resume:
+    DDP would average their gradients and train on silently (nodes that resumed from different checkpoints)."""
+    if not info.enabled:
+        return
+    h = hashlib.sha256(str(step).encode())
+    with torch.no_grad():
+        for p in unet.parameters():
+            h.update(p.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    found = all_gather_object((step, h.hexdigest()[:16]), info)
+    if differ := [r for r, f in enumerate(found) if f != found[0]]:
+        raise RuntimeError("ranks start from different states (step, weights digest): "
+                           + ", ".join(f"rank {r}: {found[r]}" for r in [0, *differ])
+                           + "; refusing to train them together")
 
 
 def apply_optimizer_settings(optim: Optimization, cfg: Config) -> None:
