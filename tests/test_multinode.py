@@ -116,3 +116,44 @@ def test_two_nodes_with_their_own_disks_are_killed_resume_and_end_as_one_node(wo
     seconds["refused"] = max(run0.seconds, run1.seconds)
     record("issue18 two nodes", nodes=2, ranks_per_node=1, killed_at_step=5, resumed_at_step=4, bitwise_equal=True,
            **{f"seconds_{k}": round(v, 1) for k, v in seconds.items()})
+
+
+def _two_ranks(rank: int, store_file: str, folders: list[str], out: str) -> None:
+    """One of 2 gloo ranks: which ranks share its cache folder, and whether different weights pass the start check."""
+    import json
+    import torch
+    import torch.distributed as dist
+    from data.latent_cache import sharing_ranks
+    from training.distributed import DistInfo
+    from training.resume import check_same_start
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    info = DistInfo(rank, 2)
+    result = {"own": sharing_ranks(Path(folders[rank]), info), "shared": sharing_ranks(Path(folders[0]), info)}
+    torch.manual_seed(0)
+    check_same_start(torch.nn.Linear(3, 2), 4, info)  # the same weights and step: passes
+    torch.manual_seed(rank)
+    try:
+        check_same_start(torch.nn.Linear(3, 2), 4, info)
+    except RuntimeError as e:
+        result["refused"] = str(e)
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_ranks_find_which_share_a_folder_and_refuse_different_starting_weights(tmp_path):
+    """sharing_ranks: two folders (node-local disks) give two groups, one folder (a shared filesystem) one group, and
+    no token file is left behind. check_same_start: ranks that would start from different weights are refused."""
+    import json
+    import torch.multiprocessing as mp
+
+    folders = [str(tmp_path / "node0" / "cache"), str(tmp_path / "node1" / "cache")]
+    mp.spawn(_two_ranks, args=(str(tmp_path / "store"), folders, str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in (0, 1):
+        assert results[r]["own"] == [[0], [1]]
+        assert results[r]["shared"] == [[0, 1], [0, 1]]
+        assert results[r]["refused"].startswith("ranks start from different states (step, weights digest): rank 0:")
+        assert "rank 1: (4, " in results[r]["refused"]
+    assert [p.name for p in Path(folders[0]).iterdir()] == [] and [p.name for p in Path(folders[1]).iterdir()] == []
