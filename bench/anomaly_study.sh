@@ -1,0 +1,115 @@
+#!/bin/bash
+# Issue 15's synthetic anomaly study on one GPU, about 6 minutes: demo-sized models trained side by side on a NORMAL
+# synthetic world (configs/anomaly_synthetic.yaml), each scored by tools/anomaly.py on an anomalous world of another
+# seed (data.synthetic.anomalies; labels in its anomalies.json), next to copying the last frame.
+#
+#   bash bench/anomaly_study.sh OUTDIR
+#
+# Out, in OUTDIR: <variant>/ per scoring (anomaly.json, roc.png, curves.png, curves/, scores.csv), train_<v>.log,
+# score_<variant>.log, metrics_<v>.jsonl, summary.json (AUC of every scoring) and the table printed at the end.
+# Environment:
+#   ANOM_VARIANTS="res abs ..."  variants to train (default: all below)
+#   ANOM_STEPS                   optimizer steps (default 5000); a run still going at ANOM_TRAIN_S is stopped by
+#                                SIGTERM, which saves a checkpoint, and is scored at the step it reached
+#   ANOM_TRAIN_S / ANOM_SCORE_S  time limits of each training run / each scoring, seconds (default 270 / 90)
+#   ANOM_SAMPLES                 K samples per window for the K-sample scorings (default 4)
+#   ANOM_TINY=1                  a tiny CPU smoke run of the whole pipeline (small worlds, a few steps)
+#   ANOM_RUNS                    parent folder of the run folders (default runs)
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 \
+  TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+PY=${PYTHON:-python3}
+OUT=${1:?usage: bash bench/anomaly_study.sh OUTDIR}
+CONFIG=configs/anomaly_synthetic.yaml
+RUNS=${ANOM_RUNS:-runs}
+TRAIN_S=${ANOM_TRAIN_S:-270}
+SCORE_S=${ANOM_SCORE_S:-$([ "${ANOM_TINY:-0}" = 1 ] && echo 600 || echo 90)}
+K=${ANOM_SAMPLES:-4}
+mkdir -p "$OUT" "$RUNS"
+
+# the worlds: normal (training) and anomalous (scoring, another seed); tiny = a smoke run of the pipeline on a CPU
+if [ "${ANOM_TINY:-0}" = 1 ]; then
+  NORMAL=data_cache/anomaly_tiny_normal ABNORMAL=data_cache/anomaly_tiny_anomalous
+  WORLD="data.synthetic.num_clips=12 data.synthetic.frames_per_clip=20"
+  ABWORLD="data.synthetic.num_clips=3 data.synthetic.frames_per_clip=20 data.synthetic.anomalies=1"
+  SIZE="train.batch_size=4 train.max_steps=${ANOM_STEPS:-6} optim.warmup_steps=2 checkpoint.every=3 eval.clips=1 eval.steps=2"
+  SCORE_ARGS="--steps 2"
+else
+  NORMAL=data_cache/anomaly_normal ABNORMAL=data_cache/anomaly_anomalous
+  WORLD=""
+  ABWORLD="data.synthetic.num_clips=48 data.synthetic.anomalies=2"
+  SIZE="train.max_steps=${ANOM_STEPS:-5000}"
+  SCORE_ARGS=""
+fi
+
+# variants: --set overrides on the config (its default is the demo's recipe: residual target, snr_gamma 0)
+declare -A VARIANTS=(
+  [res]=""                                                             # the config as shipped
+  [abs]="diffusion.target=absolute diffusion.snr_gamma=5.0"            # the previous demo recipe
+  [res_tf4]="data.t_future=4"                                          # 4 horizons to average over
+  [res_wide]="unet.block_out_channels=[64,128,256]"                    # 4x the parameters
+)
+picked() { [ -z "${ANOM_VARIANTS:-}" ] || [[ " $ANOM_VARIANTS " == *" $1 "* ]]; }
+
+world() {  # root overrides... : write a synthetic world of the config once (ensure_synthetic), bounded in time
+  local root=$1; shift
+  timeout -k 10 300 $PY -c "import sys; from configs.loader import load_config; from data.synthetic import ensure_synthetic
+ensure_synthetic(load_config(sys.argv[1], sys.argv[2:]).data, progress=False)" "$CONFIG" data.root="$root" "$@" \
+    > "$OUT/world_$(basename "$root").log" 2>&1 || { echo "world $root failed:"; tail -5 "$OUT/world_$(basename "$root").log"; exit 1; }
+}
+
+score() {  # variant label [anomaly.py args] : score the anomalous world with run <variant> into $OUT/<label>
+  local v=$1 label=$2; shift 2
+  timeout -k 10 "$SCORE_S" $PY tools/anomaly.py --run "$RUNS/anomaly_$v" --data-root "$ABNORMAL" \
+    --labels "$ABNORMAL/anomalies.json" --out "$OUT/$label" $SCORE_ARGS "$@" > "$OUT/score_$label.log" 2>&1 \
+    || echo "scoring $label failed or timed out (see score_$label.log)"
+}
+
+echo "worlds: $NORMAL (normal), $ABNORMAL (anomalous)"
+world "$NORMAL" $WORLD
+world "$ABNORMAL" data.synthetic.seed=1 $ABWORLD
+
+# ---- train the variants side by side (own latent cache each: runs starting together would build one cache twice)
+for v in "${!VARIANTS[@]}"; do
+  picked "$v" || continue
+  timeout -k 30 "$TRAIN_S" $PY train_video_pred.py --config "$CONFIG" --overwrite --set data.root="$NORMAL" \
+    logging.run_dir="$RUNS" logging.name="anomaly_$v" logging.wandb.mode=disabled cache.dir="data_cache/latents_anomaly_$v" \
+    $WORLD $SIZE ${VARIANTS[$v]} > "$OUT/train_$v.log" 2>&1 &
+done
+wait
+for v in "${!VARIANTS[@]}"; do
+  picked "$v" || continue
+  cp "$RUNS/anomaly_$v/metrics.jsonl" "$OUT/metrics_$v.jsonl" 2>/dev/null
+  ls "$RUNS/anomaly_$v/checkpoints/"*.pt > /dev/null 2>&1 || { echo "run $v left no checkpoint:"; tail -5 "$OUT/train_$v.log"; }
+done
+
+# ---- score, all side by side: each run as trained (masked residual decoding) and without it
+for v in "${!VARIANTS[@]}"; do
+  picked "$v" || continue
+  score "$v" "$v" &
+  score "$v" "${v}_decode_off" --set "sampler.residual_decode='off'" &
+done
+wait
+
+# ---- summary: AUC of every scoring, model and copy-last
+$PY - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = {}
+for f in sorted(out.glob("*/anomaly.json")):
+    r = json.loads(f.read_text())
+    rows[f.parent.name] = {"step": r.get("step"), "frames": r.get("frames_scored"),
+                           "anomalous": r.get("frames_anomalous"), "auc": r.get("auc", {})}
+(out / "summary.json").write_text(json.dumps(rows, indent=1))
+keys = sorted({k for r in rows.values() for k in r["auc"]}, key=lambda k: (k.startswith("copy"), k))
+print(f"frame-level AUC ({next(iter(rows.values()))['frames'] if rows else 0} frames scored)")
+print(f"{'scoring':<22}{'step':>6}  " + "  ".join(f"{k:>{max(len(k), 6)}}" for k in keys))
+for name, r in rows.items():
+    cells = [r["auc"].get(k) for k in keys]
+    print(f"{name:<22}{r['step'] or 0:>6}  " + "  ".join(
+        f"{c:>{max(len(k), 6)}.3f}" if isinstance(c, float) else f"{str(c):>{max(len(k), 6)}}" for k, c in zip(keys, cells)))
+EOF
+echo "anomaly study done: $OUT/summary.json"
