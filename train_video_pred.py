@@ -143,31 +143,24 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     return Trainer(cfg, info, run_dir, model, net, optim, train_set, splits.val_set(cfg.data), tracker, progress)
 
 
-def read_run_folder(cfg: Config, args: argparse.Namespace, run_dir: Path, info: DistInfo
-                    ) -> tuple[str | None, Resume | None]:
-    """(why this start is refused, or None, on every rank; on rank 0, the checkpoint `--resume` names, found and
-    checked against the config). A collective. Rank 0 alone reads the run folder, but every rank lists its own
-    (another node's disk, when run_dir is not shared): an earlier run there is continued (--resume) or deleted
-    (--overwrite), never mixed with this one, and a resume that would skip newer checkpoints there is refused."""
+def other_nodes_refusal(cfg: Config, args: argparse.Namespace, run_dir: Path, info: DistInfo) -> str | None:
+    """Why this start is refused for what the run folder holds on another node's disk (logging.run_dir not shared),
+    on every rank; None when nothing. A collective. Each rank's own copy was checked before the process group; here
+    rank 0 compares them: an earlier run on any node is continued (--resume) or deleted (--overwrite), never mixed
+    with this one, and `--resume latest` is refused when another node holds a newer checkpoint than rank 0 does."""
     listed = distributed.all_gather_object(
         (tracking.earlier_run(run_dir), [int(p.stem[5:]) for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]),
         info)
-    refusal, resume = None, None
+    refusal = None
     if info.is_main and cfg.logging.name and not (args.resume or args.overwrite):
         if held := [(r, found) for r, (found, _) in enumerate(listed) if found]:
             r, found = held[0]
-            where = "" if r == 0 else f" on the disk of rank {r}'s node"
-            refusal = (f"{run_dir} holds an earlier run ({', '.join(found)}){where}: continue it with --resume latest, "
-                       "or start over with --overwrite (deletes its checkpoints and metrics), or set logging.name to "
-                       "another folder")
-    elif info.is_main and args.resume:
-        try:
-            resume = find_resume(cfg, args.resume, args.allow_objective_change)
-        except (CheckpointError, ValueError) as e:
-            refusal = f"resume error: {e}"
+            refusal = (f"{run_dir} on the disk of rank {r}'s node holds an earlier run ({', '.join(found)}): continue "
+                       "it with --resume latest, or start over with --overwrite (deletes its checkpoints and metrics "
+                       "on every node), or set logging.name to another folder")
+    elif info.is_main and args.resume == "latest":
         own = max(listed[0][1], default=-1)
-        if refusal is None and args.resume == "latest" and (
-                newer := [(r, max(steps)) for r, (_, steps) in enumerate(listed) if max(steps, default=-1) > own]):
+        if newer := [(r, max(steps)) for r, (_, steps) in enumerate(listed) if max(steps, default=-1) > own]:
             r, step = newer[0]
             refusal = (f"resume error: rank 0 finds {f'step {own}' if own >= 0 else 'no checkpoint'} in "
                        f"{run_dir / 'checkpoints'}, but the same folder on rank {r}'s node holds step {step}: "
@@ -175,7 +168,7 @@ def read_run_folder(cfg: Config, args: argparse.Namespace, run_dir: Path, info: 
                        "Start that node as node rank 0 (torchrun --node_rank=0 with --rdzv_backend=static; with c10d, "
                        "node ranks follow the sorted --local-addr or host names), or put logging.run_dir on a "
                        "filesystem every node sees")
-    return distributed.broadcast_object(refusal, info), resume
+    return distributed.broadcast_object(refusal, info)
 
 
 def main(argv=None) -> int:
@@ -202,16 +195,34 @@ def main(argv=None) -> int:
             print(dump_config(cfg), end="")
         return 0
 
-    # ---- distributed: process group (NCCL on GPU, gloo on CPU), device
+    # ---- an earlier run in the run folder is continued (--resume) or deleted (--overwrite), never mixed with this one
+    if cfg.logging.name and not (args.resume or args.overwrite):
+        run_dir = Path(cfg.logging.run_dir) / cfg.logging.name
+        if found := tracking.earlier_run(run_dir):
+            print(f"[rank {rank}] {run_dir} holds an earlier run ({', '.join(found)}): continue it with "
+                  "--resume latest, or start over with --overwrite (deletes its checkpoints and metrics), "
+                  "or set logging.name to another folder", file=sys.stderr)
+            return 2
+
+    # ---- resume: the checkpoint read from this rank's disk and checked against the config, also before any process
+    # group (a rank on a node whose disk lacks it gets rank 0's, below)
+    resume = None
+    if args.resume:
+        try:
+            resume = find_resume(cfg, args.resume, args.allow_objective_change, required=rank == 0)
+        except (CheckpointError, ValueError) as e:
+            print(f"[rank {rank}] resume error: {e}", file=sys.stderr)
+            return 2
+
+    # ---- distributed: process group (NCCL on GPU, gloo on CPU), device, run folder name
     info = distributed.setup(cfg.ddp.timeout_s, args.device)
     try:
         name = cfg.logging.name or distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), info)
         run_dir = Path(cfg.logging.run_dir) / name
 
-        # ---- the run folder and the checkpoint to resume are rank 0's (other nodes' disks need not hold them): its
-        # verdict goes to every rank, so all refuse together, and its checkpoint, so all start from it
-        refusal, resume = read_run_folder(cfg, args, run_dir, info)
-        if refusal:
+        # ---- other nodes' disks (logging.run_dir not shared): checked by rank 0, which sends its checkpoint to every
+        # rank whose disk does not hold the same file, so all ranks start from rank 0's state
+        if refusal := other_nodes_refusal(cfg, args, run_dir, info):
             print(f"[rank {info.rank}] {refusal}", file=sys.stderr)
             return 2
         if args.resume:

@@ -172,6 +172,18 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return _unpickle(path.read_bytes()[:-_FOOTER_LEN], path, map_location)
 
 
+def footer_digest(path: Path) -> str | None:
+    """The payload checksum a checkpoint's footer records (reads only the footer), or None when it has none: two
+    files with the same digest hold the same state."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-_FOOTER_LEN, os.SEEK_END)
+            footer = f.read()
+    except OSError:
+        return None
+    return footer[len(MAGIC):len(MAGIC) + 64].decode() if footer.startswith(MAGIC) else None
+
+
 def load_bytes(data: bytes, name: str | Path, map_location="cpu") -> dict:
     """A checkpoint file's bytes received from another rank (`name`: the file there, for messages), checked against
     their footer and loaded as load_checkpoint loads a file; CheckpointError when they do not verify."""

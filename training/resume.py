@@ -16,7 +16,7 @@ import torch
 from configs import Config, config_to_dict
 from model import performance
 from model.loading import LoadError, check_fits, stored_config
-from model.checkpoint import load_bytes, resolve_resume
+from model.checkpoint import footer_digest, load_bytes, resolve_resume
 from training.distributed import DistInfo, all_gather_object, broadcast_bytes, broadcast_object
 from training.optim import Optimization, lr_factor
 
@@ -74,13 +74,16 @@ def is_objective(key: str) -> bool:
     return key.startswith("diffusion.") or key in OBJECTIVE_KEYS
 
 
-def find(cfg: Config, which: str, allow_objective_change: bool = False) -> Resume:
+def find(cfg: Config, which: str, allow_objective_change: bool = False, required: bool = True) -> Resume:
     """The checkpoint `--resume WHICH` names (latest: the run's newest valid one), verified and checked against
     the config; ValueError or CheckpointError naming it when it cannot be resumed, or when the config changes the
-    training objective (unless `allow_objective_change`)."""
+    training objective (unless `allow_objective_change`). `required` False (a rank other than 0): a checkpoint file
+    this disk lacks is no error (path None), as rank 0 sends it (`share`)."""
     if which == "latest" and not cfg.logging.name:
         raise ValueError("--resume latest needs logging.name (the run folder to continue)")
     folder = Path(cfg.logging.run_dir) / cfg.logging.name / "checkpoints"
+    if not required and which != "latest" and not Path(which).exists():
+        return Resume(which, folder)
     found = resolve_resume(folder, which)
     if found is None:
         return Resume(which, folder)
@@ -96,22 +99,24 @@ def find(cfg: Config, which: str, allow_objective_change: bool = False) -> Resum
 
 
 def share(resume: Resume | None, cfg: Config, info: DistInfo) -> Resume | None:
-    """Rank 0's `resume` (found by `find` on rank 0 alone) on every rank: its checkpoint file is sent as it is on
-    disk, and each rank checks the bytes against the file's checksum and loads them as a file is loaded. All ranks
-    call this; the others pass None."""
-    if not info.enabled:
+    """Rank 0's `resume` on every rank. Each rank found one on its own disk (`find`); a rank whose disk does not hold
+    rank 0's checkpoint file (another node's disk, when logging.run_dir is not shared; the same file: the same
+    checksum in its footer) receives the file as it is on rank 0's disk, checks it against its checksum and loads
+    it as a file is loaded. A collective; on one shared filesystem nothing is sent."""
+    if not info.enabled or resume is None:
         return resume
-    head = broadcast_object(None if resume is None else (resume.which, resume.folder, resume.path, resume.changed),
-                            info)
-    if head is None:
-        return None
-    which, folder, path, changed = head
-    if path is None:  # --resume latest before the first checkpoint
-        return Resume(which, folder)
+    held = resume.path.name if resume.path is not None else None, footer_digest(resume.path) if resume.path else None
+    held = all_gather_object(held, info)
+    if all(h == held[0] for h in held):
+        return resume
+    head = broadcast_object((resume.path, resume.changed) if info.is_main else None, info)
+    path, changed = head
+    if path is None:  # rank 0 starts from step 0 (--resume latest before the first checkpoint)
+        return Resume(resume.which, resume.folder)
     data = broadcast_bytes(path.read_bytes() if info.is_main else None, info)
-    if info.is_main:
+    if info.is_main or held[info.rank] == held[0]:
         return resume
-    return Resume(which, folder, path, load_bytes(data, path), cfg, changed)
+    return Resume(resume.which, resume.folder, path, load_bytes(data, path), cfg, changed)
 
 
 def check_same_start(unet: torch.nn.Module, step: int, info: DistInfo) -> None:
