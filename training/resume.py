@@ -1,8 +1,9 @@
 """Resuming: find the checkpoint `--resume` names and check that it fits the config, then load it into the built parts.
 
-Under torchrun, rank 0 alone reads the run's checkpoints (`find`) and sends the file to every rank (`share`), so the
-other nodes need no shared filesystem and all ranks start from one state; `check_same_start` refuses to train
-when they do not.
+Under torchrun, each rank finds the checkpoint on its own disk before any process group (`find`, so a bad resume fails
+everywhere with one message); then rank 0 sends its file to the ranks whose disk does not hold the same one (`share`),
+so the other nodes need no shared filesystem and all ranks start from rank 0's state; `check_same_start` refuses to
+train when they do not.
 """
 from __future__ import annotations
 
