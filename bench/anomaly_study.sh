@@ -85,11 +85,13 @@ for v in "${!VARIANTS[@]}"; do
   ls "$RUNS/anomaly_$v/checkpoints/"*.pt > /dev/null 2>&1 || { echo "run $v left no checkpoint:"; tail -5 "$OUT/train_$v.log"; }
 done
 
-# ---- score, all side by side: each run as trained (masked residual decoding) and without it
+# ---- score, all side by side: each run as trained (masked residual decoding), without it, and over K samples per
+# window (every scoring also reports the worst-patch scores, *_patch, beside the paper's whole-frame PSNR)
 for v in "${!VARIANTS[@]}"; do
   picked "$v" || continue
   score "$v" "$v" &
   score "$v" "${v}_decode_off" --set "sampler.residual_decode='off'" &
+  score "$v" "${v}_k$K" --samples "$K" &
 done
 wait
 
@@ -104,7 +106,8 @@ for f in sorted(out.glob("*/anomaly.json")):
     rows[f.parent.name] = {"step": r.get("step"), "frames": r.get("frames_scored"),
                            "anomalous": r.get("frames_anomalous"), "auc": r.get("auc", {})}
 (out / "summary.json").write_text(json.dumps(rows, indent=1))
-keys = sorted({k for r in rows.values() for k in r["auc"]}, key=lambda k: (k.startswith("copy"), k))
+keys = [k for k in ("model_t+1", "model_mean", "model_t+1_patch", "model_mean_patch", "model_t+1_raw",
+                    "copy_last_t+1", "copy_last_mean", "copy_last_t+1_patch") if any(k in r["auc"] for r in rows.values())]
 print(f"frame-level AUC ({next(iter(rows.values()))['frames'] if rows else 0} frames scored)")
 print(f"{'scoring':<22}{'step':>6}  " + "  ".join(f"{k:>{max(len(k), 6)}}" for k in keys))
 for name, r in rows.items():

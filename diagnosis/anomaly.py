@@ -4,6 +4,9 @@ Baseline", sec. 3.4): a frame the model predicts badly is unusual. Scores, label
 Regularity score (Liu et al., eq. 12): S(t) = (P(t) - min_t P) / (max_t P - min_t P) over the frames t of one clip,
 P = PSNR of the predicted frame; the anomaly score is 1 - S. Unnormalised: the anomaly score is -P, comparable across
 clips. Frames no window predicts (the first t_past of a clip) are left out of the scores and the AUC.
+Patch variant (an option beside the paper's score): P = the PSNR of the worst local patch of the frame (the largest
+mean squared error over patch x patch windows), so a small object's error is not diluted by a frame of background
+that was predicted well (the local-maximum scoring of e.g. Ramachandra et al., TPAMI 2022; Georgescu et al., 2021).
 
 Labels are anomalous frame intervals per clip, frame numbers 0-based and inclusive, from:
   JSON   {"clip_name": [[start, end], ...], ...}, or the same mapping under "clips" (what data/synthetic.py writes)
@@ -22,6 +25,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from diagnosis import plots
@@ -39,6 +43,16 @@ def regularity(psnr: torch.Tensor) -> torch.Tensor:
         return psnr.clone()
     lo, hi = psnr[ok].min(), psnr[ok].max()
     return torch.where(ok, (psnr - lo) / (hi - lo) if hi > lo else torch.ones_like(psnr), psnr)
+
+
+def patch_psnr(pred: torch.Tensor, true: torch.Tensor, patch: int) -> torch.Tensor:
+    """PSNR (dB, on [0, 1] images, at most 100) of the worst patch x patch window of each frame (stride patch // 2):
+    pred, true (..., 3, H, W) pixels in [-1, 1] -> (...). A patch larger than the frame is the whole frame."""
+    err = (pred.float() - true.float()).div(2).pow(2).mean(-3)  # (..., H, W) squared error on [0, 1] images
+    lead, (H, W) = err.shape[:-2], err.shape[-2:]
+    kh, kw = min(patch, H), min(patch, W)
+    mse = F.avg_pool2d(err.reshape(-1, 1, H, W), (kh, kw), stride=(max(kh // 2, 1), max(kw // 2, 1)))
+    return (10 * torch.log10(1.0 / mse.flatten(1).amax(1).clamp_min(1e-10))).reshape(lead)
 
 
 def anomaly_scores(psnr: torch.Tensor, normalise: bool) -> torch.Tensor:

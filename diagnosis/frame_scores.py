@@ -15,6 +15,7 @@ import torch
 
 from configs.schema import DataConfig
 from data import DataError, read_clip_frames, read_cond
+from diagnosis.anomaly import patch_psnr
 from diagnosis.inputs import source_clip
 from model.sliding import by_frame, precision_context, slide
 from training.evaluation import frame_metrics
@@ -59,6 +60,8 @@ class ClipScores:
     psnr: torch.Tensor  # (N, H): PSNR (dB) of frame f predicted at horizon h+1; NaN where no window predicts it
     ssim: torch.Tensor  # (N, H)
     copy_psnr: torch.Tensor  # (N, H): PSNR of frame f - (h+1) taken as frame f (copy-last at that horizon); NaN before
+    patch_psnr: torch.Tensor  # (N, H): as psnr, of the worst patch of the frame (diagnosis/anomaly.patch_psnr)
+    copy_patch_psnr: torch.Tensor  # (N, H): as copy_psnr, of the worst patch
     predictions: torch.Tensor | None  # (N, 3, H', W') frame f as predicted at horizon `kept` (NaN where none)
     kept: int  # that horizon (1-based); 0 = predictions not kept
 
@@ -72,28 +75,31 @@ class ClipScores:
         return self.psnr.nanmean(1)
 
 
-def copy_last_psnr(frames: torch.Tensor, horizons: int) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, horizons): PSNR of frame f - h as a prediction of frame f, h = 1 .. horizons."""
+def copy_last_psnr(frames: torch.Tensor, horizons: int, patch: int = 0) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, horizons): PSNR of frame f - h as a prediction of frame f, h = 1 .. horizons; patch > 0:
+    of the worst patch x patch window (diagnosis/anomaly.patch_psnr)."""
     N = frames.shape[0]
     out = torch.full((N, horizons), float("nan"))
     for h in range(1, min(horizons, N - 1) + 1):
-        psnr, _ = frame_metrics(frames[None, :N - h], frames[None, h:])
-        out[h:, h - 1] = psnr[0]
+        out[h:, h - 1] = (patch_psnr(frames[:N - h], frames[h:], patch) if patch else
+                          frame_metrics(frames[None, :N - h], frames[None, h:])[0][0])
     return out
 
 
 @torch.no_grad()
 def score_clip(model, net, clip: SourceClip, rounds: int = 1, batch_size: int = 16, steps: int | None = None,
-               seed: int = 0, sample: int = 0, keep: int = 0, precision: str = "no", progress=None) -> ClipScores:
+               seed: int = 0, sample: int = 0, keep: int = 0, precision: str = "no", progress=None,
+               patch: int = 16) -> ClipScores:
     """Predict every frame of `clip` from the t_past before it (every window, `rounds` * t_future horizons) and score
-    each prediction against the frame. keep = h > 0 also returns the frames as predicted at horizon h."""
+    each prediction against the frame (and its worst `patch` x `patch` window, pixels). keep = h > 0 also returns the
+    frames as predicted at horizon h."""
     Tp, H = model.t_past, rounds * model.t_future
     N = clip.frames.shape[0]
     if N <= Tp:
         raise DataError(f"{clip.name}: {N} frames; predicting needs more than t_past = {Tp}")
     if not 0 <= keep <= H:
         raise ValueError(f"keep={keep} is not a horizon in 1 .. {H}")
-    starts, psnr_w, ssim_w = [], [], []
+    starts, psnr_w, ssim_w, patch_w = [], [], [], []
     kept = torch.full((N, *clip.frames.shape[1:]), float("nan")) if keep else None
     with precision_context(model.vae.device, precision):
         for batch in slide(model, net, clip.frames, clip.name, frame_indices=clip.frame_indices,
@@ -105,10 +111,12 @@ def score_clip(model, net, clip: SourceClip, rounds: int = 1, batch_size: int = 
             psnr, ssim = frame_metrics(pred, clip.frames[targets])
             psnr_w.append(psnr.masked_fill(~inside, float("nan")))
             ssim_w.append(ssim.masked_fill(~inside, float("nan")))
+            patch_w.append(patch_psnr(pred, clip.frames[targets], patch).masked_fill(~inside, float("nan")))
             starts += batch.starts
             if keep:
                 for i, s in enumerate(batch.starts):
                     if s + Tp + keep - 1 < N:
                         kept[s + Tp + keep - 1] = pred[i, keep - 1]
     return ClipScores(clip.name, clip.frame_indices, by_frame(starts, torch.cat(psnr_w), N, Tp),
-                      by_frame(starts, torch.cat(ssim_w), N, Tp), copy_last_psnr(clip.frames, H), kept, keep)
+                      by_frame(starts, torch.cat(ssim_w), N, Tp), copy_last_psnr(clip.frames, H),
+                      by_frame(starts, torch.cat(patch_w), N, Tp), copy_last_psnr(clip.frames, H, patch), kept, keep)

@@ -36,6 +36,33 @@ def test_regularity_is_per_clip_min_max():
     assert anomaly.regularity(torch.tensor([5.0, 5.0])).tolist() == [1.0, 1.0]
 
 
+def test_patch_score_finds_a_small_error_that_the_frame_psnr_dilutes():
+    # the same total squared error, once in one 8x8 patch (a small object predicted wrong), once spread evenly over
+    # the 64x64 frame: equal frame PSNR; the worst 8x8 patch of the first is the whole error, of the second 1/64 of it
+    from training.evaluation import frame_metrics
+
+    truth = torch.zeros(2, 3, 64, 64)
+    d = 0.8  # error in [-1, 1] pixel units: d / 2 on [0, 1] images
+    pred = truth.clone()
+    pred[0, :, 16:24, 32:40] = d
+    pred[1] = d / 8  # 64 * d^2 = 4096 * (d / 8)^2
+    frame = frame_metrics(pred[None], truth[None])[0][0].tolist()
+    assert frame[0] == pytest.approx(frame[1], abs=1e-3)
+    assert frame[1] == pytest.approx(-10 * math.log10((d / 16) ** 2), abs=1e-3)
+    patch = anomaly.patch_psnr(pred, truth, 8)
+    assert float(patch[0]) == pytest.approx(-10 * math.log10((d / 2) ** 2), abs=1e-3)
+    assert float(patch[1]) == pytest.approx(frame[1], abs=1e-3)
+    scores = anomaly.anomaly_scores(patch, normalise=False)
+    assert scores[0] > scores[1] + 15  # 10 log10(64) = 18 dB apart
+    # a patch larger than the frame is the frame; identical frames score the 100 dB cap, not inf
+    assert anomaly.patch_psnr(pred, truth, 100).tolist() == pytest.approx(frame, abs=1e-3)
+    assert anomaly.patch_psnr(truth, truth, 8).tolist() == [100.0, 100.0]
+    # a patch straddling the stride grid is still covered by a window half of it at least
+    pred2 = truth[:1].clone()
+    pred2[0, :, 18:26, 34:42] = d
+    assert float(anomaly.patch_psnr(pred2, truth[:1], 8)[0]) <= -10 * math.log10((d / 2) ** 2 / 4) + 1e-3
+
+
 def test_every_label_format_gives_the_same_intervals(tmp_path):
     clips = ["Test001", "Test002", "Test003"]
     want = {"Test001": [(60, 179)], "Test002": [(94, 179)], "Test003": [(0, 9), (20, 29)]}

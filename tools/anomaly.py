@@ -7,8 +7,10 @@
 
 Every frame of every clip under --data-root is predicted from the t_past frames before it (model/sliding.py, the
 path of tools/predict.py and tools/evaluate.py) and scored by PSNR: at t+1, and averaged over the horizons 1 ..
-rollout * t_future that predict it. Anomaly score = 1 - regularity, the regularity being the PSNR min-max normalised
-per clip (Liu et al., CVPR 2018, eq. 12), and, unnormalised, -PSNR. Copying the last frame is scored the same way
+rollout * t_future that predict it (with --samples K, the PSNR averaged over K predictions per window); also the
+PSNR of the worst --patch x --patch window of the frame (*_patch scores: a small object's error, undiluted by the
+background; an option beside the paper's whole-frame score). Anomaly score = 1 - regularity, the regularity being
+the PSNR min-max normalised per clip (Liu et al., CVPR 2018, eq. 12), and, unnormalised, -PSNR. Copying the last frame is scored the same way
 (the baseline a learned model must beat). The first t_past frames of each clip have no prediction and are left out.
 Labels (diagnosis/anomaly.py): JSON {clip: [[start, end], ...]} or CSV clip,start,end (0-based inclusive frame
 numbers), UCSD's .m (TestDataset.gt_frame{i} = [61:180]) or a .mat cell array `gt` (1-based; both matched to clips
@@ -26,12 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SCORES = {  # name -> (predictor, PSNR column, per-clip min-max normalisation)
-    "model_t+1": ("model", "t1", True), "model_mean": ("model", "mean", True),
-    "copy_last_t+1": ("copy_last", "t1", True), "copy_last_mean": ("copy_last", "mean", True),
-    "model_t+1_raw": ("model", "t1", False), "model_mean_raw": ("model", "mean", False),
-    "copy_last_t+1_raw": ("copy_last", "t1", False), "copy_last_mean_raw": ("copy_last", "mean", False),
-}
+COLUMNS = {"t1": "at t+1", "mean": "at each horizon that predicts the frame, averaged",
+           "t1_patch": "of the worst patch at t+1", "mean_patch": "of the worst patch, averaged over the horizons"}
+SCORES = {  # name -> (predictor, PSNR column, per-clip min-max normalisation); Liu et al.'s score is model_t+1
+    f"{pred}_{col.replace('t1', 't+1')}{'' if norm else '_raw'}": (pred, col, norm)
+    for norm in (True, False) for pred in ("model", "copy_last") for col in COLUMNS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="DDIM steps; 0 = the run's sampler.num_inference_steps")
     p.add_argument("--batch-size", type=int, default=32, help="windows per model call (does not change a number)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="predictions per window; each frame's PSNR is averaged over the K (default 1)")
+    p.add_argument("--patch", type=int, default=16, help="side of the patches of the *_patch scores, pixels (default 16)")
     p.add_argument("--precision", choices=["bf16", "no"], help="default: the run's train.mixed_precision")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override the stored config")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -54,14 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def clip_psnr(scores) -> dict:
-    """PSNR columns of one clip's ClipScores: (predictor, column) -> (N,)."""
-    return {("model", "t1"): scores.psnr[:, 0], ("model", "mean"): scores.psnr_mean,
-            ("copy_last", "t1"): scores.copy_psnr[:, 0], ("copy_last", "mean"): scores.copy_psnr.nanmean(1)}
+def clip_psnr(samples: list) -> dict:
+    """PSNR columns of one clip's ClipScores, one per sample: (predictor, column) -> (N,), model PSNR (dB) averaged
+    over the samples."""
+    import torch
+
+    model = {"": torch.stack([s.psnr for s in samples]).mean(0),
+             "_patch": torch.stack([s.patch_psnr for s in samples]).mean(0)}
+    copy = {"": samples[0].copy_psnr, "_patch": samples[0].copy_patch_psnr}  # (N, H) each
+    out = {}
+    for kind in ("", "_patch"):
+        for pred, psnr in (("model", model[kind]), ("copy_last", copy[kind])):
+            out[pred, "t1" + kind], out[pred, "mean" + kind] = psnr[:, 0], psnr.nanmean(1)
+    return out
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.samples < 1 or args.patch < 1:
+        parser.error("--samples and --patch must be at least 1")
     import dataclasses
 
     import torch
@@ -95,14 +111,16 @@ def main(argv=None) -> int:
 
     # ---- predict and score every frame
     per_clip = []  # (name, frame numbers, {(predictor, column): psnr (N,)}, labels (N,) or None)
-    total = sum(max(len(range(0, c.num_frames, cfg.data.frame_interval)) - cfg.data.t_past, 0) for c in clips)
+    total = args.samples * sum(max(len(range(0, c.num_frames, cfg.data.frame_interval)) - cfg.data.t_past, 0)
+                               for c in clips)
     with tqdm(total=total, desc="predict", unit="window") as bar:
         for c in clips:
             try:
                 src = read_source(c.path, data_cfg)
-                s = score_clip(loaded.model, loaded.net(args.weights), src, rounds=args.rollout,
-                               batch_size=args.batch_size, steps=args.steps or None, seed=args.seed,
-                               precision=args.precision or cfg.train.mixed_precision, progress=bar)
+                s = [score_clip(loaded.model, loaded.net(args.weights), src, rounds=args.rollout,
+                                batch_size=args.batch_size, steps=args.steps or None, seed=args.seed, sample=k,
+                                precision=args.precision or cfg.train.mixed_precision, progress=bar, patch=args.patch)
+                     for k in range(args.samples)]
             except DataError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
@@ -112,8 +130,10 @@ def main(argv=None) -> int:
     # ---- scores per frame (the model's first t_past frames have none: left out everywhere, copy-last included)
     result = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "weights": args.weights,
               "data_root": args.data_root, "labels": args.labels, "rollout": args.rollout, "seed": args.seed,
-              "scores": {k: f"{'1 - per-clip min-max normalised' if norm else 'minus'} PSNR of {pred} at "
-                            f"{'t+1' if col == 't1' else 'each horizon that predicts the frame, averaged'}"
+              "samples": args.samples, "patch": args.patch,
+              "scores": {k: f"{'1 - per-clip min-max normalised' if norm else 'minus'} PSNR of {pred} {COLUMNS[col]}"
+                            + (f" ({args.patch}x{args.patch} pixels, stride {args.patch // 2})" if "patch" in col else "")
+                            + (f", mean over {args.samples} samples" if pred == "model" and args.samples > 1 else "")
                          for k, (pred, col, norm) in SCORES.items()}}
     columns = {}  # (clip index, score name) -> (N,) anomaly scores
     for i, (_, _, psnr, _) in enumerate(per_clip):
@@ -145,7 +165,7 @@ def main(argv=None) -> int:
         result["auc_per_clip"] = {name: {k: anomaly.auc(columns[i, k], y) for k in SCORES}
                                   for i, (name, _, _, y) in enumerate(per_clip)}
         curves = {}
-        for k in ("model_t+1", "model_mean", "copy_last_t+1"):
+        for k in ("model_t+1", "model_mean", "model_t+1_patch", "copy_last_t+1"):
             fpr, tpr = anomaly.roc(torch.cat([columns[i, k] for i in range(len(per_clip))]), ys)
             curves[k] = (fpr, tpr, result["auc"][k])
         anomaly.roc_picture(curves, f"frame-level ROC, {len(per_clip)} clips").save(out / "roc.png")
@@ -162,7 +182,7 @@ def main(argv=None) -> int:
     if labels is not None:
         print(f"frame-level AUC over {result['frames_scored']} frames ({result['frames_anomalous']} anomalous):")
         for k, v in result["auc"].items():
-            print(f"  {k:<22}{v:.4f}")
+            print(f"  {k:<26}{v:.4f}")
     print(f"wrote {out}/: scores.csv, anomaly.json, curves/, curves.png" + (", roc.png" if labels is not None else ""))
     return 0
 
