@@ -61,15 +61,13 @@ def main(argv=None, pixel_transform=None) -> int:
     if args.run is None and args.checkpoint == "latest":
         print("error: give --run runs/<name> or --checkpoint PATH", file=sys.stderr)
         return 2
-    import torch
-
     from diagnosis.checks import run_checks
     from diagnosis.report import FAIL, format_checks, write_report
     from model.loading import LoadError, load_model
+    from training.distributed import resolve_device
 
     # ---- model, from the checkpoint alone
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     try:
         loaded = load_model(args.run, args.checkpoint, overrides=args.set, device=device)
     except LoadError as e:

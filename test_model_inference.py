@@ -104,10 +104,10 @@ def main(argv=None) -> int:
     from diagnosis.inputs import cond_rounds, file_windows, val_windows
     from diagnosis.report import json_safe
     from model.loading import LoadError, load_model
+    from training.distributed import resolve_device
 
     # ---- model: from the checkpoint alone, or random weights from a YAML config
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     try:
         loaded = load_model(args.run, args.checkpoint, config=args.config, overrides=args.set, device=device,
                             seed=args.seed)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from data.windows import spread  # noqa: E402
-from tools.run_tools import load_run, val_windows  # noqa: E402
+from tools.run_tools import load_run, val_dataset  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     model.vae.to(device)
     model.unet.to(device)
     ema = loaded.net("ema").to(device)
-    val = val_windows(loaded)
+    val = val_dataset(loaded)
     indices = spread(len(val), cfg.eval.clips or 10 ** 9)
     steps = args.steps or cfg.eval.steps or cfg.sampler.num_inference_steps
     if args.eta is not None:

@@ -9,7 +9,7 @@ call a trainer or a tool makes.
 from data.clips import IMAGE_EXTENSIONS, Clip, clips_fingerprint, discover_clips, list_frames, natural_key
 from data.dataset import VideoWindowDataset, read_clip_frames, read_cond, read_image
 from data.errors import DataError
-from data.pipeline import Splits, build_datasets, prepare_clips, split_data
+from data.pipeline import Splits, build_datasets, prepare_clips, split_as_trained, split_data
 from data.pixels import from_unit, pil_to_frames, to_uint8_hwc, to_unit, uint8_to_frames
 from data.scan import Problem, ScanReport, apply_bad_data_policy, check_clips, scan_clips
 from data.sidecar import read_sidecar_values, sidecar_path
@@ -24,5 +24,6 @@ __all__ = [
     "clips_fingerprint", "count_frames", "discover_clips", "ensure_synthetic", "from_unit", "iter_video_frames",
     "list_frames", "natural_key", "pil_to_frames", "prepare_clips", "read_clip_frames", "read_cond", "read_image",
     "read_sidecar_values", "read_video_frames", "render_clip", "scan_clips", "sidecar_path", "split_clips",
-    "split_data", "spread", "to_uint8_hwc", "to_unit", "uint8_to_frames", "window_span", "write_world",
+    "split_as_trained", "split_data", "spread", "to_uint8_hwc", "to_unit", "uint8_to_frames", "window_span",
+    "write_world",
 ]

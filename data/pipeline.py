@@ -1,5 +1,6 @@
 """The one call a trainer or tool makes for its clips: synthetic world (if on) -> discover -> scan + bad-data
-policy -> split by clip. `split_data` returns all of it; `prepare_clips` and `build_datasets` are its short forms."""
+policy -> split by clip. `split_data` returns all of it; `prepare_clips`, `build_datasets` and `split_as_trained` (the
+tools' view of a trained run's split) are its short forms."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ def split_data(cfg: DataConfig, scan: bool = True, workers: int | None = None, p
         clips, report = check_clips(clips, cfg, workers=workers, progress=progress)
     train, val = split_clips(clips, cfg.val_fraction, cfg.split_seed)
     return Splits(clips, train, val, report)
+
+
+def split_as_trained(cfg: DataConfig) -> Splits:
+    """The clips split as the trainer split them, for the tools that read a run's data afterwards (quietly): scanned
+    only where data.bad_data = skip, since there the trainer dropped bad clips before splitting."""
+    return split_data(cfg, scan=cfg.bad_data == "skip", progress=False)
 
 
 def prepare_clips(cfg: DataConfig, scan: bool = True, workers: int | None = None,

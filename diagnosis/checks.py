@@ -23,7 +23,8 @@ from diagnosis.inputs import PixelTransform, Windows, val_windows
 from diagnosis.report import FAIL, PASS, WARN, Check, grade
 from model.loading import LoadedModel, ema_schedule, nonfinite_names
 from model.schedule import NoiseSchedule
-from training.visualize import error_frames
+from training.evaluation import frame_psnr
+from training.visualize import error_frames, frame_rows
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -223,17 +224,17 @@ def check_pixels(ctx: Context) -> list[Check]:
 
     vae = ctx.model.vae
     recon = vae.decode(ctx.latents.to(vae.device)).cpu()
-    mse = (recon.double() - frames.double()).pow(2).flatten(2).mean(2)  # per frame, (B, T); no clamp of the input
-    psnr = float((10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean())  # peak-to-peak 2 on [-1, 1]
+    # per frame, on [0, 1] images, without clamping the input: pixels out of range must cost round-trip PSNR
+    psnr = float(frame_psnr((recon.double() + 1) / 2, (frames.double() + 1) / 2).mean())
     status = grade(psnr, lambda v: v >= ROUNDTRIP_PSNR[0], lambda v: v >= ROUNDTRIP_PSNR[1])
     hint = ("the VAE reconstructs the pipeline's frames well" if status == PASS else
             f"VAE round trip only {psnr:.1f} dB: wrong pixel range (see pixel_range), a VAE not meant for this data "
             "or resolution, or a broken VAE folder")
     checks.append(Check("vae_roundtrip_psnr", status, psnr, f">= {ROUNDTRIP_PSNR[0]} dB (warn >= {ROUNDTRIP_PSNR[1]})",
                         hint))
-    ctx.picture(plots.frame_rows({"input (clamped)": frames[0], "VAE round trip": recon[0],
-                                  "|error|": error_frames(recon[0], frames[0].clamp(-1, 1))},
-                                 column_labels=[f"frame {k}" for k in range(frames.shape[1])]),
+    ctx.picture(frame_rows({"input (clamped)": frames[0], "VAE round trip": recon[0],
+                            "|error|": error_frames(recon[0], frames[0].clamp(-1, 1))},
+                           column_labels=[f"frame {k}" for k in range(frames.shape[1])]),
                 "pixels_roundtrip.png", "input frames (as the data pipeline gives them) and their VAE round trip")
     return checks
 
@@ -491,7 +492,7 @@ def check_trace(ctx: Context) -> list[Check]:
                     + [final[:1], ctx.future[:1]])  # (S+2, Tf, C, h, w) latents
     decoded = ctx.model.vae.decode(x0s.to(ctx.model.vae.device)).cpu()  # (S+2, Tf, 3, H, W)
     labels = [f"t={steps[i]['t']}" for i in pick] + ["sample", "truth*"]
-    ctx.picture(plots.frame_rows({f"t+{k + 1}": decoded[:, k] for k in range(decoded.shape[1])}, column_labels=labels),
+    ctx.picture(frame_rows({f"t+{k + 1}": decoded[:, k] for k in range(decoded.shape[1])}, column_labels=labels),
                 "x0_filmstrip.png", "decoded x0_pred across sampling steps (*truth = VAE round trip)")
 
     data_std = _rms(ctx.future[:final.shape[0]] - ctx.future[:final.shape[0]].mean())

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import torch
 
-from diagnosis import plots
 from diagnosis.inputs import Windows
 from model.sliding import WindowKey, precision_context, predict_windows
 from model.video_prediction_diffusion import VideoPredictionDiffusion
 from training.evaluation import frame_metrics
-from training.visualize import clip_gif, sample_grid
+from training.visualize import clip_gif, enlarge, frame_rows, sample_grid, sequence_gif
 
 
 def tensor_stats(x: torch.Tensor) -> dict:
@@ -79,7 +78,7 @@ def save_pictures(windows: Windows, pred: torch.Tensor, out: Path) -> None:
     """grid.png (one row per window) and clip.gif (the first window): past | truth | prediction | error through
     training/visualize.py when the truth covers the prediction; else labelled rows of past, prediction (and the
     truth that exists). Small frames (e.g. 32x32) are enlarged so that the pictures stay readable."""
-    Ht, big = windows.truth.shape[1], plots.enlarge
+    Ht, big = windows.truth.shape[1], enlarge
     if Ht == pred.shape[1]:
         sample_grid(big(windows.past), big(windows.truth), {"prediction": big(pred)}, out / "grid.png")
         clip_gif(big(windows.past[0]), big(windows.truth[0]), {"prediction": big(pred[0])}, out / "clip.gif")
@@ -89,6 +88,6 @@ def save_pictures(windows: Windows, pred: torch.Tensor, out: Path) -> None:
         rows[f"{b} past"], rows[f"{b} pred"] = windows.past[b], pred[b]
         if Ht:
             rows[f"{b} truth"] = windows.truth[b]
-    plots.frame_rows(rows).save(out / "grid.png")
-    plots.sequence_gif({"prediction": torch.cat([windows.past[0], pred[0]])}, out / "clip.gif",
+    frame_rows(rows).save(out / "grid.png")
+    sequence_gif({"prediction": torch.cat([windows.past[0], pred[0]])}, out / "clip.gif",
                        n_past=windows.past.shape[1])

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from configs.schema import DataConfig
-from data import Clip, DataError, VideoWindowDataset, list_frames, prepare_clips, spread
+from data import Clip, DataError, VideoWindowDataset, list_frames, split_as_trained, spread
 from data.clips import IMAGE_EXTENSIONS
 from data.dataset import read_clip_frames
 from data.video import VIDEO_EXTENSIONS, count_frames
@@ -43,9 +43,9 @@ def val_windows(cfg: DataConfig, n: int, horizon: int, pixel_transform: PixelTra
 
     `pixel_transform` is applied to the frames the pipeline returns; None = the pipeline as is. (Hook for code that
     post-processes the pipeline's output, and for tests that plant a normalisation bug there.)"""
-    # with bad_data=skip the trainer dropped bad clips before splitting: scan the same way, or the split differs
-    train, val, _ = prepare_clips(cfg, scan=cfg.bad_data == "skip", progress=False)
-    clips, source = (val, f"val split of {cfg.root}") if val else (train, f"{cfg.root} (no val split: training clips)")
+    splits = split_as_trained(cfg)  # as the trainer split them
+    clips, source = ((splits.val, f"val split of {cfg.root}") if splits.val else
+                     (splits.train, f"{cfg.root} (no val split: training clips)"))
     for h in range(horizon, 0, -1):
         if h != horizon and h % cfg.t_future:
             continue

@@ -36,3 +36,16 @@ def test_no_production_module_mentions_the_fault_injection():
     hooked = [str(p.relative_to(REPO)) for p in production if "VP_FAULTS" in p.read_text() or "faults" in
               imported_packages(p)]
     assert hooked == []
+
+
+@pytest.mark.parametrize("fact, marker, home", [
+    ("PSNR", "peak_signal_noise_ratio", "training/evaluation.py"),
+    ("an animated GIF", "save_all=", "training/visualize.py"),
+    ('what --device "auto" means', '== "auto"', "training/distributed.py"),
+])
+def test_one_place_per_fact(fact, marker, home):
+    """Issue 17 (9): one module computes PSNR, writes GIFs and resolves the device; the others call it."""
+    production = [*REPO.glob("*.py"), *(p for pkg in (*LAYERS, "diagnosis", "tools")
+                                         for p in (REPO / pkg).glob("*.py"))]
+    found = sorted(str(p.relative_to(REPO)) for p in production if marker in p.read_text())
+    assert found == [home], f"{fact}: {found}"

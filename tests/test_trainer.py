@@ -665,6 +665,21 @@ def test_nonfinite_skip_gives_up_after_max_skips_in_a_row(world, tmp_path, monke
 
 # ---------------------------------------------------------------- evaluation metrics
 
+def test_frame_psnr_is_ten_log10_of_one_over_the_mse_capped_with_nan_kept():
+    """The project's one PSNR (torchmetrics) against the formula: per image, peak 1; identical images score the cap
+    (not inf); an image holding a NaN scores NaN and no other image does."""
+    from training.evaluation import PSNR_MAX_DB, frame_psnr
+    g = torch.Generator().manual_seed(0)
+    true = torch.rand(2, 3, 3, 8, 8, generator=g)
+    pred = (true + 0.05 * torch.randn(true.shape, generator=g)).clamp(0, 1)
+    mse = (pred - true).pow(2).flatten(2).mean(2)
+    torch.testing.assert_close(frame_psnr(pred, true), 10 * torch.log10(1 / mse), rtol=0, atol=1e-4)
+    assert (frame_psnr(true, true) == PSNR_MAX_DB).all()
+    pred[0, 1, 0, 0, 0] = float("nan")
+    out = frame_psnr(pred, true)
+    assert out[0, 1].isnan() and int(out.isnan().sum()) == 1
+
+
 def test_frame_metrics_are_fp32_inside_bf16_autocast():
     """The trainer evaluates under its bf16 autocast; SSIM's Gaussian filter is a conv2d, which autocast would run
     in bf16 (on a GPU a 41 dB VAE round trip then scored SSIM 0.34 and copy-last -0.25). CPU autocast casts conv2d

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from data.windows import spread  # noqa: E402
-from tools.run_tools import add_run_args, load_run, val_windows  # noqa: E402
+from tools.run_tools import add_run_args, load_run, val_dataset  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
 from training.evaluation import evaluate, format_table  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     if cfg.cond_dim == 0:
         print("error: this run has no conditioning vector (data.cond_keys is empty)", file=sys.stderr)
         return 1
-    val = val_windows(loaded)
+    val = val_dataset(loaded)
     indices = spread(len(val), args.clips)
 
     # ---- evaluate with true and shuffled vectors (same windows, same noise)

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     if args.rollout < 1 or args.windows < 0 or args.samples < 0 or not 0 < args.last_fraction <= 1:
         print("error: --rollout >= 1, --windows >= 0, --samples >= 0 and 0 < --last-fraction <= 1", file=sys.stderr)
         return 2
-    from data import DataError, VideoWindowDataset, discover_clips, prepare_clips
+    from data import DataError, VideoWindowDataset, discover_clips, split_as_trained
     from tools.run_tools import load_run
     from training.distributed import DistInfo
     from training.evaluation import evaluate, format_table
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                                            synthetic=dataclasses.replace(data_cfg.synthetic, enabled=False))
             clips, source = discover_clips(data_cfg), f"every clip under {args.data_root}"
         else:
-            clips = prepare_clips(data_cfg, scan=data_cfg.bad_data == "skip", progress=False)[1]
+            clips = split_as_trained(data_cfg).val
             source = f"val split of {data_cfg.root}"
             if not clips:
                 raise DataError("the run has no val split (data.val_fraction=0): give --data-root")

@@ -56,8 +56,7 @@ def side_by_side(truth, pred, min_height: int = 128):
     import torch
 
     from data.pixels import to_uint8_hwc
-    from diagnosis.plots import enlarge
-    from training.visualize import error_frames
+    from training.visualize import enlarge, error_frames
     missing = pred.isnan().flatten(1).any(1)
     pred = torch.where(missing[:, None, None, None], torch.full_like(truth, -1.0), pred)
     err = torch.where(missing[:, None, None, None], torch.full_like(truth, -1.0), error_frames(pred, truth))
@@ -103,6 +102,7 @@ def main(argv=None) -> int:
     from data.pixels import to_uint8_hwc
     from diagnosis.frame_scores import read_source, score_clip
     from tools.run_tools import load_run
+    from training.visualize import save_gif
 
     # ---- model and frames
     loaded = load_run(args)
@@ -140,8 +140,7 @@ def main(argv=None) -> int:
     fps = args.fps or input_fps(Path(args.input)) or 10.0
     video = side_by_side(clip.frames, scores.predictions)
     write_mp4(video, out / "predict.mp4", fps)
-    gif = [Image.fromarray(a) for a in video]
-    gif[0].save(out / "predict.gif", save_all=True, append_images=gif[1:], duration=round(1000 / fps), loop=0)
+    save_gif([Image.fromarray(a) for a in video], out / "predict.gif", round(1000 / fps))
     if args.png:
         (out / "predicted").mkdir(exist_ok=True)
         for f in range(N):

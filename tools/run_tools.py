@@ -5,8 +5,9 @@ import argparse
 import sys
 
 from data.dataset import VideoWindowDataset
-from data.pipeline import prepare_clips
+from data.pipeline import split_as_trained
 from model.loading import LoadedModel, LoadError, load_model
+from training.distributed import resolve_device
 
 
 def add_run_args(p: argparse.ArgumentParser, run_help: str, seed_help: str, outputs: str) -> None:
@@ -21,19 +22,14 @@ def add_run_args(p: argparse.ArgumentParser, run_help: str, seed_help: str, outp
 def load_run(args: argparse.Namespace) -> LoadedModel | None:
     """The run's model (newest valid checkpoint, or --checkpoint; --set overrides and --device where the tool has
     them, "auto" = CUDA when present); None after printing why it cannot load."""
-    device = getattr(args, "device", "cpu")
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return load_model(run=args.run, checkpoint=args.checkpoint, overrides=getattr(args, "set", None) or (),
-                          device=device)
+                          device=resolve_device(getattr(args, "device", "cpu")))
     except LoadError as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return None
 
 
-def val_windows(loaded: LoadedModel) -> VideoWindowDataset:
-    """The validation windows of the run's data (the same clip split as in training)."""
-    _, val_clips, _ = prepare_clips(loaded.cfg.data, scan=False, progress=False)
-    return VideoWindowDataset(val_clips, loaded.cfg.data)
+def val_dataset(loaded: LoadedModel) -> VideoWindowDataset:
+    """Every validation window of the run's data (the clip split of training, data.pipeline.split_as_trained)."""
+    return VideoWindowDataset(split_as_trained(loaded.cfg.data).val, loaded.cfg.data)

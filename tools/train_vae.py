@@ -36,7 +36,6 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: the repo root on path
@@ -47,6 +46,8 @@ from data.clips import Clip  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from model.checkpoint import CheckpointError, resolve_resume, save_checkpoint  # noqa: E402
 from model.vae import FrozenVAE, load_diffusers_vae  # noqa: E402
+from training.distributed import resolve_device  # noqa: E402
+from training.evaluation import frame_psnr  # noqa: E402
 
 _SYN = SyntheticConfig()
 _ARCH_DEFAULTS = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "latent_channels": 4,
@@ -119,8 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "autoencoder (Rombach et al. 2022); 0 = off")
     g.add_argument("--seed", type=int, default=0, help="model init, batch order and posterior samples")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu | cuda | cuda:N (cuda when available)")
+    g.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder: config.json + safetensors, metrics.json, PNGs")
@@ -327,9 +327,8 @@ def build_vae(args) -> AutoencoderKL:
 
 
 def psnr(frames: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-frame PSNR in dB of (b, 3, H, W) frames in [-1, 1], measured in [0, 1]."""
-    return peak_signal_noise_ratio(to_unit(frames.float()), to_unit(target.float()), data_range=1.0,
-                                   reduction="none", dim=(1, 2, 3))
+    """Per-frame PSNR in dB of (b, 3, H, W) frames in [-1, 1], measured in [0, 1] as in the model's evaluation."""
+    return frame_psnr(to_unit(frames.float()), to_unit(target.float()))
 
 
 @torch.no_grad()
@@ -370,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = resolve_device(args.device)  # metrics.json records the device used
     device = torch.device(args.device)
 
     # 1. data: clips split by clip; fixed held-out frames for PSNR and sample grids

@@ -43,12 +43,20 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resolve_device(device: str = "auto") -> str:
+    """A --device choice as every entry point takes it: "auto" = "cuda" when a CUDA device is present, else "cpu";
+    any other name (cpu, cuda, cuda:1) as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def setup(timeout_s: int = 600, device: str = "auto") -> DistInfo:
     """Read torchrun's environment, pick the device, create the process group (NCCL on GPU, gloo on CPU)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = resolve_device(device) == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

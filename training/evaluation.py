@@ -7,25 +7,33 @@ copy_last_vae does not, the gap is the VAE's reconstruction floor, not the predi
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from data.pixels import to_unit
 from model.sliding import WindowKey, precision_context, predict_windows
 from training.distributed import DistInfo, all_reduce
 
 
+PSNR_MAX_DB = 100.0  # identical frames (MSE 0, e.g. copy_last on a still clip) score this instead of inf
+
+
+def frame_psnr(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """The project's one PSNR: images (..., 3, H, W) in [0, 1] (data.pixels.to_unit) -> dB per image (...), peak 1,
+    at most PSNR_MAX_DB. NaN where an image holds a NaN."""
+    return peak_signal_noise_ratio(pred, true, data_range=1.0, reduction="none",
+                                   dim=(-3, -2, -1)).clamp_max(PSNR_MAX_DB)
+
+
 def frame_metrics(pred: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """pred, true: (B, T, 3, H, W) pixels in [-1, 1] -> PSNR (B, T) in dB and SSIM (B, T), both on [0, 1] images."""
     p, t = to_unit(pred.float()), to_unit(true.float())
-    mse = (p - t).pow(2).flatten(2).mean(2)
-    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
     B, T = p.shape[:2]
     # fp32 even inside the trainer's bf16 autocast: SSIM's Gaussian filter is a conv2d, which autocast runs in
     # bf16, and its variances E[x^2] - E[x]^2 then cancel to noise (a 41 dB VAE round trip scored SSIM 0.34)
     with torch.autocast(p.device.type, enabled=False):
         ssim = structural_similarity_index_measure(p.flatten(0, 1), t.flatten(0, 1), data_range=1.0,
                                                    reduction="none")
-    return psnr, ssim.reshape(B, T)
+    return frame_psnr(p, t), ssim.reshape(B, T)
 
 
 def sample_rows(name: str, samples: int) -> dict[str, str]:
