@@ -10,12 +10,13 @@ path of tools/predict.py and tools/evaluate.py) and scored by PSNR: at t+1, and 
 rollout * t_future that predict it (with --samples K, the PSNR averaged over K predictions per window); also the
 PSNR of the worst --patch x --patch window of the frame (*_patch scores: a small object's error, undiluted by the
 background; an option beside the paper's whole-frame score). Anomaly score = 1 - regularity, the regularity being
-the PSNR min-max normalised per clip (Liu et al., CVPR 2018, eq. 12), and, unnormalised, -PSNR. Copying the last frame is scored the same way
-(the baseline a learned model must beat). The first t_past frames of each clip have no prediction and are left out.
-Labels (diagnosis/anomaly.py): JSON {clip: [[start, end], ...]} or CSV clip,start,end (0-based inclusive frame
-numbers), UCSD's .m (TestDataset.gt_frame{i} = [61:180]) or a .mat cell array `gt` (1-based; both matched to clips
-by order). Writes into --out (default <run>/anomaly): scores.csv (per frame), anomaly.json (AUC over all frames and
-per clip, for every score), roc.png, and curves/<clip>.png (scores against frame, labelled intervals shaded).
+the PSNR min-max normalised per clip (Liu et al., CVPR 2018, eq. 12), and, unnormalised, -PSNR. Copying the last
+frame is scored the same way (the baseline a learned model must beat). The first t_past frames of each clip have no
+prediction and are left out. Labels (diagnosis/anomaly.py): JSON {clip: [[start, end], ...]} or CSV clip,start,end
+(0-based inclusive frame numbers), UCSD's .m (TestDataset.gt_frame{i} = [61:180]) or a .mat cell array `gt` (1-based;
+both matched to clips by order). Writes into --out (default <run>/anomaly): scores.csv (per frame), anomaly.json
+(AUC over all frames and per clip, for every score), roc.png, and curves/<clip>.png (scores against frame, labelled
+intervals shaded).
 """
 from __future__ import annotations
 
