@@ -20,6 +20,7 @@ from tqdm import tqdm
 from configs import Config, config_to_dict
 from data.dataset import VideoWindowDataset
 from data.windows import spread
+from data.workers import ignore_stop_signals
 from model import VideoPredictionDiffusion
 from model import checkpoint as ckpt
 from training.distributed import (DistInfo, StallWatchdog, all_gather_object, all_reduce, broadcast_object, printer,
@@ -155,7 +156,7 @@ class Trainer:
             stream = _EpochStream(self.sampler, self.micro_batch, self.epoch, self.position)
             loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=stream,
                                 num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                                generator=self.loader_generator)
+                                generator=self.loader_generator, worker_init_fn=ignore_stop_signals)
             self._iter = iter(loader)
         batch = next(self._iter)
         self.position += 1

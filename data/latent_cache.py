@@ -31,6 +31,7 @@ from data.clips import Clip, clips_fingerprint
 from data.dataset import VideoWindowDataset, read_clip_frames, read_cond
 from data.errors import DataError
 from data.windows import Window, build_windows
+from data.workers import ignore_stop_signals
 
 _VERSION = 1
 
@@ -258,7 +259,7 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info,
     todo = [] if reason is None else [ci for ci in range(len(clips)) if ci not in done]
     mine = todo[group.index(info.rank)::len(group)]
     chunks = _FrameChunks(clips, mine, data_cfg, vae.chunk_size)
-    loader = DataLoader(chunks, batch_size=None, num_workers=num_workers,
+    loader = DataLoader(chunks, batch_size=None, num_workers=num_workers, worker_init_fn=ignore_stop_signals,
                         pin_memory=info.device.type == "cuda", persistent_workers=False)
     buffers: dict[int, dict[str, np.ndarray]] = {}
     remaining = {ci: clips[ci].num_frames for ci in mine}

@@ -7,6 +7,7 @@ Each test records its figures (trials, faults survived, seconds to exit, bytes l
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -222,3 +223,27 @@ def test_wandb_without_a_network_on_rank_0_never_times_out_the_other_rank(world,
     assert "wandb did not start within logging.wandb.init_timeout_s=12 s" in run.out, run.tail()
     assert sorted(ckpt_files(tmp_path / "runs" / "wb")) == [2, 4]
     record("issue16 5 wandb", dist_timeout_s=10, wandb_stall_s=15, seconds_total=round(run.seconds, 1))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_with_loader_workers_saves(world, tmp_path, sig):
+    """`timeout`, Slurm's scancel and Ctrl-C in a terminal signal every process of the job at once: torchrun, the
+    ranks and their DataLoader workers. The workers must leave the stop to their rank (a worker dying of the signal
+    made the rank fail with 'DataLoader worker ... is killed by signal' instead of saving): every rank saves the
+    step it reached and the run exits as a stop request does."""
+    cfg = world.yaml(tmp_path / "c.yaml", tmp_path / "runs", "g",
+                     **{"data.num_workers": 2, "train.max_steps": 10_000, "checkpoint.every": 10_000})
+    run = launch(["--config", str(cfg)], tmp_path, nproc=2)
+    deadline = time.monotonic() + 180
+    metrics = tmp_path / "runs" / "g" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):  # training, the workers running
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.tail()
+        time.sleep(0.1)
+    os.killpg(run.proc.pid, sig)
+    rc = run.wait(90)
+    assert "is killed by signal" not in run.out, run.tail()
+    saved = [int(s) for s in re.findall(r"\[rank 0\] stop requested \(SIGTERM/SIGUSR1/SIGINT\): saved step (\d+)",
+                                        run.out)]
+    assert rc != 0 and saved, run.tail()
+    assert f"[rank 1] stop requested (SIGTERM/SIGUSR1/SIGINT): saved step {saved[0]}" in run.out, run.tail()
+    assert latest_step(tmp_path / "runs" / "g") == saved[0]

@@ -44,6 +44,7 @@ from configs.schema import DataConfig, SyntheticConfig  # noqa: E402
 from data import prepare_clips, read_clip_frames, spread, to_uint8_hwc, to_unit  # noqa: E402
 from data.clips import Clip  # noqa: E402
 from data.errors import DataError  # noqa: E402
+from data.workers import ignore_stop_signals  # noqa: E402
 from model.checkpoint import CheckpointError, resolve_resume, save_checkpoint  # noqa: E402
 from model.vae import FrozenVAE, load_diffusers_vae  # noqa: E402
 from training.distributed import resolve_device  # noqa: E402
@@ -232,7 +233,8 @@ class FrameDataset(Dataset):
 
 def batches(items, cfg, batch_size: int, num_workers: int):
     """Frames of `items` in order, as (b, 3, H, W) batches."""
-    return DataLoader(FrameDataset(items, cfg), batch_size=batch_size, num_workers=num_workers)
+    return DataLoader(FrameDataset(items, cfg), batch_size=batch_size, num_workers=num_workers,
+                      worker_init_fn=ignore_stop_signals)
 
 
 class EpochBatches(Sampler):
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = resume[1]["step"] + 1 if resume else 1
     loader = DataLoader(FrameDataset(train_items, read_cfg), batch_sampler=EpochBatches(
         len(train_items), args.batch_size, args.seed, start=first - 1), num_workers=args.num_workers,
-        persistent_workers=args.num_workers > 0)
+        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
 
     # 2. model and optimizer
     vae = build_vae(args).to(device).train()
