@@ -98,12 +98,15 @@ def test_compiled_sampler_equals_eager_sampler(world, tmp_path, autocast):
     eager_and_compiled_are_close(cfg, autocast)
 
 
-def test_cuda_graph_sampler_with_guidance_equals_eager_sampler(world, tmp_path):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_cuda_graph_sampler_with_guidance_equals_eager_sampler(world, tmp_path, autocast):
     """speed.sampler_compile with CUDA graphs (the reference config's speed.compile_mode) and guidance: two UNet calls
-    per DDIM step, whose outputs a graph replay shares unless CompiledNets copies them out."""
+    per DDIM step, whose outputs a graph replay shares unless CompiledNets copies them out. fp32 decides it (1e-3);
+    the bf16 case failed once on an H100 (session 8) at 3.7% against its 3% (guidance 2 doubles the rounding
+    differences of the two paths), not yet looked into: the fp32 case tells a shared buffer from rounding."""
     cfg = gpu_config(world, tmp_path, **{"sampler.num_inference_steps": 4, "speed.compile_mode": "reduce-overhead",
                                          "diffusion.past_dropout": 0.1, "sampler.guidance_past": 2.0})
-    eager_and_compiled_are_close(cfg, autocast=True)
+    eager_and_compiled_are_close(cfg, autocast=autocast)
 
 
 def eager_and_compiled_are_close(cfg, autocast: bool) -> None:
