@@ -26,7 +26,7 @@ from model.loading import LoadError
 from model.vae import VAEError, read_downsample
 from training import distributed, tracking
 from training import optim as optimization
-from training.distributed import DistInfo, rank_seed, seed_everything
+from training.distributed import DistInfo
 from training.resume import Resume, check_same_start, restore
 from training.resume import share as share_resume
 from training.resume import find as find_resume
@@ -113,14 +113,13 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     if info.is_main and splits.report is not None and not splits.report.ok:
         say(f"data scan: {splits.report}\nskipping them (data.bad_data=skip)")
 
-    # ---- model: frozen VAE + UNet, identical initial weights on every rank; DDP and torch.compile around the UNet
-    seed_everything(rank_seed(tc.seed, info.rank))
+    # ---- model: frozen VAE + UNet, identical initial weights on every rank; DDP and torch.compile around the UNet.
+    # The one global seed of the run; each training step reseeds from (train.seed, rank, step) (Trainer._seed_step)
     performance.set_cudnn_benchmark(cfg.speed.cudnn_benchmark)
     torch.manual_seed(tc.seed)
     model = VideoPredictionDiffusion.from_config(cfg, info.device)
     if problem := frame_size_problem(cfg, model.vae.downsample):  # a hub VAE whose config was not readable before
         raise ConfigError([problem], "the config")
-    torch.manual_seed(rank_seed(tc.seed, info.rank))
     net = distributed.wrap(model.unet, cfg, info)
 
     # ---- optimizer: AdamW, warm-up + cosine LR, EMA
@@ -129,7 +128,6 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     # ---- training data: windows over cached latents (the cache is built once, by all ranks) or over pixels
     micro_batch = tc.batch_size // (info.world_size * tc.grad_accum_steps)
     train_set = latent_cache.training_set(splits, cfg, model.vae, info, micro_batch * info.world_size, log=say)
-    torch.manual_seed(rank_seed(tc.seed, info.rank))  # the RNG at step 0 must not depend on the cache build above
 
     # ---- resume: the checkpoint rank 0 found (and sent to every rank), loaded into the parts; every rank must
     # then hold the same weights and step

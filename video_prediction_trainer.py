@@ -2,8 +2,9 @@
 
 The Trainer receives finished parts (built in order by `train_video_pred.build`) and owns only the loop. One code
 path for 1 process, torchrun on N GPUs and several nodes. Every collective is entered by every rank; jobs decide
-for themselves what runs on rank 0. Randomness is derived: per-rank seeds from one global seed, a fixed
-visualisation batch and noise seed, so grids at step 1k and 50k compare.
+for themselves what runs on rank 0. Randomness is derived, never saved: each step's from (train.seed, rank, step)
+(`_seed_step`), the data order from (train.seed, epoch), a fixed visualisation batch and noise seed, so grids at step
+1k and 50k compare.
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from data.windows import spread
 from data.workers import ignore_stop_signals
 from model import VideoPredictionDiffusion
 from model import checkpoint as ckpt
-from training.distributed import (DistInfo, StallWatchdog, all_gather_object, all_reduce, broadcast_object, printer,
-                                  rank_seed, rng_state, set_rng_state)
+from training.distributed import DistInfo, StallWatchdog, all_reduce, broadcast_object, printer, step_seed
 from training.evaluation import evaluate, format_table
 from training.optim import Optimization
 from training.profiling import StepProfiler
@@ -92,12 +92,8 @@ class Trainer:
         self.batches_per_epoch = len(self.sampler) // self.micro_batch
         self._iter = None
 
-        # ---- randomness of the training step: the noise and the DataLoader's base seeds have their own generators,
-        # so a resume (a new iterator mid-epoch) or a latent-cache build never shifts the global RNG (dropout)
-        self.generator = torch.Generator(self.device).manual_seed(rank_seed(tc.seed, info.rank) + 1)
-        self.loader_generator = torch.Generator().manual_seed(rank_seed(tc.seed, info.rank) + 2)
-        if progress.rng is not None:
-            set_rng_state(progress.rng, {"train": self.generator})
+        # ---- randomness of the training step (t, noise, posterior draws, condition dropout): reseeded each step
+        self.generator = torch.Generator(self.device)
 
         # ---- state that checkpoints carry
         self.step, self.epoch, self.position = progress.step, progress.epoch, progress.position
@@ -148,15 +144,32 @@ class Trainer:
             self.ema.copy_to(self.ema_unet.parameters())
         return self.ema_unet
 
+    def _seed_step(self) -> None:
+        """This step's randomness on this rank, a pure function of (train.seed, rank, step): the step's generator
+        (t, noise, posterior draws, condition dropout) and the global RNG of the CPU and of this rank's GPU (nn.Dropout
+        in the UNet, compiled or not). Nothing to save: a resume draws at step s what an uninterrupted run drew there,
+        whatever ran in between (evaluation, a cache build, a new DataLoader). About 10 us a step; not
+        torch.manual_seed, which on a CPU-only run queues a lazy CUDA seed with a formatted stack each call (0.3 ms)."""
+        seed, rank = self.cfg.train.seed, self.info.rank
+        self.generator.manual_seed(step_seed(seed, rank, self.step, "noise"))
+        global_seed = step_seed(seed, rank, self.step, "global")
+        torch.default_generator.manual_seed(global_seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(global_seed)  # the current device: this rank's
+
     # ------------------------------------------------------------------ data iteration (resumable)
     def _next_batch(self) -> dict:
         if self._iter is None:  # once per run (and per resume): workers persist and prefetch across epochs
             self.epoch += self.position // self.batches_per_epoch  # a checkpoint taken at an epoch's very end
             self.position %= self.batches_per_epoch
             stream = _EpochStream(self.sampler, self.micro_batch, self.epoch, self.position)
+            # the order is the sampler's, a function of (train.seed, epoch); the generator only gives the workers'
+            # base seed (the data pipeline draws no random numbers), and keeps the iterator off the global RNG
+            worker_seeds = torch.Generator().manual_seed(
+                step_seed(self.cfg.train.seed, self.info.rank, self.step, "loader"))
             loader = DataLoader(self.train_set, batch_size=self.micro_batch, sampler=stream,
                                 num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                                generator=self.loader_generator, worker_init_fn=ignore_stop_signals)
+                                generator=worker_seeds, worker_init_fn=ignore_stop_signals)
             self._iter = iter(loader)
         batch = next(self._iter)
         self.position += 1
@@ -177,6 +190,7 @@ class Trainer:
         step late, whether training halts or goes on."""
         tc = self.cfg.train
         accum = tc.grad_accum_steps
+        self._seed_step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -317,17 +331,16 @@ class Trainer:
         return result
 
     def save(self, force: bool = False) -> Path | None:
-        """All ranks: gather RNG states; rank 0 writes atomically; all ranks agree on success."""
+        """Rank 0 writes atomically; all ranks agree on success."""
         if not (force or self._due(self.cfg.checkpoint.every)):
             return None
-        rngs = all_gather_object(rng_state({"train": self.generator}), self.info)
         error = None
         path = None
         if self.info.is_main:
             try:
                 if not all(torch.isfinite(p).all() for p in self.unet.parameters()):
                     raise ckpt.CheckpointError(f"refusing to save step {self.step}: the weights are not finite")
-                path = ckpt.save_checkpoint(self._state(rngs), self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last,
+                path = ckpt.save_checkpoint(self._state(), self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last,
                                             protect=(self.resumed_from,) if self.resumed_from else ())
             except ckpt.CheckpointError as e:
                 error = str(e)
@@ -336,11 +349,12 @@ class Trainer:
             raise ckpt.CheckpointError(error)
         return path
 
-    def _state(self, rngs: list) -> dict:
+    def _state(self) -> dict:
+        """What a resume needs. No RNG state: each step's randomness is derived from (train.seed, rank, step)."""
         return {"unet": self.unet.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "step": self.step, "epoch": self.epoch, "position": self.position,
-                "nonfinite_skips": self.nonfinite_skips, "world_size": self.info.world_size, "rng": rngs,
+                "nonfinite_skips": self.nonfinite_skips, "world_size": self.info.world_size,
                 "config": config_to_dict(self.cfg), "vae": self.model.vae.identity(),
                 "model_args": {"latent_channels": self.unet.latent_channels, "t_past": self.unet.t_past,
                                "t_future": self.unet.t_future, "cond_dim": self.unet.cond_dim},

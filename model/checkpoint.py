@@ -7,10 +7,11 @@ File layout: torch.save payload, then a 96-byte footer  b"VPCKPT1\\n" + sha256(p
 under a final name is complete; a missing or wrong footer means the file is not a committed checkpoint.
 
 Loading never runs code from the file: `torch.load(weights_only=True)` rebuilds only tensors, plain containers and
-primitives, plus the numpy arrays of `np.random.get_state()` (the one non-tensor the trainer stores, allow-listed in
-SAFE_GLOBALS). A file that names any other callable (a pickled object's `__reduce__`) is refused with
-UnsafeCheckpointError, even when its checksum is valid: the checksum proves the file is complete, not that it is
-harmless. Weights to share go through tools/export.py (safetensors) instead.
+primitives, plus the numpy arrays of `np.random.get_state()` (allow-listed in SAFE_GLOBALS: the trainer's checkpoints
+held it before their RNG states gave way to derived step seeds, and those must still load). A file that names any
+other callable (a pickled object's `__reduce__`) is refused with UnsafeCheckpointError, even when its checksum is
+valid: the checksum proves the file is complete, not that it is harmless. Weights to share go through
+tools/export.py (safetensors) instead.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class UnsafeCheckpointError(CheckpointError):
     accident of a crash, so resuming stops instead of falling back to an older checkpoint."""
 
 
-# numpy's RNG state (np.random.get_state(): a uint32 array) as numpy 2 and numpy 1 pickle it; nothing else.
+# numpy's RNG state (np.random.get_state(): a uint32 array) as numpy 2 and numpy 1 pickle it; nothing else. Only
+# checkpoints written before step seeds were derived hold it (their "rng" entry, ignored at resume).
 _reconstruct = np._core.multiarray._reconstruct
 SAFE_GLOBALS = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
                 np.dtypes.UInt32DType]

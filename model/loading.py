@@ -70,14 +70,15 @@ class LoadedModel:
         return f"{self.checkpoint} (step {self.step}, {ema})"
 
 
-RESUME_KEYS = ("unet", "ema", "optimizer", "lr_scheduler", "step", "epoch", "position", "world_size", "rng")
+# no RNG state: each step's randomness is derived from (train.seed, rank, step); an older checkpoint's "rng" is ignored
+RESUME_KEYS = ("unet", "ema", "optimizer", "lr_scheduler", "step", "epoch", "position", "world_size")
 
 
 def check_fits(cfg: Config, state: dict, latent_channels: int | None = None, resume: bool = False) -> str | None:
     """Why the checkpoint `state` cannot be loaded into the model `cfg` builds, or None when it fits: the one
     answer for resuming (before any process group, every rank) and for inference. `latent_channels`: the VAE's,
     when loaded; else read from a local VAE folder's config.json if there is one (a hub id is checked on load).
-    `resume`: also require the training state (optimizer, schedule, position, RNG), which inference does not need."""
+    `resume`: also require the training state (optimizer, schedule, data position), which inference does not need."""
     if not isinstance(state, dict):
         return f"it holds a {type(state).__name__}, not a checkpoint of this project (a dict with 'unet', 'config')"
     if resume and (missing := [k for k in RESUME_KEYS if k not in state]):

@@ -10,11 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,14 +75,26 @@ def plant(run_dir: Path, dest: Path, marker: Path, step: int = 4) -> Path:
 def test_a_trained_checkpoint_loads_without_unpickling_code(run):
     run_dir, cfg = run
     path, state = resolve_resume(run_dir / "checkpoints")
-    assert state["step"] == 2 and state["rng"][0]["numpy"][0] == "MT19937"  # numpy's RNG state, allow-listed
-    # everything else in it is tensors and plain data: only numpy's array reconstruction is outside the default list
-    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(_payload(path))) <= {
-        "numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct", "numpy.dtypes.UInt32DType"}
+    assert state["step"] == 2 and "rng" not in state  # randomness is derived from (seed, rank, step), not saved
+    # tensors and plain data only: nothing outside weights_only's default list
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(_payload(path)) == []
     assert load_model(run_dir).step == 2
+    # a checkpoint of the same step as written before step seeds were derived: per-rank RNG states, numpy's among
+    # them (allow-listed); it loads, and resumes into the same run (its "rng" entry is ignored)
+    old = run_dir.parent / "old_rng"
+    (old / "checkpoints").mkdir(parents=True)
+    old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": None, "generators": {"train": torch.Generator().get_state()}}
+    save_checkpoint({**state, "rng": [old_rng]}, old / "checkpoints", 2)
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(_payload(old / "checkpoints" / path.name))) <= {
+        "numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct", "numpy.dtypes.UInt32DType"}
+    assert load_model(old).step == 2
+    assert train(["--config", cfg, "--resume", "latest", "--set", "train.max_steps=4", "logging.name=old_rng"]) == 0
     # and training resumes from it
     assert train(["--config", cfg, "--resume", "latest", "--set", "train.max_steps=4"]) == 0
-    assert resolve_resume(run_dir / "checkpoints")[1]["step"] == 4
+    new_final, old_final = (resolve_resume(r / "checkpoints")[1] for r in (run_dir, old))
+    assert new_final["step"] == old_final["step"] == 4
+    assert all(torch.equal(new_final["unet"][k], old_final["unet"][k]) for k in new_final["unet"])
 
 
 def _payload(path: Path) -> io.BytesIO:

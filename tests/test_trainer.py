@@ -82,12 +82,11 @@ def final_state(run_dir: Path) -> tuple[Path, dict]:
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
-    """Model, EMA, optimizer, LR schedule, data position and every rank's training generator: bit for bit."""
+    """Model, EMA, optimizer, LR schedule and data position: bit for bit. No RNG state is saved (each step's
+    randomness is derived from (train.seed, rank, step)); the equal losses of the steps after a resume check it."""
     for key in ("unet", "ema", "optimizer", "lr_scheduler", "step", "epoch", "position", "nonfinite_skips"):
         assert_bitwise_equal(a[key], b[key], key)
-    assert len(a["rng"]) == len(b["rng"])
-    for r, (x, y) in enumerate(zip(a["rng"], b["rng"])):
-        assert_bitwise_equal(x["generators"], y["generators"], f"rng[{r}].generators")
+    assert "rng" not in a and "rng" not in b
 
 
 def check_eval_json(path: Path, step: int, num_clips: int) -> dict:
@@ -228,11 +227,9 @@ def test_torchrun_two_ranks_train_evaluate_and_save_once(ddp_runs):
     assert [r["step"] for r in eval_lines] == [4]
     assert ddp_runs.procs[("straight", 4)].stdout.count(f"evaluation on {n_val} val clips") == 1
     assert (run / "samples" / "step_0000004.png").is_file()
-    # checkpoints at 2 and 4 with one RNG state per rank; each rank drew its own noise
+    # checkpoints at 2 and 4, without RNG state: each rank derives its noise from (train.seed, rank, step)
     path, state = final_state(run)
-    assert path.name == "ckpt_000000004.pt" and state["world_size"] == 2 and len(state["rng"]) == 2
-    g0, g1 = (r["generators"]["train"] for r in state["rng"])
-    assert not torch.equal(g0, g1)
+    assert path.name == "ckpt_000000004.pt" and state["world_size"] == 2 and "rng" not in state
     # each rank iterated over its own half of the training windows: an epoch (every window once) took
     # windows / (2 ranks x 2 per rank) steps, not twice as many
     cfg = ddp_runs.cfg
@@ -254,6 +251,36 @@ def test_exact_resume_two_ranks(ddp_runs):
     assert sorted(losses(resumed)) == [1, 2, 3, 4]  # 1-2 from the first invocation, 3-4 after the resume
     assert losses(resumed) == losses(straight)  # exact floats
     assert_same_training_state(final_state(straight)[1], final_state(resumed)[1])
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_is_deterministic(world, ddp_runs, tmp_path):
+    """A 2-rank checkpoint resumed by 1 process: the data restarts at the next epoch and the one rank draws rank 0's
+    noise, so the run is not the 2-rank one; but the same resume twice gives the same run, bit for bit."""
+    saved = ddp_runs.runs["straight"] / "checkpoints" / "ckpt_000000002.pt"
+    runs = []
+    for name in ("one_a", "one_b"):
+        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+        shutil.copy(saved, tmp_path / "runs" / name / "checkpoints" / saved.name)
+        with pytest.warns(UserWarning, match="saved with 2 ranks on 1: the data order restarts at the next epoch"):
+            rc, run = run_main(world, tmp_path, name, resume="latest", **{**ddp_runs.common, "train.max_steps": 4})
+        assert rc == 0
+        runs.append(run)
+    a, b = runs
+    assert sorted(losses(a)) == [3, 4] and losses(a) == losses(b)  # exact floats
+    assert_same_training_state(final_state(a)[1], final_state(b)[1])
+    assert losses(a)[3] != losses(ddp_runs.runs["straight"])[3]
+
+
+def test_step_seeds_are_a_pure_function_of_seed_rank_and_step():
+    keys = [(seed, rank, step, stream) for seed in range(3) for rank in range(4) for step in range(50)
+            for stream in ("noise", "global", "loader")]
+    seeds = {k: distributed.step_seed(*k) for k in keys}
+    assert len(set(seeds.values())) == len(seeds)  # every rank, step and stream its own seed
+    assert all(0 <= v < 2 ** 63 for v in seeds.values())
+    assert all(distributed.step_seed(*k) == v for k, v in seeds.items())  # the same arguments, the same seed
+    # the derivation fixes every run's noise: changing it changes what a given config trains (say so when you do)
+    assert distributed.step_seed(0, 0, 0, "noise") == 4000563893452429607
 
 
 def test_teardown_frees_a_ddp_model_held_in_a_reference_cycle_before_the_group_goes(tmp_path):
@@ -315,7 +342,7 @@ def test_exact_resume_single_process_and_negative_control(world, tmp_path, monke
     rc, half = run_main(world, tmp_path, "half", "train.max_steps=2", **common)
     assert rc == 0
     control = tmp_path / "runs" / "control"
-    shutil.copytree(half, control)  # the same stopped run, resumed below without its RNG state
+    shutil.copytree(half, control)  # the same stopped run, resumed below without the per-step reseed
     rc, resumed = run_main(world, tmp_path, "half", resume="latest", **common)
     assert rc == 0
 
@@ -327,13 +354,39 @@ def test_exact_resume_single_process_and_negative_control(world, tmp_path, monke
     mid = ckpt.load_checkpoint(straight / "checkpoints" / "ckpt_000000002.pt")
     assert_same_training_state(mid, ckpt.load_checkpoint(half / "checkpoints" / "ckpt_000000002.pt"))
 
-    # negative control: the same resume with the RNG restore skipped must not reproduce the losses
-    monkeypatch.setattr(video_prediction_trainer, "set_rng_state", lambda *a, **k: None)
-    monkeypatch.setattr(distributed, "set_rng_state", lambda *a, **k: None)
+    # negative control: the same resume with the per-step reseed left out (the step's generator and the global RNG
+    # run on from where the new process starts them) must not reproduce the losses
+    monkeypatch.setattr(Trainer, "_seed_step", lambda self: None)
     rc, control = run_main(world, tmp_path, "control", resume="latest", **common)
     assert rc == 0
     got = losses(control)
     assert [got[s] for s in (1, 2)] == [expected[s] for s in (1, 2)]  # copied from the stopped run
+    assert got[3] != expected[3] and got[4] != expected[4]
+
+
+def test_exact_resume_with_dropout_reseeds_the_global_rng_each_step(world, tmp_path, monkeypatch):
+    """nn.Dropout in the UNet draws from the global RNG, which each step reseeds from (seed, rank, step): a resume
+    reproduces its masks, though this process ran other runs (and their evaluations) in between."""
+    common = {"checkpoint.every": 2, "unet.dropout": 0.3}
+    rc, straight = run_main(world, tmp_path, "straight", **common)
+    assert rc == 0
+    rc, half = run_main(world, tmp_path, "half", "train.max_steps=2", **common)
+    assert rc == 0
+    shutil.copytree(half, tmp_path / "runs" / "control")
+    rc, resumed = run_main(world, tmp_path, "half", resume="latest", **common)
+    assert rc == 0
+    expected = losses(straight)
+    assert sorted(expected) == [1, 2, 3, 4] and losses(resumed) == expected
+    assert_same_training_state(final_state(straight)[1], final_state(resumed)[1])
+
+    # negative control: the resumed steps' global RNG seeded as for the next step (their noise unchanged): the dropout
+    # masks, and with them the losses, differ
+    real = distributed.step_seed
+    monkeypatch.setattr(video_prediction_trainer, "step_seed",
+                        lambda seed, rank, step, stream: real(seed, rank, step + (stream == "global"), stream))
+    rc, control = run_main(world, tmp_path, "control", resume="latest", **common)
+    assert rc == 0
+    got = losses(control)
     assert got[3] != expected[3] and got[4] != expected[4]
 
 

@@ -1,4 +1,4 @@
-"""One code path for 1 process, torchrun on N GPUs and several nodes: process group, ranks, seeds, reductions.
+"""One code path for 1 process, torchrun on N GPUs and several nodes: process group, ranks, step seeds, reductions.
 
 Every collective here is entered by every rank; nothing is rank-0-only except printing.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import hashlib
 import os
-import random
 import sys
 import threading
 import time
@@ -179,36 +179,13 @@ def broadcast_bytes(data: bytes | None, info: DistInfo, chunk_mib: int = 256) ->
     return data if info.is_main else bytes(received)
 
 
-def rank_seed(global_seed: int, rank: int) -> int:
-    """Per-rank seed derived from one global seed (DiT: seed * world_size + rank; here a hash-like mix)."""
-    return (global_seed * 1_000_003 + rank * 7919) % (2 ** 31)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def rng_state(generators: dict[str, torch.Generator]) -> dict:
-    """Every RNG of this rank: python, numpy, torch CPU, CUDA, and the trainer's own generators."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "generators": {k: g.get_state() for k, g in generators.items()},
-    }
-
-
-def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
+def step_seed(seed: int, rank: int, step: int, stream: str) -> int:
+    """The seed of one random stream (`stream`: "noise", "global", "loader") of one training step on one rank: a pure
+    function of (train.seed, rank, step), as JAX folds the step into a key (`jax.random.fold_in`). Nothing is saved,
+    and a resume at any step draws what an uninterrupted run draws there. sha256: every argument changes every bit, so
+    neighbouring ranks and steps get unrelated streams; 63 bits (torch takes up to 64)."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{step}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class StallWatchdog:

@@ -50,7 +50,6 @@ class Progress:
     nonfinite_skips: int = 0  # consecutive non-finite steps
     resumed_from: Path | None = None  # never deleted by retention
     wandb_id: str | None = None
-    rng: dict | None = None  # this rank's saved RNG states (None: a fresh start or another world size)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -177,11 +176,13 @@ def restore(resume: Resume | None, unet: torch.nn.Module, optim: Optimization, i
             + ", ".join(k for k, _, _ in resume.changed if k in OPTIMIZER_KEYS))
     progress = Progress(state["step"], state["epoch"], state["position"], state.get("nonfinite_skips", 0),
                         resume.path, state.get("wandb_id"))
-    if state["world_size"] == info.world_size:
-        progress.rng = state["rng"][info.rank]
-    else:
-        warnings.warn(f"resuming {resume.path} saved with {state['world_size']} ranks on {info.world_size}: "
-                      "data order and noise will differ from an uninterrupted run", stacklevel=2)
+    # no RNG state to restore: the trainer derives each step's from (train.seed, rank, step); the "rng" entry of a
+    # checkpoint written before that is ignored
+    if state["world_size"] != info.world_size:
+        warnings.warn(f"resuming {resume.path} saved with {state['world_size']} ranks on {info.world_size}: the data "
+                      "order restarts at the next epoch (each rank's share of an epoch depends on the world size) and "
+                      "each rank draws its own noise, so the run differs from an uninterrupted one; it stays "
+                      "deterministic (this resume, repeated, gives the same run)", stacklevel=2)
         progress.position = 0
         progress.epoch += 1
     say(f"resumed from {resume.path} at step {progress.step}")
