@@ -44,11 +44,11 @@ def record(item: str, **figures) -> None:
             f.write(line + "\n")
 
 
-def make_world(root: Path) -> World:
+def make_world(root: Path, **changes: dict) -> World:
     """The reliability tests' world: 4 synthetic clips of 8 16x16 frames, no val split, a two-level UNet without
-    attention and with dropout 0.1 (so the global RNG matters to exact resume), 8 steps, a checkpoint every 2."""
-    return helpers.make_world(
-        root,
+    attention and with dropout 0.1 (so the global RNG matters to exact resume), 8 steps, a checkpoint every 2.
+    `changes`: keys replaced within a section, e.g. eval={"every": 4}."""
+    sections = dict(
         data={"height": 16, "width": 16, "t_past": 2, "t_future": 2, "val_fraction": 0.0, "num_workers": 0,
               "synthetic": {"enabled": True, "num_clips": 4, "frames_per_clip": 8, "height": 16, "width": 16}},
         unet={"block_out_channels": [16, 32], "attention": [False, False], "layers_per_block": 1, "dropout": 0.1,
@@ -60,6 +60,9 @@ def make_world(root: Path) -> World:
         eval={"visualize_every": 0, "every": 0},
         checkpoint={"every": 2, "keep_last": 3},
         ddp={"timeout_s": 30})
+    for section, keys in changes.items():
+        sections[section] = {**sections.get(section, {}), **keys}
+    return helpers.make_world(root, **sections)
 
 
 def child_env(tmp: Path, faults: str = "", **extra: str) -> dict:

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import helpers
-from reliability_helpers import TRAINING_STATE, ckpt_files, differences, launch, record, run_to_end
+from reliability_helpers import TRAINING_STATE, ckpt_files, differences, launch, make_world, record, run_to_end
 from model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # starts torchrun (2 or 3 processes) five times
@@ -28,19 +27,8 @@ def world(tmp_path_factory):
     """A tiny VAE and 4 synthetic clips of 8 16x16 frames (1 for validation), and the config every node uses, with
     paths relative to the node's working folder. 15 training windows, global batch 4 = 2 ranks x 2: 3 steps an
     epoch, so 8 steps cross two epochs and the kill at step 5 falls mid-epoch."""
-    w = helpers.make_world(
-        tmp_path_factory.mktemp("multinode_world"),
-        data={"height": 16, "width": 16, "t_past": 2, "t_future": 2, "val_fraction": 0.25, "num_workers": 0,
-              "synthetic": {"enabled": True, "num_clips": 4, "frames_per_clip": 8, "height": 16, "width": 16}},
-        unet={"block_out_channels": [16, 32], "attention": [False, False], "layers_per_block": 1, "dropout": 0.1,
-              "attention_head_dim": 8, "norm_num_groups": 8},
-        sampler={"num_inference_steps": 2},
-        train={"batch_size": 4, "max_steps": 8, "log_every": 1},
-        optim={"warmup_steps": 2},
-        ema={"decay": 0.99},
-        eval={"visualize_every": 4, "vis_clips": 1, "every": 4, "clips": 2},
-        checkpoint={"every": 2, "keep_last": 3},
-        ddp={"timeout_s": 30})
+    w = make_world(tmp_path_factory.mktemp("multinode_world"), data={"val_fraction": 0.25},
+                   eval={"visualize_every": 4, "vis_clips": 1, "every": 4, "clips": 2})
     w.raw["data"]["root"], w.raw["vae"]["pretrained"], w.raw["cache"]["dir"] = "world", "vae", "cache"
     return w
 
