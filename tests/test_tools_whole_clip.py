@@ -82,6 +82,9 @@ def test_predict_every_frame_of_a_folder_and_a_video(run, tmp_path):
     with Image.open(out / "predict.gif") as gif:
         assert gif.n_frames == 8
     assert sorted(p.name for p in (out / "predicted").iterdir()) == [f"{f:06d}.png" for f in range(2, 8)]
+    # summary: copy-last at t+1 averaged over the frames the model predicts (2..7), not frame 1 too
+    copy_t1 = json.loads((out / "summary.json").read_text())["mean_per_horizon"]["copy_last_psnr"][0]
+    assert copy_t1 == pytest.approx(np.mean([float(r["copy_last_psnr_t+1"]) for r in rows[2:]]), abs=1e-3)
     again = tmp_path / "q"
     assert predict.main(["--run", str(run), "--input", str(clip), "--out", str(again), "--rollout", "2",
                          "--batch-size", "1"]) == 0

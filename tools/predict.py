@@ -158,8 +158,10 @@ def main(argv=None) -> int:
         for f in range(N):
             w.writerow([clip.frame_indices[f], *map(fmt, scores.psnr[f].tolist()), *map(fmt, scores.ssim[f].tolist()),
                         fmt(float(scores.psnr_mean[f])), fmt(float(ssim_mean[f])), fmt(float(scores.copy_psnr[f, 0]))])
+    # copy-last over the frames the model predicts at that horizon (not frames 1 .. t_past-1 too): the rows compare
+    copy_on_predicted = scores.copy_psnr.masked_fill(scores.psnr.isnan(), float("nan"))
     per_h = {"model_psnr": scores.psnr.nanmean(0).tolist(), "model_ssim": scores.ssim.nanmean(0).tolist(),
-             "copy_last_psnr": scores.copy_psnr.nanmean(0).tolist()}
+             "copy_last_psnr": copy_on_predicted.nanmean(0).tolist()}
     summary = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "weights": args.weights, "input": args.input,
                "frames": N, "predicted_frames": int((~scores.psnr[:, 0].isnan()).sum()), "rollout": args.rollout,
                "show_horizon": args.show_horizon, "seed": args.seed, "fps": fps, "cond_source": clip.cond_source,
