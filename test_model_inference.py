@@ -86,7 +86,7 @@ def _print_table(summary: dict) -> None:
     metrics = summary["metrics"]
     if metrics:
         H = len(metrics["model"]["psnr"])
-        print(f"PSNR (dB)   " + "".join(f"{'t+' + str(k + 1):>8}" for k in range(H)))
+        print("PSNR (dB)   " + "".join(f"{'t+' + str(k + 1):>8}" for k in range(H)))
         for name, m in metrics.items():
             print(f"{name:<12}" + "".join(f"{v:8.2f}" for v in m["psnr"]))
     else:
