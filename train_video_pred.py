@@ -141,11 +141,11 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     return Trainer(cfg, info, run_dir, model, net, optim, train_set, splits.val_set(cfg.data), tracker, progress)
 
 
-def other_nodes_refusal(cfg: Config, args: argparse.Namespace, run_dir: Path, info: DistInfo) -> str | None:
-    """Why this start is refused for what the run folder holds on another node's disk (logging.run_dir not shared),
-    on every rank; None when nothing. A collective. Each rank's own copy was checked before the process group; here
-    rank 0 compares them: an earlier run on any node is continued (--resume) or deleted (--overwrite), never mixed
-    with this one, and `--resume latest` is refused when another node holds a newer checkpoint than rank 0 does."""
+def run_folder_refusal(cfg: Config, args: argparse.Namespace, run_dir: Path, info: DistInfo) -> str | None:
+    """Why this start is refused for what the run folder holds on any rank's disk (logging.run_dir shared or not),
+    on every rank; None when nothing. A collective: rank 0 compares every rank's copy. An earlier run on any node is
+    continued (--resume) or deleted (--overwrite), never mixed with this one, and `--resume latest` is refused when
+    another node holds a newer checkpoint than rank 0 does."""
     listed = distributed.all_gather_object(
         (tracking.earlier_run(run_dir), [int(p.stem[5:]) for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]),
         info)
@@ -153,7 +153,8 @@ def other_nodes_refusal(cfg: Config, args: argparse.Namespace, run_dir: Path, in
     if info.is_main and cfg.logging.name and not (args.resume or args.overwrite):
         if held := [(r, found) for r, (found, _) in enumerate(listed) if found]:
             r, found = held[0]
-            refusal = (f"{run_dir} on the disk of rank {r}'s node holds an earlier run ({', '.join(found)}): continue "
+            where = "" if r == 0 else f" on the disk of rank {r}'s node"
+            refusal = (f"{run_dir}{where} holds an earlier run ({', '.join(found)}): continue "
                        "it with --resume latest, or start over with --overwrite (deletes its checkpoints and metrics "
                        "on every node), or set logging.name to another folder")
     elif info.is_main and args.resume == "latest":
@@ -193,15 +194,6 @@ def main(argv=None) -> int:
             print(dump_config(cfg), end="")
         return 0
 
-    # ---- an earlier run in the run folder is continued (--resume) or deleted (--overwrite), never mixed with this one
-    if cfg.logging.name and not (args.resume or args.overwrite):
-        run_dir = Path(cfg.logging.run_dir) / cfg.logging.name
-        if found := tracking.earlier_run(run_dir):
-            print(f"[rank {rank}] {run_dir} holds an earlier run ({', '.join(found)}): continue it with "
-                  "--resume latest, or start over with --overwrite (deletes its checkpoints and metrics), "
-                  "or set logging.name to another folder", file=sys.stderr)
-            return 2
-
     # ---- resume: the checkpoint read from this rank's disk and checked against the config, also before any process
     # group (a rank on a node whose disk lacks it gets rank 0's, below)
     resume = None
@@ -218,9 +210,11 @@ def main(argv=None) -> int:
         name = cfg.logging.name or distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), info)
         run_dir = Path(cfg.logging.run_dir) / name
 
-        # ---- other nodes' disks (logging.run_dir not shared): checked by rank 0, which sends its checkpoint to every
-        # rank whose disk does not hold the same file, so all ranks start from rank 0's state
-        if refusal := other_nodes_refusal(cfg, args, run_dir, info):
+        # ---- the run folder on every rank's disk: an earlier run is continued (--resume) or deleted (--overwrite),
+        # never mixed with this one, refused on all ranks together (a rank refusing alone before the process group
+        # would leave the others waiting in it); then rank 0 sends its checkpoint to every rank whose disk does not
+        # hold the same file, so all ranks start from rank 0's state
+        if refusal := run_folder_refusal(cfg, args, run_dir, info):
             print(f"[rank {info.rank}] {refusal}", file=sys.stderr)
             return 2
         if args.resume:
