@@ -22,16 +22,6 @@ from configs.loader import load_config  # noqa: E402
 from data import synthetic as S  # noqa: E402
 
 
-def render(sc, clip: int, actions: np.ndarray) -> np.ndarray:
-    """Clip `clip` of the world with its actions replaced (camera offset and every other draw unchanged), in [0, 1]."""
-    img, true_actions, tracks, _ = S._scene(sc, clip)
-    rng = np.random.default_rng([sc.seed, clip])  # replay the draws _scene makes before the background
-    S._actions(rng, len(true_actions))
-    offset = rng.uniform(0, S._TEXTURE_PERIOD * sc.width)
-    background = S._background(rng, sc, np.cumsum(actions * sc.pan_speed) + offset)
-    return S._draw(sc, background, actions, tracks)[0].astype(np.float64) / 255
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/demo_action.yaml")
@@ -45,15 +35,16 @@ def main(argv=None) -> int:
     if not sc.action_pan:
         sys.exit(f"error: {args.config} has no action-driven camera (data.synthetic.action_pan)")
     clips = range(min(args.clips, sc.num_clips))
-    truth = {c: render(sc, c, S._scene(sc, c)[1]) for c in clips}
+    own = {c: S.render_clip(sc, c) for c in clips}  # (frames, actions) as the world has them
+    truth = {c: frames.astype(np.float64) / 255 for c, (frames, _) in own.items()}
     windows = [(c, s) for c in clips for s in range(tp, sc.frames_per_clip - tf + 1, args.stride)]
     order = np.random.default_rng(args.seed).permutation(len(windows))
     mse = np.zeros(tf)
     for (c, s), j in zip(windows, order):
         c2, s2 = windows[j]
-        actions = S._scene(sc, c)[1].copy()
-        actions[s:s + tf] = S._scene(sc, c2)[1][s2:s2 + tf]
-        shuffled = render(sc, c, actions)
+        actions = own[c][1].copy()
+        actions[s:s + tf] = own[c2][1][s2:s2 + tf]
+        shuffled = S.render_clip(sc, c, actions)[0].astype(np.float64) / 255
         mse += ((truth[c][s:s + tf] - shuffled[s:s + tf]) ** 2).mean(axis=(1, 2, 3))
     mse /= len(windows)
     psnr = 10 * np.log10(1 / np.maximum(mse, 1e-12))

@@ -132,12 +132,14 @@ def _anomaly_clock(rng: np.random.Generator, sc: SyntheticConfig, n: int) -> tup
     return tau, events
 
 
-def _scene(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray, ObjectTracks, list[dict]]:
+def _scene(sc: SyntheticConfig, clip_index: int, actions: np.ndarray | None = None,
+           ) -> tuple[np.ndarray, np.ndarray, ObjectTracks, list[dict]]:
     """(background (T, H, W, 3) float, actions (T,), object tracks, anomalous events) of one clip: every random
-    draw, in one order."""
+    draw, in one order. `actions`: the camera driven by these instead of the clip's own (every draw unchanged)."""
     rng = np.random.default_rng([sc.seed, clip_index])
     t_frames, h, w, n = sc.frames_per_clip, sc.height, sc.width, sc.num_objects
-    actions = _actions(rng, t_frames) if sc.action_pan else np.zeros(t_frames)
+    drawn = _actions(rng, t_frames) if sc.action_pan else np.zeros(t_frames)
+    actions = drawn if actions is None else np.asarray(actions, dtype=np.float64)
     camera_x = np.cumsum(actions * sc.pan_speed) + rng.uniform(0, _TEXTURE_PERIOD * w)
     img = _background(rng, sc, camera_x)
 
@@ -171,9 +173,10 @@ def anomaly_events(sc: SyntheticConfig, clip_index: int) -> list[dict]:
     return _scene(sc, clip_index)[3]
 
 
-def render_clip(sc: SyntheticConfig, clip_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """(frames uint8 (T, H, W, 3), actions float (T,)) of one clip; a pure function of (sc, clip_index)."""
-    return _draw(sc, *_scene(sc, clip_index)[:3])
+def render_clip(sc: SyntheticConfig, clip_index: int, actions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(frames uint8 (T, H, W, 3), actions float (T,)) of one clip; a pure function of (sc, clip_index). `actions`:
+    the same clip with the camera driven by these (a counterfactual; objects and texture unchanged)."""
+    return _draw(sc, *_scene(sc, clip_index, actions)[:3])
 
 
 def _draw(sc: SyntheticConfig, img: np.ndarray, actions: np.ndarray, tr: ObjectTracks) -> tuple[np.ndarray, np.ndarray]:
