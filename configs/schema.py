@@ -253,13 +253,14 @@ class SamplerConfig:
     # residual decoding: add the last past frame's VAE reconstruction error back to the decoded prediction,
     # x = D(z) + m * (x_last - D(z_last)), so a still camera's background is not limited by the VAE (copy_last_vae).
     # off = D(z); full: m = 1; masked: m = 1 where the prediction did not change from D(z_last), falling linearly to 0
-    # at a change of residual_decode_threshold
+    # at a change of residual_decode_threshold; copy: x = D(z) + m * (x_last - D(z)), the last frame itself where the
+    # prediction did not change (a change below the threshold is shrunk towards zero, taken for sampling noise)
     residual_decode: str = "off"
-    residual_decode_threshold: float = 0.1  # masked: pixel change (units of [-1, 1], per pixel, max over RGB) where m = 0
+    residual_decode_threshold: float = 0.1  # masked, copy: pixel change (units of [-1, 1], per pixel, max over RGB) where m = 0
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_inference_steps", self.num_inference_steps, 1)
-        _choice(p, f"{path}.residual_decode", self.residual_decode, ("off", "masked", "full"))
+        _choice(p, f"{path}.residual_decode", self.residual_decode, ("off", "masked", "full", "copy"))
         _at_least(p, f"{path}.residual_decode_threshold", self.residual_decode_threshold, 0.0, strict=True)
         _in_unit(p, f"{path}.eta", self.eta)
         _choice(p, f"{path}.timestep_spacing", self.timestep_spacing, ("trailing", "leading", "linspace"))

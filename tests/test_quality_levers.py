@@ -71,14 +71,14 @@ def test_sampler_with_a_perfect_residual_denoiser_returns_the_future_latents(vae
 # ---------------------------------------------------------------- residual decoding
 
 def test_residual_decoding_of_a_still_prediction_is_the_last_frame_exactly(vae):
-    """Predict "nothing moves" (the last past latent): full and masked residual decoding give the camera's last
-    frame, not its VAE reconstruction; off gives the reconstruction."""
+    """Predict "nothing moves" (the last past latent): full, masked and copy residual decoding give the camera's
+    last frame, not its VAE reconstruction; off gives the reconstruction."""
     frames = smooth_frames(B, TP + TF, 16, 16)
     past_frames = frames[:, :TP]
     past = vae.encode(past_frames)
     still = past[:, -1:].expand(B, TF, *past.shape[2:])
     last = past_frames[:, -1:].expand(B, TF, *past_frames.shape[2:])
-    for mode in ("full", "masked"):
+    for mode in ("full", "masked", "copy"):
         out = build(vae).decode_future(still, past_frames, past, mode=mode)
         assert torch.allclose(out, last, atol=1e-4), mode  # batched decodes differ by float rounding
     off = build(vae).decode_future(still, past_frames, past, mode="off")
@@ -86,8 +86,9 @@ def test_residual_decoding_of_a_still_prediction_is_the_last_frame_exactly(vae):
     assert (off - last).abs().max() > 1e-2  # the tiny VAE's reconstruction is not the frame
 
 
-def test_masked_residual_decoding_leaves_changed_pixels_to_the_model(vae):
-    model = build(vae, **{"sampler.residual_decode": "masked", "sampler.residual_decode_threshold": 0.05})
+@pytest.mark.parametrize("mode", ["masked", "copy"])
+def test_masked_residual_decoding_leaves_changed_pixels_to_the_model(vae, mode):
+    model = build(vae, **{"sampler.residual_decode": mode, "sampler.residual_decode_threshold": 0.05})
     frames = smooth_frames(B, TP + TF, 16, 16)
     past_frames, past = frames[:, :TP], vae.encode(frames[:, :TP])
     future = vae.encode(frames[:, TP:])  # other frames: most pixels change by more than the threshold
@@ -98,6 +99,27 @@ def test_masked_residual_decoding_leaves_changed_pixels_to_the_model(vae):
     assert moved.float().mean() > 0.3
     assert torch.allclose(out[moved], pred[moved], atol=1e-6)
     assert not torch.allclose(out[~moved], pred[~moved], atol=1e-4)
+
+
+def test_copy_decoding_shrinks_a_small_predicted_change_towards_the_last_frame(vae):
+    """copy: where the decoded prediction changed by c < threshold from D(z_last), the output is the camera's last
+    frame moved towards the decoded prediction by c / threshold of the way (all of it at the threshold)."""
+    tau = 0.2
+    frames = smooth_frames(B, TP, 16, 16)
+    past_frames, past = frames, vae.encode(frames)
+    g = torch.Generator().manual_seed(4)
+    future = past[:, -1:] + 0.002 * torch.randn(B, TF, *past.shape[2:], generator=g)  # a little sampling noise
+    pred, base = vae.decode(future), vae.decode(past[:, -1:])
+    change = (pred - base).abs().amax(2, keepdim=True)
+    small = (change < tau).expand_as(pred)
+    assert small.float().mean() > 0.9 and change.max() > 1e-3
+    last = past_frames[:, -1:].expand_as(pred)
+    copy = build(vae, **{"sampler.residual_decode_threshold": tau}).decode_future(future, past_frames, past, mode="copy")
+    masked = build(vae, **{"sampler.residual_decode_threshold": tau}).decode_future(future, past_frames, past,
+                                                                                    mode="masked")
+    expect = last + (change / tau).clamp(max=1) * (pred - last)
+    assert torch.allclose(copy[small], expect.clamp(-1, 1)[small], atol=1e-5)
+    assert not torch.allclose(copy[small], masked[small], atol=1e-3)  # masked keeps the change: another output
 
 
 def test_predict_uses_the_configured_decoding(vae):
