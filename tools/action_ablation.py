@@ -2,6 +2,7 @@
 """Does the model use its conditioning vector? PSNR/SSIM of predictions with the true vs shuffled vectors.
 
     python tools/action_ablation.py --run runs/demo_action [--clips 32] [--steps 20] [--out runs/demo_action/eval]
+        [--set sampler.guidance_cond=2]
 
 The same validation windows and the same noise are used twice: once with each window's own conditioning vector
 (e.g. the camera actions of its future frames), once with the vector of another window (a fixed permutation).
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     add_run_args(p, "run folder (its newest valid checkpoint is used)",
                  "noise seed (the same noise for both conditions)", "action_ablation.json")
     p.add_argument("--clips", type=int, default=32, help="validation windows evaluated (evenly spread)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override the stored config, e.g. sampler.guidance_cond=2 (a model trained with "
+                        "diffusion.cond_dropout > 0)")
     args = p.parse_args(argv)
 
     # ---- model and validation windows
@@ -67,7 +71,8 @@ def main(argv=None) -> int:
     true = evaluate(loaded.model, val, indices, info, nets, steps, batch_size=16, seed=args.seed)
     shuffled = evaluate(loaded.model, ShuffledCond(val, indices, args.seed), indices, info, nets, steps,
                         batch_size=16, seed=args.seed)
-    result = {"step": loaded.step, "num_clips": true["num_clips"],
+    result = {"step": loaded.step, "num_clips": true["num_clips"], "overrides": list(args.set),
+              "guidance_cond": cfg.sampler.guidance_cond,
               "psnr": {"true_action": true["psnr"]["model"], "shuffled_action": shuffled["psnr"]["model"],
                        "copy_last": true["psnr"]["copy_last"], "vae_roundtrip": true["psnr"]["vae_roundtrip"]},
               "ssim": {"true_action": true["ssim"]["model"], "shuffled_action": shuffled["ssim"]["model"],
