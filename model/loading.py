@@ -25,7 +25,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from configs import Config, apply_overrides, config_from_dict, load_config
-from configs.loader import ConfigError
+from configs.loader import ConfigError, resolve_paths
 from configs.schema import MOVED_KEYS
 from model.unet import ConditionalUNet
 from model.vae import FrozenVAE
@@ -205,6 +205,18 @@ def ema_schedule(ema_state: dict) -> EMAModel:
     return ema
 
 
+def _project_of(checkpoint: Path, cfg: Config) -> Path | None:
+    """The folder a run was launched from, read off its checkpoint's place: <project>/<logging.run_dir>/<name>/
+    checkpoints/<file> (None when run_dir is absolute or the file does not sit there). Its stored relative
+    data.root / vae.pretrained point into it, also when the tools run from another checkout of the code."""
+    run_dir = Path(cfg.logging.run_dir)
+    folder = checkpoint.resolve().parent
+    if run_dir.is_absolute() or folder.name != "checkpoints":
+        return None
+    parents = folder.parent.parents  # [<project>/<run_dir>, ..., <project>, ...]
+    return parents[len(run_dir.parts)] if len(parents) > len(run_dir.parts) else None
+
+
 def load_model(run: str | Path | None = None, checkpoint: str = "latest", config: str | Path | None = None,
                overrides: Iterable[str] = (), device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
     """Rebuild the model from a checkpoint (the run's newest valid one, or a file), or with random weights from a
@@ -221,6 +233,9 @@ def load_model(run: str | Path | None = None, checkpoint: str = "latest", config
     else:
         path, state = find_checkpoint(run, checkpoint)
         cfg = stored_config(state, overrides, str(path))
+        project = _project_of(Path(path), cfg)
+        if project is not None:  # paths relative to where the run was made, from another checkout or directory
+            resolve_paths(cfg, project)
         if "unet" not in state:
             raise LoadError(f"{path} holds no 'unet' weights")
 

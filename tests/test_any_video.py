@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from configs.loader import PROJECT_ROOT, config_from_dict, dump_config, load_config, parse_yaml
+import yaml
 from data import discover_clips, read_clip_frames
 from helpers import one_torch_thread, tiny_config  # noqa: F401 (fixture)
 
@@ -45,3 +46,29 @@ def test_stored_relative_paths_resolve_from_any_directory(tmp_path, monkeypatch)
     other = config_from_dict({"data": {"root": "configs"}, "vae": {"pretrained": "stabilityai/sd-vae-ft-mse"}})
     assert other.data.root == "configs" and other.vae.pretrained == "stabilityai/sd-vae-ft-mse"
     assert load_config(PROJECT_ROOT / "configs" / "demo.yaml").vae.pretrained == str(PROJECT_ROOT / "assets/vae_synthetic")
+
+
+def test_a_run_made_with_relative_paths_loads_from_another_directory_and_checkout(tmp_path, monkeypatch):
+    """A run launched in folder P with `vae.pretrained: vae`, `data.root: world`, `logging.run_dir: runs` (relative
+    to P, which is not this checkout) loads from anywhere: the stored relative paths are read against P, found
+    from the checkpoint's place P/runs/<name>/checkpoints/."""
+    import os
+    import train_video_pred
+    from model.loading import load_model
+    from reliability_helpers import make_world
+
+    project = tmp_path / "P"
+    world = make_world(project)
+    raw = world.config(Path("runs"), "rel", **{"train.max_steps": 2, "vae.pretrained": "vae", "data.root": "world",
+                                              "cache.dir": "cache"})
+    (project / "run.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(project)
+    assert train_video_pred.main(["--config", "run.yaml", "--device", "cpu"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_model(run=project / "runs" / "rel")
+    assert Path(loaded.cfg.vae.pretrained) == (project / "vae").resolve()
+    assert Path(loaded.cfg.data.root) == (project / "world").resolve()
+    assert loaded.step == 2 and os.getcwd() == str(elsewhere)
