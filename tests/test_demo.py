@@ -84,9 +84,10 @@ def test_action_demo_and_ablation(tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((run / "eval" / "action_ablation.json").read_text())
     assert len(result["psnr"]["true_action"]) == len(result["psnr"]["shuffled_action"]) == 4
-    # --set reaches the sampler and is checked like any config: guidance needs a model trained with cond dropout
+    assert result["guidance_cond"] == 3.0  # the config's action guidance
+    # --set reaches the stored config and is checked like any config: guidance needs a model trained with dropout
     r = _run(["tools/action_ablation.py", "--run", str(run), "--clips", "4", "--steps", "3",
-              "--set", "sampler.guidance_cond=2"], tmp_path)
+              "--set", "diffusion.cond_dropout=0.0"], tmp_path)
     assert r.returncode != 0 and "cond_dropout" in r.stderr, r.stderr[-3000:]
     r = _run(["tools/action_ablation.py", "--run", str(run), "--clips", "4", "--steps", "3", "--set", "sampler.eta=0.5",
               "--out", str(tmp_path / "eta")], tmp_path)
