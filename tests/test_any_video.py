@@ -1,13 +1,14 @@
 """Using a trained model on any video: .tif frames, stored paths that work from any directory."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from configs.loader import PROJECT_ROOT, config_from_dict, dump_config, load_config, parse_yaml
-import yaml
 from data import discover_clips, read_clip_frames
 from helpers import one_torch_thread, tiny_config  # noqa: F401 (fixture)
 
@@ -52,7 +53,6 @@ def test_a_run_made_with_relative_paths_loads_from_another_directory_and_checkou
     """A run launched in folder P with `vae.pretrained: vae`, `data.root: world`, `logging.run_dir: runs` (relative
     to P, which is not this checkout) loads from anywhere: the stored relative paths are read against P, found
     from the checkpoint's place P/runs/<name>/checkpoints/."""
-    import os
     import train_video_pred
     from model.loading import load_model
     from reliability_helpers import make_world

@@ -114,9 +114,9 @@ def test_copy_decoding_shrinks_a_small_predicted_change_towards_the_last_frame(v
     small = (change < tau).expand_as(pred)
     assert small.float().mean() > 0.9 and change.max() > 1e-3
     last = past_frames[:, -1:].expand_as(pred)
-    copy = build(vae, **{"sampler.residual_decode_threshold": tau}).decode_future(future, past_frames, past, mode="copy")
-    masked = build(vae, **{"sampler.residual_decode_threshold": tau}).decode_future(future, past_frames, past,
-                                                                                    mode="masked")
+    model = build(vae, **{"sampler.residual_decode_threshold": tau})
+    copy = model.decode_future(future, past_frames, past, mode="copy")
+    masked = model.decode_future(future, past_frames, past, mode="masked")
     expect = last + (change / tau).clamp(max=1) * (pred - last)
     assert torch.allclose(copy[small], expect.clamp(-1, 1)[small], atol=1e-5)
     assert not torch.allclose(copy[small], masked[small], atol=1e-3)  # masked keeps the change: another output
