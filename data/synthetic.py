@@ -1,7 +1,8 @@
 """A deterministic synthetic world: coloured objects bouncing over a textured background, optionally panned by an action.
 
 Each clip is a pure function of (SyntheticConfig.seed, clip index), drawn with vectorised numpy:
-- background: a smooth, low-contrast texture (a sum of sinusoids, periodic in x so the camera can pan forever);
+- background: a smooth, low-contrast texture (a sum of sinusoids, periodic in x so the camera can pan forever;
+  background_contrast scales its amplitude);
 - objects: circles and squares of distinct saturated hues, constant velocity, bouncing off the frame borders,
   drawn in a fixed order (later ones occlude earlier ones), with 1-pixel antialiased edges;
 - action_pan: a piecewise-constant action a_t in {-1, -0.5, 0, 0.5, 1}, redrawn every 2-5 frames; the camera moves
@@ -44,7 +45,8 @@ _TEXTURE_PERIOD = 4  # the texture repeats every this many frame widths
 
 def _world_spec(sc: SyntheticConfig) -> dict:
     spec = {k: v for k, v in dataclasses.asdict(sc).items()
-            if k != "enabled" and not (k.startswith("anomal") and sc.anomalies == 0)}  # normal worlds keep their marker
+            if k != "enabled" and not (k.startswith("anomal") and sc.anomalies == 0)  # normal worlds keep their marker
+            and not (k == "background_contrast" and v == 1.0)}  # ... and so do worlds of the default contrast
     return {"format": FORMAT_VERSION, "synthetic": spec}
 
 
@@ -66,7 +68,8 @@ def _background(rng: np.random.Generator, sc: SyntheticConfig, camera_x: np.ndar
     fx = rng.integers(2, 4 * _TEXTURE_PERIOD + 1, size=_TEXTURE_TERMS) / period  # cycles per pixel; whole per period
     fy = rng.uniform(0.0, 3.0, size=_TEXTURE_TERMS) / h
     phase = rng.uniform(0, 2 * np.pi, size=_TEXTURE_TERMS)
-    amp = rng.uniform(0.02, 0.05, size=(_TEXTURE_TERMS, 3))  # low contrast, slightly different per channel
+    amp = rng.uniform(0.02, 0.05, size=(_TEXTURE_TERMS, 3)) * sc.background_contrast  # low contrast by default,
+    #                                                                            slightly different per channel
     # sin(a x + b y + p) = sin(a x) cos(b y + p) + cos(a x) sin(b y + p): separable, so the (T, H, W, 3) image is
     # a sum of outer products of per-column (T, W) and per-row (H) factors instead of T*H*W*K sines.
     x = np.arange(w)[None, :] + camera_x[:, None]  # (T, W) world x of each screen column

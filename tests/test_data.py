@@ -31,7 +31,7 @@ from data import (Clip, DataError, VideoWindowDataset, apply_bad_data_policy, bu
 from configs.loader import ConfigError, config_from_dict
 from data.dataset import read_image
 from data.scan import LISTED, main as scan_main
-from data.synthetic import MARKER, object_tracks
+from data.synthetic import MARKER, _world_spec, object_tracks
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared/data/intel_sample_videos"
 SIZE = 16
@@ -447,6 +447,22 @@ def test_synthetic_pan_follows_the_action_sign(tmp_path):
     assert checked >= 5
     still, _ = render_clip(SyntheticConfig(**{**sc.__dict__, "action_pan": False}), 0)
     assert not np.array_equal(still, render_clip(sc, 0)[0])  # the frames depend on the actions
+
+
+def test_synthetic_background_contrast_scales_the_texture_around_its_base_colour():
+    """background_contrast c multiplies the texture's amplitude and nothing else: with the same draws, frames at
+    c = 1 and c = 2 satisfy 2 x1 - x2 = the clip's base colour (constant over pixels and frames), up to uint8
+    rounding; c = 0 is that flat colour itself; the default world's marker spec stays as it was."""
+    sc = SyntheticConfig(enabled=True, frames_per_clip=6, height=32, width=48, num_objects=0, action_pan=True, seed=2)
+    x1, x2, x0 = (render_clip(SyntheticConfig(**{**sc.__dict__, "background_contrast": c}), 1)[0].astype(float)
+                  for c in (1.0, 2.0, 0.0))
+    assert x1.std(axis=(0, 1, 2)).min() > 3  # a visible texture at the default contrast
+    assert (x2 - x2.mean(axis=(0, 1, 2))).std() > 1.8 * (x1 - x1.mean(axis=(0, 1, 2))).std()
+    base = 2 * x1 - x2  # (T, H, W, 3): each channel one value
+    assert np.abs(base - base.mean(axis=(0, 1, 2))).max() <= 1.5
+    assert np.abs(x0 - base.mean(axis=(0, 1, 2))).max() <= 1.5
+    assert "background_contrast" not in _world_spec(sc)["synthetic"]
+    assert _world_spec(SyntheticConfig(**{**sc.__dict__, "background_contrast": 2.0}))["synthetic"]["background_contrast"] == 2.0
 
 
 def test_object_tracks_are_where_the_objects_are_drawn_and_bounce_off_the_walls():
