@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from configs.loader import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -84,7 +86,8 @@ def test_action_demo_and_ablation(tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((run / "eval" / "action_ablation.json").read_text())
     assert len(result["psnr"]["true_action"]) == len(result["psnr"]["shuffled_action"]) == 4
-    assert result["guidance_cond"] == 3.0  # the config's action guidance
+    shipped = load_config(ROOT / "configs" / "demo_action.yaml").sampler.guidance_cond
+    assert shipped != 1.0 and result["guidance_cond"] == shipped  # the config's action guidance reaches the tool
     # --set reaches the stored config and is checked like any config: guidance needs a model trained with dropout
     r = _run(["tools/action_ablation.py", "--run", str(run), "--clips", "4", "--steps", "3",
               "--set", "diffusion.cond_dropout=0.0"], tmp_path)
