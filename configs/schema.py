@@ -71,8 +71,9 @@ class SyntheticConfig:
     speed: float = 2.0  # object speed, pixels per frame (max); 0 = static objects
     action_pan: bool = False  # camera pans by a per-frame action in [-1, 1] written to sidecars as "action"
     pan_speed: float = 3.0  # background pan, pixels per frame at action = 1
-    background_contrast: float = 1.0  # the background texture's amplitude, x the default low contrast (a wrong pan
-    #                                   costs more PSNR the higher it is: how much the actions can matter)
+    # the background texture's amplitude, x the default low contrast: the higher, the more PSNR a wrong pan costs,
+    # i.e. the more the actions can matter
+    background_contrast: float = 1.0
     seed: int = 0  # the world is a pure function of this seed
     # anomalous events per clip: in each, one object breaks the world's law for anomaly_frames frames (stop: stands
     # still; jump: teleports along its track every frame; reverse: moves backwards; speedup: 3x speed), then moves on;

@@ -43,10 +43,16 @@ _TEXTURE_TERMS = 6  # sinusoids in the background texture
 _TEXTURE_PERIOD = 4  # the texture repeats every this many frame widths
 
 
+# fields added after worlds were first written: left out of the spec at their default, so the markers of worlds
+# written before them stay valid
+_LATER_FIELDS = ("background_contrast",)
+
+
 def _world_spec(sc: SyntheticConfig) -> dict:
+    defaults = {f.name: f.default for f in dataclasses.fields(SyntheticConfig)}
     spec = {k: v for k, v in dataclasses.asdict(sc).items()
             if k != "enabled" and not (k.startswith("anomal") and sc.anomalies == 0)  # normal worlds keep their marker
-            and not (k == "background_contrast" and v == 1.0)}  # ... and so do worlds of the default contrast
+            and not (k in _LATER_FIELDS and v == defaults[k])}
     return {"format": FORMAT_VERSION, "synthetic": spec}
 
 
@@ -68,8 +74,8 @@ def _background(rng: np.random.Generator, sc: SyntheticConfig, camera_x: np.ndar
     fx = rng.integers(2, 4 * _TEXTURE_PERIOD + 1, size=_TEXTURE_TERMS) / period  # cycles per pixel; whole per period
     fy = rng.uniform(0.0, 3.0, size=_TEXTURE_TERMS) / h
     phase = rng.uniform(0, 2 * np.pi, size=_TEXTURE_TERMS)
-    amp = rng.uniform(0.02, 0.05, size=(_TEXTURE_TERMS, 3)) * sc.background_contrast  # low contrast by default,
-    #                                                                            slightly different per channel
+    # low contrast at the default background_contrast of 1, slightly different per channel
+    amp = rng.uniform(0.02, 0.05, size=(_TEXTURE_TERMS, 3)) * sc.background_contrast
     # sin(a x + b y + p) = sin(a x) cos(b y + p) + cos(a x) sin(b y + p): separable, so the (T, H, W, 3) image is
     # a sum of outer products of per-column (T, W) and per-row (H) factors instead of T*H*W*K sines.
     x = np.arange(w)[None, :] + camera_x[:, None]  # (T, W) world x of each screen column
