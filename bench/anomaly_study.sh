@@ -50,6 +50,7 @@ declare -A VARIANTS=(
   [abs]="diffusion.target=absolute diffusion.snr_gamma=5.0"            # the previous demo recipe
   [res_tf4]="data.t_future=4"                                          # 4 horizons to average over
   [res_wide]="unet.block_out_channels=[64,128,256]"                    # 4x the parameters
+  [res_tp8]="data.t_past=8"                                            # a past that reaches back before a short event
 )
 picked() { [ -z "${ANOM_VARIANTS:-}" ] || [[ " $ANOM_VARIANTS " == *" $1 "* ]]; }
 

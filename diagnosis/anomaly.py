@@ -144,6 +144,54 @@ def _by_order(entries: dict[int, Intervals], clip_names: list[str], path: Path) 
     return {name: entries[i] for i, name in zip(sorted(entries), clip_names)}
 
 
+def load_events(path: str | Path) -> dict[str, list[dict]]:
+    """The labelled events with their kind, per clip, where a JSON labels file has them (data/synthetic.py's
+    anomalies.json: "events" {clip: [{"kind", "label": [start, end]}, ...]}); {} for every other file."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return {}
+    doc = json.loads(path.read_text())
+    events = doc.get("events", {}) if isinstance(doc, dict) else {}
+    return {str(clip): [e for e in evs if isinstance(e, dict) and "kind" in e and "label" in e]
+            for clip, evs in events.items()} if isinstance(events, dict) else {}
+
+
+def by_kind(scores: dict[str, torch.Tensor], frames: dict[str, list[int]], events: dict[str, list[dict]],
+            after: int = 4) -> dict:
+    """Where the detector finds which event: for each kind, the AUC of its labelled frames against every normal
+    frame (other kinds left out) and the mean score at each position of the label interval; and the mean score of
+    normal frames 1..`after` frames after an interval (a past that still holds the event) and of the other normal
+    frames. scores / frames: per clip, the (N,) anomaly scores and the frame numbers they belong to."""
+    pos: dict[str, dict[int, list[float]]] = {}
+    after_s: dict[int, list[float]] = {}
+    normal, far = [], []
+    for clip, s in scores.items():
+        evs = events.get(clip, [])
+        for f, v in zip(frames[clip], s.tolist()):
+            if not math.isfinite(v):
+                continue
+            inside = [e for e in evs if e["label"][0] <= f <= e["label"][1]]
+            if inside:
+                e = inside[0]
+                pos.setdefault(e["kind"], {}).setdefault(f - e["label"][0], []).append(v)
+                continue
+            normal.append(v)
+            gaps = [f - e["label"][1] for e in evs if 0 < f - e["label"][1] <= after]
+            (after_s.setdefault(min(gaps), []) if gaps else far).append(v)
+    neg = torch.tensor(normal, dtype=torch.float64)
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    out = {}
+    for kind, by_pos in sorted(pos.items()):
+        p = torch.tensor([v for vs in by_pos.values() for v in vs], dtype=torch.float64)
+        out[kind] = {"frames": int(p.numel()),
+                     "auc": auc(torch.cat([p, neg]), torch.cat([torch.ones(len(p)), torch.zeros(len(neg))]).bool()),
+                     "mean_score_by_position": [mean(by_pos.get(i, [])) for i in range(max(by_pos) + 1)]}
+    out["normal_after_event"] = {"mean_score_by_distance": [mean(after_s.get(d, [])) for d in range(1, after + 1)],
+                                 "frames": sum(len(v) for v in after_s.values())}
+    out["normal_elsewhere"] = {"mean_score": mean(far), "frames": len(far)}
+    return out
+
+
 # ---------------------------------------------------------------- AUC
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -137,3 +137,26 @@ def test_synthetic_anomalies_break_the_law_only_where_labelled(tmp_path):
     assert labels["clips"]["clip_0005"] == [e["label"] for e in anomaly_events(odd, 5)]
     assert anomaly.load_labels(tmp_path / "w" / "anomalies.json", [])["clip_0005"] == \
         [tuple(e["label"]) for e in anomaly_events(odd, 5)]
+
+
+def test_by_kind_splits_the_auc_by_event_and_reports_the_frames_after_it(tmp_path):
+    """Hand-made scores on one 12-frame clip with a 'stop' labelled [3, 5] and a 'jump' labelled [8, 9]: the stop's
+    frames score 0.9 / 0.2 / 0.9, the jump's 1.0 / 1.0, normal frames 0.1 except 0.6 right after the stop."""
+    import json
+    labels = {"clips": {"c": [[3, 5], [8, 9]]},
+              "events": {"c": [{"kind": "stop", "label": [3, 5]}, {"kind": "jump", "label": [8, 9]}]}}
+    (tmp_path / "a.json").write_text(json.dumps(labels))
+    (tmp_path / "a.csv").write_text("c,3,5\n")
+    events = anomaly.load_events(tmp_path / "a.json")
+    assert [e["kind"] for e in events["c"]] == ["stop", "jump"] and anomaly.load_events(tmp_path / "a.csv") == {}
+    s = torch.tensor([math.nan, 0.1, 0.1, 0.9, 0.2, 0.9, 0.6, 0.1, 1.0, 1.0, 0.1, 0.1])
+    r = anomaly.by_kind({"c": s}, {"c": list(range(12))}, events, after=2)
+    # normal frames: 1, 2, 6, 7, 10, 11 (0 has no score) = five at 0.1 and one at 0.6
+    # stop: pairs (0.9 or 0.2) against those: 0.9 beats all 6 (twice), 0.2 beats the five 0.1s -> (12 + 5) / 18
+    assert r["stop"]["frames"] == 3 and r["stop"]["auc"] == pytest.approx(17 / 18)
+    assert r["stop"]["mean_score_by_position"] == pytest.approx([0.9, 0.2, 0.9])
+    assert r["jump"]["auc"] == pytest.approx(1.0) and r["jump"]["mean_score_by_position"] == pytest.approx([1.0, 1.0])
+    # after an interval: frame 6 (1 after the stop), 7 (2 after), 10 (1 after the jump), 11 (2 after)
+    assert r["normal_after_event"]["mean_score_by_distance"] == pytest.approx([0.35, 0.1])
+    assert r["normal_after_event"]["frames"] == 4
+    assert r["normal_elsewhere"] == {"mean_score": pytest.approx(0.1), "frames": 2}

@@ -165,6 +165,11 @@ def main(argv=None) -> int:
         result["auc"] = {k: anomaly.auc(torch.cat([columns[i, k] for i in range(len(per_clip))]), ys) for k in SCORES}
         result["auc_per_clip"] = {name: {k: anomaly.auc(columns[i, k], y) for k in SCORES}
                                   for i, (name, _, _, y) in enumerate(per_clip)}
+        events = anomaly.load_events(args.labels)
+        if events:  # labels that name each event's kind (synthetic worlds): which events the scores find
+            result["by_kind"] = {k: anomaly.by_kind({name: columns[i, k] for i, (name, *_) in enumerate(per_clip)},
+                                                    {name: frames for name, frames, *_ in per_clip}, events)
+                                 for k in ("model_t+1", "model_mean", "copy_last_t+1")}
         curves = {}
         for k in ("model_t+1", "model_mean", "model_t+1_patch", "copy_last_t+1"):
             fpr, tpr = anomaly.roc(torch.cat([columns[i, k] for i in range(len(per_clip))]), ys)
@@ -184,6 +189,10 @@ def main(argv=None) -> int:
         print(f"frame-level AUC over {result['frames_scored']} frames ({result['frames_anomalous']} anomalous):")
         for k, v in result["auc"].items():
             print(f"  {k:<26}{v:.4f}")
+        for k, kinds in result.get("by_kind", {}).items():
+            print(f"{k} by event kind: " + ", ".join(f"{kind} {r['auc']:.3f}" for kind, r in kinds.items() if "auc" in r)
+                  + f"; normal frames after an event score {kinds['normal_after_event']['mean_score_by_distance'][0]:.2f}"
+                  f" (1 after), elsewhere {kinds['normal_elsewhere']['mean_score']:.2f}")
     print(f"wrote {out}/: scores.csv, anomaly.json, curves/, curves.png" + (", roc.png" if labels is not None else ""))
     return 0
 
