@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The quality study's evaluation of one trained run: the trainer's table (EMA model, raw, copy_last, copy_last_vae,
 vae_roundtrip) under each residual-decoding mode, on the same windows with the same noise as the trainer's final
-evaluation, with K samples per window (training/evaluation.py's protocol rows). One JSON line per run on stdout
-(and appended to --out).
+evaluation, with K samples per window (training/evaluation.py's protocol rows). The windows are sampled once and
+the same samples decoded every way. One JSON line per run on stdout (and appended to --out).
 
     python bench/quality_eval.py --run runs/demo --decode off masked full --samples 4 --out study.jsonl
 
@@ -63,12 +63,10 @@ def main(argv=None) -> int:
     out = {"run": str(args.run), "label": args.label or Path(args.run).name, "step": loaded.step,
            "eval_windows": len(indices), "ddim_steps": steps, "eta": cfg.sampler.eta, "decode": {}}
     start = time.perf_counter()
-    for key, mode, threshold in modes:
-        cfg.sampler.residual_decode, cfg.sampler.residual_decode_threshold = mode, threshold
-        result = evaluate(model, val, indices, info, {"model": ema, "raw": model.unet}, steps, batch_size=32,
-                          seed=seed, samples=args.samples, precision=precision)
-        out["precision"], out["protocol"] = result["precision"], result.get("protocol", {})
-        out["decode"][key] = {"psnr": result["psnr"], "ssim": result["ssim"]}
+    result = evaluate(model, val, indices, info, {"model": ema, "raw": model.unet}, steps, batch_size=32,
+                      seed=seed, samples=args.samples, precision=precision,
+                      decodes={key: (mode, threshold) for key, mode, threshold in modes})  # sampled once
+    out["precision"], out["protocol"], out["decode"] = result["precision"], result["protocol"], result["decode"]
     out["seconds"] = round(time.perf_counter() - start, 1)
     line = json.dumps(out)
     print(line)

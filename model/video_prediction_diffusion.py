@@ -189,16 +189,19 @@ class VideoPredictionDiffusion:
 
     @torch.no_grad()
     def decode_future(self, future: torch.Tensor, past_frames: torch.Tensor, past: torch.Tensor,
-                      mode: str | None = None, last_rec: torch.Tensor | None = None) -> torch.Tensor:
+                      mode: str | None = None, last_rec: torch.Tensor | None = None,
+                      threshold: float | None = None) -> torch.Tensor:
         """Predicted future latents (B, Tf, C, h, w) -> frames (B, Tf, 3, H, W) in [-1, 1], with residual decoding
         (sampler.residual_decode, or `mode`): the last past frame's VAE reconstruction error x_last - D(z_last) is
         added back where the prediction did not move away from D(z_last), so pixels that stay put come out as the
         camera saw them rather than as the VAE redraws them; "copy" goes one step further and also drops the
         prediction's own small change there (x_last where it stays put, shrinking towards D(z) as the change nears
         the threshold). past_frames (B, Tp, 3, H, W), past their latents;
-        last_rec = D(z_last), (B, 1, 3, H, W), when the caller has it already (decoded here otherwise)."""
+        last_rec = D(z_last), (B, 1, 3, H, W), when the caller has it already (decoded here otherwise); mode and
+        threshold default to sampler.residual_decode and sampler.residual_decode_threshold."""
         s = self.cfg.sampler
         mode = s.residual_decode if mode is None else mode
+        threshold = s.residual_decode_threshold if threshold is None else threshold
         pred = self.vae.decode(future)
         if mode == "off":
             return pred
@@ -208,7 +211,7 @@ class VideoPredictionDiffusion:
         if mode == "full":
             return (pred + correction).clamp(-1, 1)
         change = (pred - last_rec).abs().amax(dim=2, keepdim=True)  # (B, Tf, 1, H, W): how far this pixel moved
-        keep = (1 - change / s.residual_decode_threshold).clamp(0, 1)
+        keep = (1 - change / threshold).clamp(0, 1)
         if mode == "copy":  # a change below the threshold is taken for sampling noise: the last frame as it was
             return (pred + keep * (last - pred)).clamp(-1, 1)
         return (pred + keep * correction).clamp(-1, 1)

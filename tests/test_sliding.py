@@ -173,3 +173,29 @@ def test_precision_switch():
     assert precision_context("cpu", "bf16").__class__.__name__ == "nullcontext"
     with pytest.raises(ValueError, match="precision"):
         precision_context("cpu", "fp16")
+
+
+def test_decoding_one_sample_several_ways_equals_one_evaluation_per_way(model):
+    """decodes=: the windows are sampled once and decoded every way; each way's table is what a whole evaluation with
+    that sampler.residual_decode / threshold in the config gives (same seeds, so the same samples), K-sample rows
+    included, and the top-level table is the first way's."""
+    frames = smooth_frames(1, 8, seed=8)[0]
+    items = window_items(frames, "c3", TP + TF)
+    info, idx = DistInfo(device=torch.device("cpu")), list(range(len(items)))
+    ways = {"off": ("off", 0.1), "copy@0.3": ("copy", 0.3), "masked@0.05": ("masked", 0.05)}
+    both = evaluate(model, items, idx, info, {"model": model.unet}, steps=2, batch_size=3, seed=2, samples=2,
+                    decodes=ways)
+    s = model.cfg.sampler
+    saved = s.residual_decode, s.residual_decode_threshold
+    try:
+        for name, (mode, threshold) in ways.items():
+            s.residual_decode, s.residual_decode_threshold = mode, threshold
+            alone = evaluate(model, items, idx, info, {"model": model.unet}, steps=2, batch_size=3, seed=2, samples=2)
+            for m in ("psnr", "ssim"):
+                assert set(both["decode"][name][m]) == set(alone[m])
+                for row, values in alone[m].items():
+                    assert both["decode"][name][m][row] == pytest.approx(values, abs=1e-4), (name, m, row)
+    finally:
+        s.residual_decode, s.residual_decode_threshold = saved
+    assert both["psnr"] == both["decode"]["off"]["psnr"]
+    assert both["psnr"]["model"] != both["decode"]["copy@0.3"]["psnr"]["model"]  # the ways differ on this model

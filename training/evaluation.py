@@ -63,20 +63,25 @@ def _window_key(item: dict, index: int) -> WindowKey:
 
 @torch.no_grad()
 def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, steps: int, batch_size: int,
-             seed: int = 1234, samples: int = 1, rounds: int = 1, precision: str = "no") -> dict:
+             seed: int = 1234, samples: int = 1, rounds: int = 1, precision: str = "no",
+             decodes: dict[str, tuple[str, float]] | None = None) -> dict:
     """Evaluate `nets` (name -> UNet) on dataset[indices], the work split over ranks; every rank returns the same dict
     {"num_clips", "samples", "rounds", "precision", "protocol": {row: meaning}, "psnr": {row: [per horizon]},
     "ssim": {...}} with rows per net (K-sample rows when samples > 1, `sample_rows`) plus the references.
 
     Items hold "frames" (t_past + rounds * t_future, 3, H, W) and "cond"; windows are predicted by
     model/sliding.predict_windows, seeded by (seed, clip, first frame, sample), so results depend neither on world size
-    nor batch size. precision: "bf16" | "no" (train.mixed_precision), through sliding.precision_context."""
+    nor batch size. precision: "bf16" | "no" (train.mixed_precision), through sliding.precision_context.
+    decodes: {name: (residual_decode mode, threshold)} to decode the same samples several ways (a study of the
+    decoding without sampling again); the result then also holds "decode": {name: {"psnr", "ssim"}}, and its own
+    "psnr" / "ssim" are the first entry's. Default: the model's sampler.residual_decode, once."""
     device = model.vae.device
     Tp, Hz = model.t_past, rounds * model.t_future
     protocol = {row: text for name in nets for row, text in sample_rows(name, samples).items()}
     protocol.update(REFERENCE_ROWS)
     names = list(protocol)
-    sums = torch.zeros(2, len(names), Hz, dtype=torch.float64)
+    ways = decodes or {"": (None, None)}  # decoding name -> (mode, threshold); None: the config's
+    sums = torch.zeros(len(ways), 2, len(names), Hz, dtype=torch.float64)
     mine = indices[info.rank::info.world_size]
     with precision_context(device, precision):
         for start in range(0, len(mine), batch_size):
@@ -90,29 +95,36 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
             past_mean, past_std = model.vae.encode_moments(past)
             keys = [_window_key(it, i) for it, i in zip(items, chunk)]
             last_rec = model.vae.decode(past_mean[:, -1:])  # D(z_last): copy_last_vae, and every residual decoding
-            metrics = {}  # row -> (psnr (B, Hz), ssim (B, Hz))
+            metrics = [{} for _ in ways]  # per decoding: row -> (psnr (B, Hz), ssim (B, Hz))
             for name, net in nets.items():
-                per_sample, frame_sum = [], torch.zeros_like(future)
+                per_sample = [[] for _ in ways]
+                frame_sum = [torch.zeros_like(future) for _ in ways]
                 for k in range(samples):
                     latents = predict_windows(model, net, past_mean, keys, past_std, cond, rounds, steps, seed, k)
-                    pred = model.decode_future(latents, past, past_mean, last_rec=last_rec)
-                    per_sample.append(frame_metrics(pred, future))
-                    frame_sum += pred
-                metrics[name] = per_sample[0]
-                if samples > 1:
-                    psnr, ssim = (torch.stack([m[j] for m in per_sample]) for j in (0, 1))  # (K, B, Hz)
-                    best = [m.gather(0, m.mean(2).argmax(0)[None, :, None].expand(1, *m.shape[1:]))[0]
-                            for m in (psnr, ssim)]
-                    metrics[f"{name}.k{samples}_mean"] = (psnr.mean(0), ssim.mean(0))
-                    metrics[f"{name}.k{samples}_best"] = tuple(best)
-                    metrics[f"{name}.k{samples}_avg"] = frame_metrics(frame_sum / samples, future)
-            metrics["copy_last"] = frame_metrics(past[:, -1:].expand_as(future), future)
-            metrics["copy_last_vae"] = frame_metrics(last_rec.expand_as(future), future)
-            metrics["vae_roundtrip"] = frame_metrics(model.vae.decode(model.vae.encode_moments(future)[0]), future)
-            for j, name in enumerate(names):
-                psnr, ssim = metrics[name]
-                sums[0, j] += psnr.double().sum(0).cpu()
-                sums[1, j] += ssim.double().sum(0).cpu()
+                    for d, (mode, threshold) in enumerate(ways.values()):
+                        pred = model.decode_future(latents, past, past_mean, mode=mode, last_rec=last_rec,
+                                                   threshold=threshold)
+                        per_sample[d].append(frame_metrics(pred, future))
+                        frame_sum[d] += pred
+                for d, m in enumerate(metrics):
+                    m[name] = per_sample[d][0]
+                    if samples > 1:
+                        psnr, ssim = (torch.stack([x[j] for x in per_sample[d]]) for j in (0, 1))  # (K, B, Hz)
+                        best = [v.gather(0, v.mean(2).argmax(0)[None, :, None].expand(1, *v.shape[1:]))[0]
+                                for v in (psnr, ssim)]
+                        m[f"{name}.k{samples}_mean"] = (psnr.mean(0), ssim.mean(0))
+                        m[f"{name}.k{samples}_best"] = tuple(best)
+                        m[f"{name}.k{samples}_avg"] = frame_metrics(frame_sum[d] / samples, future)
+            references = {"copy_last": frame_metrics(past[:, -1:].expand_as(future), future),
+                          "copy_last_vae": frame_metrics(last_rec.expand_as(future), future),
+                          "vae_roundtrip": frame_metrics(model.vae.decode(model.vae.encode_moments(future)[0]),
+                                                         future)}
+            for d, m in enumerate(metrics):
+                m.update(references)
+                for j, name in enumerate(names):
+                    psnr, ssim = m[name]
+                    sums[d, 0, j] += psnr.double().sum(0).cpu()
+                    sums[d, 1, j] += ssim.double().sum(0).cpu()
     count = torch.tensor([float(len(mine))], dtype=torch.float64)
     if info.device.type == "cuda":
         sums, count = sums.to(info.device), count.to(info.device)
@@ -121,10 +133,14 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
     n = max(int(count.item()), 1)
     mean = (sums / n).cpu()
     effective = "bf16 autocast" if device.type == "cuda" and precision == "bf16" else "fp32"
-    return {"num_clips": int(count.item()), "samples": samples, "rounds": rounds, "precision": effective,
-            "protocol": protocol,
-            "psnr": {name: [round(float(v), 4) for v in mean[0, j]] for j, name in enumerate(names)},
-            "ssim": {name: [round(float(v), 5) for v in mean[1, j]] for j, name in enumerate(names)}}
+    tables = [{"psnr": {name: [round(float(v), 4) for v in mean[d, 0, j]] for j, name in enumerate(names)},
+               "ssim": {name: [round(float(v), 5) for v in mean[d, 1, j]] for j, name in enumerate(names)}}
+              for d in range(len(ways))]
+    result = {"num_clips": int(count.item()), "samples": samples, "rounds": rounds, "precision": effective,
+              "protocol": protocol, **tables[0]}
+    if decodes:
+        result["decode"] = dict(zip(decodes, tables))
+    return result
 
 
 def format_table(result: dict, what: str = "val clips") -> str:
