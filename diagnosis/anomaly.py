@@ -179,7 +179,10 @@ def by_kind(scores: dict[str, torch.Tensor], frames: dict[str, list[int]], event
             gaps = [f - e["label"][1] for e in evs if 0 < f - e["label"][1] <= after]
             (after_s.setdefault(min(gaps), []) if gaps else far).append(v)
     neg = torch.tensor(normal, dtype=torch.float64)
-    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else math.nan
+
     out = {}
     for kind, by_pos in sorted(pos.items()):
         p = torch.tensor([v for vs in by_pos.values() for v in vs], dtype=torch.float64)

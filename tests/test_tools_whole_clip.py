@@ -120,3 +120,28 @@ def test_anomaly_tool_scores_every_predicted_frame(run, tmp_path):
     for name in ("roc.png", "curves.png", "curves/clip_0002.png"):
         with Image.open(out / name) as img:
             assert img.size[0] > 100
+
+
+def test_anomaly_tool_reports_each_event_kind_when_the_labels_name_it(run, tmp_path):
+    """Labels in the synthetic world's format ("clips" + "events" with a kind): by_kind holds, per score, each kind's
+    AUC against every normal frame, which is the AUC of those frames' scores in scores.csv."""
+    import torch
+
+    from diagnosis import anomaly
+    from tools import anomaly as tool
+    world = run.parents[1] / "world"
+    labels = tmp_path / "anomalies.json"
+    labels.write_text(json.dumps({"clips": {"clip_0000": [[4, 5]], "clip_0001": [[3, 3]]},
+                                  "events": {"clip_0000": [{"kind": "stop", "label": [4, 5]}],
+                                             "clip_0001": [{"kind": "jump", "label": [3, 3]}]}}))
+    out = tmp_path / "k"
+    assert tool.main(["--run", str(run), "--data-root", str(world), "--labels", str(labels), "--out", str(out),
+                      "--clips", "3"]) == 0
+    kinds = json.loads((out / "anomaly.json").read_text())["by_kind"]["model_t+1"]
+    assert kinds["stop"]["frames"] == 2 and kinds["jump"]["frames"] == 1
+    assert kinds["normal_after_event"]["frames"] == 2 + 4  # up to 4 after: frames 6, 7 of clip 0, 4..7 of clip 1
+    rows = [r for r in read_csv(out / "scores.csv") if r["model_t+1"]]
+    stop = [float(r["model_t+1"]) for r in rows if r["clip"] == "clip_0000" and r["label"] == "1"]
+    normal = [float(r["model_t+1"]) for r in rows if r["label"] == "0"]
+    expected = anomaly.auc(torch.tensor(stop + normal), torch.tensor([1] * len(stop) + [0] * len(normal)).bool())
+    assert kinds["stop"]["auc"] == pytest.approx(expected, abs=1e-4)

@@ -190,9 +190,10 @@ def main(argv=None) -> int:
         for k, v in result["auc"].items():
             print(f"  {k:<26}{v:.4f}")
         for k, kinds in result.get("by_kind", {}).items():
-            print(f"{k} by event kind: " + ", ".join(f"{kind} {r['auc']:.3f}" for kind, r in kinds.items() if "auc" in r)
-                  + f"; normal frames after an event score {kinds['normal_after_event']['mean_score_by_distance'][0]:.2f}"
-                  f" (1 after), elsewhere {kinds['normal_elsewhere']['mean_score']:.2f}")
+            found = ", ".join(f"{kind} {r['auc']:.3f}" for kind, r in kinds.items() if "auc" in r)
+            after = kinds["normal_after_event"]["mean_score_by_distance"][0]
+            print(f"{k} by event kind: {found}; normal frames score {after:.2f} one frame after an event, "
+                  f"{kinds['normal_elsewhere']['mean_score']:.2f} elsewhere")
     print(f"wrote {out}/: scores.csv, anomaly.json, curves/, curves.png" + (", roc.png" if labels is not None else ""))
     return 0
 
