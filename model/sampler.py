@@ -43,12 +43,24 @@ def clip_x0(x0: torch.Tensor, mode: str, bound: float, percentile: float) -> tup
     return torch.maximum(torch.minimum(x0, s), -s), clipped
 
 
+def _step_noise(x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, on x's device, from one generator or one per batch row."""
+    if isinstance(generator, (list, tuple)):
+        assert len(generator) == x.shape[0], f"{len(generator)} generators for a batch of {x.shape[0]}"
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
+                            for g in generator]).to(x.device)
+    return torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device,
+                       dtype=x.dtype).to(x.device)
+
+
 @torch.no_grad()
 def ddim_sample(denoise: Denoiser, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: int,
                 eta: float = 0.0, spacing: str = "trailing", clip: str = "none", clip_bound: float = 4.0,
-                clip_percentile: float = 0.995, generator: torch.Generator | None = None,
+                clip_percentile: float = 0.995, generator: torch.Generator | list[torch.Generator] | None = None,
                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Run DDIM from `noise` (= x_T, standard normal) down to x0. Returns the final x0 (after clipping).
+    The step noise (eta > 0) comes from `generator`, or from one generator per batch row (a list): each row then
+    draws what it would draw sampled alone, so a batch changes no result.
 
     callback(info) is called once per step with: step, t, t_prev, x_t, output, eps_pred, x0_pred_raw
     (before clipping), x0_pred (after), num_clipped, clip_fraction.
@@ -72,9 +84,7 @@ def ddim_sample(denoise: Denoiser, noise: torch.Tensor, schedule: NoiseSchedule,
         direction = (max(1 - ab_prev - sigma ** 2, 0.0)) ** 0.5 * eps
         x_prev = ab_prev ** 0.5 * x0 + direction
         if sigma > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device,
-                            dtype=x.dtype).to(x.device)
-            x_prev = x_prev + sigma * z
+            x_prev = x_prev + sigma * _step_noise(x, generator)
         if callback is not None:
             n = int(clipped.sum())
             callback({"step": i, "t": t, "t_prev": t_prev, "x_t": x, "output": output, "eps_pred": eps,

@@ -7,8 +7,9 @@ function of the model alone: no files, no metrics, no DDP.
 
 Seeding: every window owns a generator seeded by (seed, clip name, the clip's frame index of its first past frame,
 sample k). Its draws, in order: the posterior noise of the past latents (vae.latent = sample only), then x_T of round
-1, 2, ... (and, with sampler.eta > 0, each round's step noise, windows then sampled one at a time). So neither batch
-size, nor sharding, nor which other windows are predicted, nor the number of rounds changes a window's prediction.
+1, 2, ... (and, with sampler.eta > 0, each round's step noise, drawn per window inside the batched call). So neither
+batch size, nor sharding, nor which other windows are predicted, nor the number of rounds changes a window's
+prediction.
 
 Spaces: frames are pixels in [-1, 1]; latents are scaled VAE latents. Horizon h (1-based) is the frame h steps after
 the window's last past frame; rounds > 1 feed predicted latents back as past (never re-encoded).
@@ -60,22 +61,17 @@ def predict_windows(model: VideoPredictionDiffusion, net: torch.nn.Module, past_
     gens = [torch.Generator().manual_seed(window_seed(seed, k, sample)) for k in keys]
     past = torch.cat([model.vae.latents_from_moments(past_mean[b:b + 1], None if past_std is None else
                                                      past_std[b:b + 1], generator=g) for b, g in enumerate(gens)])
-    # eta = 0 draws nothing while sampling, so one batched call per round; else one window at a time, each drawing
-    # its step noise from its own generator
-    groups = [list(range(B))] if model.cfg.sampler.eta == 0 else [[b] for b in range(B)]
+    # one batched call per round; each window draws x_T and (eta > 0) its step noise from its own generator
     per_round = model.cfg.cond_dim
-    out = []
-    for group in groups:
-        context, preds = past[group], []
-        for r in range(rounds):
-            noise = torch.stack([model.noise_like(past[0], gens[b]) for b in group])  # (b, Tf, C, h, w) x_T
-            c = None if cond is None or per_round == 0 else cond[group, r * per_round:(r + 1) * per_round]
-            pred = model.predict_latents(context, None if c is None else c.to(context.device), steps=steps,
-                                         generator=gens[group[0]] if len(group) == 1 else None, net=net, noise=noise)
-            preds.append(pred)
-            context = torch.cat([context, pred], dim=1)[:, -Tp:]
-        out.append(torch.cat(preds, dim=1))
-    return torch.cat(out)  # groups are in window order
+    context, preds = past, []
+    for r in range(rounds):
+        noise = torch.stack([model.noise_like(past[0], g) for g in gens])  # (B, Tf, C, h, w) x_T
+        c = None if cond is None or per_round == 0 else cond[:, r * per_round:(r + 1) * per_round]
+        pred = model.predict_latents(context, None if c is None else c.to(context.device), steps=steps,
+                                     generator=gens, net=net, noise=noise)
+        preds.append(pred)
+        context = torch.cat([context, pred], dim=1)[:, -Tp:]
+    return torch.cat(preds, dim=1)
 
 
 # ---------------------------------------------------------------- whole clips

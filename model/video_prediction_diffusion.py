@@ -146,13 +146,14 @@ class VideoPredictionDiffusion:
 
     @torch.no_grad()
     def predict_latents(self, past: torch.Tensor, cond: torch.Tensor | None = None, steps: int | None = None,
-                        generator: torch.Generator | None = None, net: torch.nn.Module | None = None,
-                        callback: Callable | None = None, noise: torch.Tensor | None = None,
-                        **sampler_overrides) -> torch.Tensor:
+                        generator: torch.Generator | list[torch.Generator] | None = None,
+                        net: torch.nn.Module | None = None, callback: Callable | None = None,
+                        noise: torch.Tensor | None = None, **sampler_overrides) -> torch.Tensor:
         """Past latents (B, Tp, C, h, w) -> predicted future latents (B, Tf, C, h, w). Sampler settings come
         from cfg.sampler; keyword overrides (eta, spacing, clip, clip_bound, ...) replace them for this call.
-        `noise` (B, Tf, C, h, w) is x_T; drawn from `generator` when not given. The callback sees the sampler's
-        own space (`to_x0`); the return value is latents."""
+        `noise` (B, Tf, C, h, w) is x_T; drawn from `generator` when not given. `generator` may be one per window
+        (a list of B): each window's draws are then its own. The callback sees the sampler's own space (`to_x0`);
+        the return value is latents."""
         net = self.unet if net is None else net  # not `net or`: a torch.compile wrapper has no truth value
         s = self.cfg.sampler
         kw = dict(eta=s.eta, spacing=s.timestep_spacing, clip=s.clip_x0, clip_bound=s.clip_bound,
@@ -161,7 +162,8 @@ class VideoPredictionDiffusion:
                         guidance_cond=sampler_overrides.pop("guidance_cond", s.guidance_cond))
         kw.update(sampler_overrides)
         if noise is None:
-            noise = torch.stack([self.noise_like(p, generator) for p in past])
+            gens = generator if isinstance(generator, (list, tuple)) else [generator] * len(past)
+            noise = torch.stack([self.noise_like(p, g) for p, g in zip(past, gens)])
         noise = noise.to(past.device)
         was_training = net.training
         net.eval()
