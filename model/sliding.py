@@ -65,10 +65,9 @@ def predict_windows(model: VideoPredictionDiffusion, net: torch.nn.Module, past_
     per_round = model.cfg.cond_dim
     context, preds = past, []
     for r in range(rounds):
-        noise = torch.stack([model.noise_like(past[0], g) for g in gens])  # (B, Tf, C, h, w) x_T
         c = None if cond is None or per_round == 0 else cond[:, r * per_round:(r + 1) * per_round]
         pred = model.predict_latents(context, None if c is None else c.to(context.device), steps=steps,
-                                     generator=gens, net=net, noise=noise)
+                                     generator=gens, net=net)
         preds.append(pred)
         context = torch.cat([context, pred], dim=1)[:, -Tp:]
     return torch.cat(preds, dim=1)

@@ -193,18 +193,25 @@ class VideoPredictionDiffusion:
     def decode_future(self, future: torch.Tensor, past_frames: torch.Tensor, past: torch.Tensor,
                       mode: str | None = None, last_rec: torch.Tensor | None = None,
                       threshold: float | None = None) -> torch.Tensor:
-        """Predicted future latents (B, Tf, C, h, w) -> frames (B, Tf, 3, H, W) in [-1, 1], with residual decoding
-        (sampler.residual_decode, or `mode`): the last past frame's VAE reconstruction error x_last - D(z_last) is
-        added back where the prediction did not move away from D(z_last), so pixels that stay put come out as the
-        camera saw them rather than as the VAE redraws them; "copy" goes one step further and also drops the
-        prediction's own small change there (x_last where it stays put, shrinking towards D(z) as the change nears
-        the threshold). past_frames (B, Tp, 3, H, W), past their latents;
-        last_rec = D(z_last), (B, 1, 3, H, W), when the caller has it already (decoded here otherwise); mode and
-        threshold default to sampler.residual_decode and sampler.residual_decode_threshold."""
+        """Predicted future latents (B, Tf, C, h, w) -> frames (B, Tf, 3, H, W) in [-1, 1]: the VAE's decoding, then
+        residual decoding (`residual_decode`)."""
+        return self.residual_decode(self.vae.decode(future), past_frames, past, mode, last_rec, threshold)
+
+    @torch.no_grad()
+    def residual_decode(self, pred: torch.Tensor, past_frames: torch.Tensor, past: torch.Tensor,
+                        mode: str | None = None, last_rec: torch.Tensor | None = None,
+                        threshold: float | None = None) -> torch.Tensor:
+        """Decoded prediction D(z) (B, Tf, 3, H, W) -> frames in [-1, 1] under sampler.residual_decode (or `mode`):
+        the last past frame's VAE reconstruction error x_last - D(z_last) is added back where the prediction did not
+        move away from D(z_last), so pixels that stay put come out as the camera saw them rather than as the VAE
+        redraws them; "copy" goes one step further and also drops the prediction's own small change there (x_last
+        where it stays put, shrinking towards D(z) as the change nears the threshold). past_frames (B, Tp, 3, H, W),
+        past their latents; last_rec = D(z_last), (B, 1, 3, H, W), when the caller has it already (decoded here
+        otherwise); mode and threshold default to sampler.residual_decode and sampler.residual_decode_threshold.
+        Separate from the VAE's decoding so one decoded sample can be read several ways."""
         s = self.cfg.sampler
         mode = s.residual_decode if mode is None else mode
         threshold = s.residual_decode_threshold if threshold is None else threshold
-        pred = self.vae.decode(future)
         if mode == "off":
             return pred
         last = past_frames[:, -1:].to(pred.device, torch.float32)  # (B, 1, 3, H, W)

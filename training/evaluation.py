@@ -61,6 +61,21 @@ def _window_key(item: dict, index: int) -> WindowKey:
     return WindowKey("", index)
 
 
+def _sample_metrics(name: str, per_sample: list[tuple[torch.Tensor, torch.Tensor]], average: torch.Tensor,
+                    future: torch.Tensor) -> dict:
+    """Rows of one net from its K samples' (psnr, ssim) (B, Hz) each and their average frames: sample 0, and with
+    K > 1 the mean over samples, the best of K per window (by its horizon mean) and the metric of the average."""
+    rows = {name: per_sample[0]}
+    if len(per_sample) > 1:
+        K = len(per_sample)
+        psnr, ssim = (torch.stack([m[j] for m in per_sample]) for j in (0, 1))  # (K, B, Hz)
+        rows[f"{name}.k{K}_mean"] = (psnr.mean(0), ssim.mean(0))
+        rows[f"{name}.k{K}_best"] = tuple(m.gather(0, m.mean(2).argmax(0)[None, :, None].expand(1, *m.shape[1:]))[0]
+                                          for m in (psnr, ssim))
+        rows[f"{name}.k{K}_avg"] = frame_metrics(average, future)
+    return rows
+
+
 @torch.no_grad()
 def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, steps: int, batch_size: int,
              seed: int = 1234, samples: int = 1, rounds: int = 1, precision: str = "no",
@@ -101,20 +116,13 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
                 frame_sum = [torch.zeros_like(future) for _ in ways]
                 for k in range(samples):
                     latents = predict_windows(model, net, past_mean, keys, past_std, cond, rounds, steps, seed, k)
+                    decoded = model.vae.decode(latents)  # once; each way only reads it differently
                     for d, (mode, threshold) in enumerate(ways.values()):
-                        pred = model.decode_future(latents, past, past_mean, mode=mode, last_rec=last_rec,
-                                                   threshold=threshold)
+                        pred = model.residual_decode(decoded, past, past_mean, mode, last_rec, threshold)
                         per_sample[d].append(frame_metrics(pred, future))
                         frame_sum[d] += pred
                 for d, m in enumerate(metrics):
-                    m[name] = per_sample[d][0]
-                    if samples > 1:
-                        psnr, ssim = (torch.stack([x[j] for x in per_sample[d]]) for j in (0, 1))  # (K, B, Hz)
-                        best = [v.gather(0, v.mean(2).argmax(0)[None, :, None].expand(1, *v.shape[1:]))[0]
-                                for v in (psnr, ssim)]
-                        m[f"{name}.k{samples}_mean"] = (psnr.mean(0), ssim.mean(0))
-                        m[f"{name}.k{samples}_best"] = tuple(best)
-                        m[f"{name}.k{samples}_avg"] = frame_metrics(frame_sum[d] / samples, future)
+                    m.update(_sample_metrics(name, per_sample[d], frame_sum[d] / samples, future))
             references = {"copy_last": frame_metrics(past[:, -1:].expand_as(future), future),
                           "copy_last_vae": frame_metrics(last_rec.expand_as(future), future),
                           "vae_roundtrip": frame_metrics(model.vae.decode(model.vae.encode_moments(future)[0]),
