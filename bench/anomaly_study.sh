@@ -35,13 +35,13 @@ if [ "${ANOM_TINY:-0}" = 1 ]; then
   WORLD="data.synthetic.num_clips=12 data.synthetic.frames_per_clip=20"
   ABWORLD="data.synthetic.num_clips=3 data.synthetic.frames_per_clip=20 data.synthetic.anomalies=1"
   SIZE="train.batch_size=4 train.max_steps=${ANOM_STEPS:-6} optim.warmup_steps=2 checkpoint.every=3 eval.clips=1 eval.steps=2"
-  SCORE_ARGS="--steps 2"
+  SCORE_ARGS="--steps 2 --smooth 1"
 else
   NORMAL=data_cache/anomaly_normal ABNORMAL=data_cache/anomaly_anomalous
   WORLD=""
   ABWORLD="data.synthetic.num_clips=40 data.synthetic.anomalies=2"
   SIZE="train.max_steps=${ANOM_STEPS:-5000}"
-  SCORE_ARGS="--batch-size 128"
+  SCORE_ARGS="--batch-size 128 --smooth 1 2"
 fi
 
 # variants: --set overrides on the config (its default is the demo's recipe: residual target, snr_gamma 0)
@@ -110,8 +110,9 @@ for f in sorted(out.glob("*/anomaly.json")):
     rows[f.parent.name] = {"step": r.get("step"), "frames": r.get("frames_scored"),
                            "anomalous": r.get("frames_anomalous"), "auc": r.get("auc", {})}
 (out / "summary.json").write_text(json.dumps(rows, indent=1))
-keys = [k for k in ("model_t+1", "model_mean", "model_t+1_patch", "model_mean_patch", "model_t+1_raw",
-                    "copy_last_t+1", "copy_last_mean", "copy_last_t+1_patch") if any(k in r["auc"] for r in rows.values())]
+keys = [k for k in ("model_t+1", "model_mean", "model_t+1_smooth1", "model_mean_smooth1", "model_t+1_smooth2",
+                    "model_mean_smooth2", "model_t+1_patch", "model_mean_patch", "model_t+1_raw",
+                    "copy_last_t+1", "copy_last_mean", "copy_last_t+1_smooth1", "copy_last_t+1_patch") if any(k in r["auc"] for r in rows.values())]
 print(f"frame-level AUC ({next(iter(rows.values()))['frames'] if rows else 0} frames scored)")
 print(f"{'scoring':<22}{'step':>6}  " + "  ".join(f"{k:>{max(len(k), 6)}}" for k in keys))
 for name, r in rows.items():

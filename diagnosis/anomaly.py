@@ -55,6 +55,25 @@ def patch_psnr(pred: torch.Tensor, true: torch.Tensor, patch: int) -> torch.Tens
     return (10 * torch.log10(1.0 / mse.flatten(1).amax(1).clamp_min(1e-10))).reshape(lead)
 
 
+def smooth(values: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A clip's per-frame series (N,) filtered over time by a Gaussian of `sigma` frames (truncated at 3 sigma), over
+    its finite entries only: the weights of each frame's finite neighbours are renormalised, so the clip's ends and
+    the frames no window predicts (NaN, left NaN) do not pull it down. sigma 0: unchanged. Frame-level scores are
+    smoothed this way in much of the anomaly literature after Liu et al. (e.g. Georgescu et al., CVPR 2021): an event
+    that prediction error sees at its onset and its end is then seen in the frames between."""
+    if sigma <= 0:
+        return values.clone()
+    ok = torch.isfinite(values)
+    radius = max(int(math.ceil(3 * sigma)), 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (offsets / sigma) ** 2)  # (2r + 1,)
+    v = F.pad(torch.where(ok, values, 0).double()[None, None], (radius, radius))[0, 0]
+    m = F.pad(ok.double()[None, None], (radius, radius))[0, 0]
+    num = v.unfold(0, 2 * radius + 1, 1) @ w  # (N,) weighted sums over each frame's neighbourhood
+    den = m.unfold(0, 2 * radius + 1, 1) @ w  # the weight of its finite neighbours
+    return torch.where(ok, num / den.clamp_min(1e-12), values).to(values.dtype)
+
+
 def anomaly_scores(psnr: torch.Tensor, normalise: bool) -> torch.Tensor:
     """Higher = more anomalous: 1 - regularity (per clip) or -PSNR."""
     return 1 - regularity(psnr) if normalise else -psnr

@@ -160,3 +160,33 @@ def test_by_kind_splits_the_auc_by_event_and_reports_the_frames_after_it(tmp_pat
     assert r["normal_after_event"]["mean_score_by_distance"] == pytest.approx([0.35, 0.1])
     assert r["normal_after_event"]["frames"] == 4
     assert r["normal_elsewhere"] == {"mean_score": pytest.approx(0.1), "frames": 2}
+
+
+def test_smooth_is_a_gaussian_over_the_finite_frames_of_a_clip():
+    psnr = torch.tensor([math.nan, 30.0, 20.0, 20.0, 35.0, 20.0, 20.0, 20.0, 30.0])
+    sigma = 1.0
+    out = anomaly.smooth(psnr, sigma)
+    # by hand: each finite frame's Gaussian-weighted mean over its finite neighbours within 3 sigma
+    for i in range(len(psnr)):
+        if math.isnan(psnr[i]):
+            assert math.isnan(out[i])
+            continue
+        pairs = [(math.exp(-0.5 * ((j - i) / sigma) ** 2), float(psnr[j])) for j in range(len(psnr))
+                 if abs(j - i) <= 3 and math.isfinite(psnr[j])]
+        assert float(out[i]) == pytest.approx(sum(w * v for w, v in pairs) / sum(w for w, _ in pairs), abs=1e-4)
+    assert anomaly.smooth(psnr, 0).tolist()[1:] == psnr.tolist()[1:]
+    assert anomaly.smooth(torch.full((7,), 25.0), 2.0).tolist() == pytest.approx([25.0] * 7)
+
+
+def test_smoothing_lets_an_event_seen_at_its_onset_and_end_be_seen_between():
+    # a stop as prediction error sees it: high at its first frame and where motion resumes, low between (the past
+    # already shows the object standing); normal frames low, with noise
+    g = torch.Generator().manual_seed(0)
+    scores = 0.1 + 0.05 * torch.rand(40, generator=g)
+    labels = torch.zeros(40, dtype=torch.bool)
+    for a in (10, 25):
+        scores[a], scores[a + 1], scores[a + 2], scores[a + 3] = 0.9, 0.11, 0.1, 0.9
+        labels[a:a + 4] = True
+    raw = anomaly.auc(scores, labels)
+    assert raw < 0.85  # the two middle frames score like normal ones
+    assert anomaly.auc(anomaly.smooth(scores, 1.0), labels) > 0.95

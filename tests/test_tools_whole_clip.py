@@ -136,7 +136,7 @@ def test_anomaly_tool_reports_each_event_kind_when_the_labels_name_it(run, tmp_p
                                              "clip_0001": [{"kind": "jump", "label": [3, 3]}]}}))
     out = tmp_path / "k"
     assert tool.main(["--run", str(run), "--data-root", str(world), "--labels", str(labels), "--out", str(out),
-                      "--clips", "3"]) == 0
+                      "--clips", "3", "--smooth", "1"]) == 0
     kinds = json.loads((out / "anomaly.json").read_text())["by_kind"]["model_t+1"]
     assert kinds["stop"]["frames"] == 2 and kinds["jump"]["frames"] == 1
     assert kinds["normal_after_event"]["frames"] == 2 + 4  # up to 4 after: frames 6, 7 of clip 0, 4..7 of clip 1
@@ -145,3 +145,11 @@ def test_anomaly_tool_reports_each_event_kind_when_the_labels_name_it(run, tmp_p
     normal = [float(r["model_t+1"]) for r in rows if r["label"] == "0"]
     expected = anomaly.auc(torch.tensor(stop + normal), torch.tensor([1] * len(stop) + [0] * len(normal)).bool())
     assert kinds["stop"]["auc"] == pytest.approx(expected, abs=1e-4)
+    # --smooth 1: every score also smoothed over time, from the clip's PSNR series in scores.csv
+    res = json.loads((out / "anomaly.json").read_text())
+    assert {"model_t+1_smooth1", "copy_last_mean_raw_smooth1"} <= set(res["auc"]) and "model_t+1_smooth1" in res["by_kind"]
+    clip = [r for r in read_csv(out / "scores.csv") if r["clip"] == "clip_0000"]
+    psnr = torch.tensor([float(r["model_psnr_t+1"] or "nan") for r in clip])
+    smoothed = anomaly.anomaly_scores(anomaly.smooth(psnr, 1.0), normalise=True)
+    assert [float(r["model_t+1_smooth1"] or "nan") for r in clip] == pytest.approx(smoothed.tolist(), abs=1e-4,
+                                                                                    nan_ok=True)

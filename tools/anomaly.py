@@ -16,7 +16,8 @@ prediction and are left out. Labels (diagnosis/anomaly.py): JSON {clip: [[start,
 (0-based inclusive frame numbers), UCSD's .m (TestDataset.gt_frame{i} = [61:180]) or a .mat cell array `gt` (1-based;
 both matched to clips by order). Writes into --out (default <run>/anomaly): scores.csv (per frame), anomaly.json
 (AUC over all frames and per clip, for every score), roc.png, and curves/<clip>.png (scores against frame, labelled
-intervals shaded).
+intervals shaded). With --smooth SIGMA ..., every score also comes smoothed over time (a Gaussian of SIGMA frames on
+the PSNR series of each clip, before normalisation: diagnosis/anomaly.py's smooth), as <score>_smooth<SIGMA> beside it.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, metavar="K",
                    help="predictions per window; each frame's PSNR is averaged over the K (default 1)")
     p.add_argument("--patch", type=int, default=16, help="side of the patches of the *_patch scores, pixels (default 16)")
+    p.add_argument("--smooth", type=float, nargs="+", default=[], metavar="SIGMA",
+                   help="also report every score smoothed over time by a Gaussian of SIGMA frames, as "
+                        "<score>_smooth<SIGMA>, for each SIGMA given (default: none, Liu et al.'s protocol)")
     p.add_argument("--precision", choices=["bf16", "no"], help="default: the run's train.mixed_precision")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override the stored config")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.samples < 1 or args.patch < 1:
         parser.error("--samples and --patch must be at least 1")
+    if not all(0 < sigma < 1e6 for sigma in args.smooth):
+        parser.error("--smooth takes numbers of frames above 0")
     import dataclasses
 
     import torch
@@ -129,28 +135,33 @@ def main(argv=None) -> int:
             per_clip.append((c.name, src.frame_indices, clip_psnr(s), y))
 
     # ---- scores per frame (the model's first t_past frames have none: left out everywhere, copy-last included)
+    scores = {k: (pred, col, norm, 0.0) for k, (pred, col, norm) in SCORES.items()}
+    for sigma in args.smooth:
+        scores.update({f"{k}_smooth{sigma:g}": (pred, col, norm, sigma) for k, (pred, col, norm) in SCORES.items()})
+    smoothed = [f"model_t+1_smooth{sigma:g}" for sigma in args.smooth]
     result = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "weights": args.weights,
               "data_root": args.data_root, "labels": args.labels, "rollout": args.rollout, "seed": args.seed,
-              "samples": args.samples, "patch": args.patch,
+              "samples": args.samples, "patch": args.patch, "smooth": args.smooth,
               "scores": {k: f"{'1 - per-clip min-max normalised' if norm else 'minus'} PSNR of {pred} {COLUMNS[col]}"
                             + (f" ({args.patch}x{args.patch} pixels, stride {args.patch // 2})" if "patch" in col else "")
                             + (f", mean over {args.samples} samples" if pred == "model" and args.samples > 1 else "")
-                         for k, (pred, col, norm) in SCORES.items()}}
+                            + (f", smoothed over time (Gaussian, sigma {sigma:g} frames)" if sigma else "")
+                         for k, (pred, col, norm, sigma) in scores.items()}}
     columns = {}  # (clip index, score name) -> (N,) anomaly scores
     for i, (_, _, psnr, _) in enumerate(per_clip):
         valid = torch.isfinite(psnr[("model", "t1")])
-        for name, (pred, col, norm) in SCORES.items():
-            values = psnr[(pred, col)].masked_fill(~valid, math.nan)
+        for name, (pred, col, norm, sigma) in scores.items():
+            values = anomaly.smooth(psnr[(pred, col)].masked_fill(~valid, math.nan), sigma)
             columns[i, name] = anomaly.anomaly_scores(values, norm)
     out = Path(args.out) if args.out else Path(args.run) / "anomaly"
     (out / "curves").mkdir(parents=True, exist_ok=True)
     with open(out / "scores.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["clip", "frame", "label", "model_psnr_t+1", "model_psnr_mean", "copy_last_psnr_t+1", *SCORES])
+        w.writerow(["clip", "frame", "label", "model_psnr_t+1", "model_psnr_mean", "copy_last_psnr_t+1", *scores])
         for i, (name, frames, psnr, y) in enumerate(per_clip):
             for f, number in enumerate(frames):
                 vals = [float(psnr[("model", "t1")][f]), float(psnr[("model", "mean")][f]),
-                        float(psnr[("copy_last", "t1")][f]), *(float(columns[i, k][f]) for k in SCORES)]
+                        float(psnr[("copy_last", "t1")][f]), *(float(columns[i, k][f]) for k in scores)]
                 w.writerow([name, number, "" if y is None else int(y[f]),
                             *("" if math.isnan(v) else f"{v:.5f}" for v in vals)])
 
@@ -162,21 +173,21 @@ def main(argv=None) -> int:
                                                                  for i in range(len(per_clip))])).sum())
         result["frames_anomalous"] = int(ys[torch.isfinite(torch.cat([columns[i, "model_t+1"]
                                                                        for i in range(len(per_clip))]))].sum())
-        result["auc"] = {k: anomaly.auc(torch.cat([columns[i, k] for i in range(len(per_clip))]), ys) for k in SCORES}
-        result["auc_per_clip"] = {name: {k: anomaly.auc(columns[i, k], y) for k in SCORES}
+        result["auc"] = {k: anomaly.auc(torch.cat([columns[i, k] for i in range(len(per_clip))]), ys) for k in scores}
+        result["auc_per_clip"] = {name: {k: anomaly.auc(columns[i, k], y) for k in scores}
                                   for i, (name, _, _, y) in enumerate(per_clip)}
         events = anomaly.load_events(args.labels)
         if events:  # labels that name each event's kind (synthetic worlds): which events the scores find
             result["by_kind"] = {k: anomaly.by_kind({name: columns[i, k] for i, (name, *_) in enumerate(per_clip)},
                                                     {name: frames for name, frames, *_ in per_clip}, events)
-                                 for k in ("model_t+1", "model_mean", "copy_last_t+1")}
+                                 for k in ("model_t+1", "model_mean", "copy_last_t+1", *smoothed)}
         curves = {}
-        for k in ("model_t+1", "model_mean", "model_t+1_patch", "copy_last_t+1"):
+        for k in ("model_t+1", "model_mean", "model_t+1_patch", "copy_last_t+1", *smoothed[:1]):
             fpr, tpr = anomaly.roc(torch.cat([columns[i, k] for i in range(len(per_clip))]), ys)
             curves[k] = (fpr, tpr, result["auc"][k])
         anomaly.roc_picture(curves, f"frame-level ROC, {len(per_clip)} clips").save(out / "roc.png")
     for i, (name, frames, _, y) in enumerate(per_clip):
-        series = {k: columns[i, k].tolist() for k in ("model_t+1", "copy_last_t+1")}
+        series = {k: columns[i, k].tolist() for k in ("model_t+1", "copy_last_t+1", *smoothed[:1])}
         shaded = [(frames[a], frames[b]) for a, b in anomaly.intervals_of(y)] if y is not None else []
         img = anomaly.score_curve(frames, series, shaded, f"{name}: anomaly score (1 - regularity)")
         img.save(out / "curves" / f"{name}.png")
