@@ -31,6 +31,9 @@ declare -A DEMO=(
   [res_zt]="diffusion.target=residual diffusion.zero_terminal_snr=true"
   [lr2]="optim.lr=2e-3"                      # the same CPU minutes, a faster optimizer?
   [ema998]="ema.decay=0.998"                 # a shorter EMA window for a 3,500-step run
+  [lr3]="optim.lr=3e-3"
+  [seed1]="train.seed=1"                     # base and lr2 on another seed: is the lr gain more than noise?
+  [lr2_seed1]="optim.lr=2e-3 train.seed=1"
 )
 declare -A ACTION=(
   [act_base]=""
@@ -106,7 +109,7 @@ for phase in $1; do
   demo)
     for v in "${!DEMO[@]}"; do
       picked "$v" || continue
-      evaluate "demo_$v" --threshold 0.05 0.2
+      evaluate "demo_$v" --decode off masked copy --threshold 0.05
       $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1
     done
     for v in "${!ACTION[@]}"; do

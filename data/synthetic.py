@@ -141,10 +141,11 @@ def _anomaly_clock(rng: np.random.Generator, sc: SyntheticConfig, n: int) -> tup
     return tau, events
 
 
-def _scene(sc: SyntheticConfig, clip_index: int, actions: np.ndarray | None = None,
-           ) -> tuple[np.ndarray, np.ndarray, ObjectTracks, list[dict]]:
-    """(background (T, H, W, 3) float, actions (T,), object tracks, anomalous events) of one clip: every random
-    draw, in one order. `actions`: the camera driven by these instead of the clip's own (every draw unchanged)."""
+def _scene(sc: SyntheticConfig, clip_index: int, actions: np.ndarray | None = None, clock: np.ndarray | None = None,
+           ) -> tuple[np.ndarray, np.ndarray, ObjectTracks, list[dict], np.ndarray]:
+    """(background (T, H, W, 3) float, actions (T,), object tracks, anomalous events, the objects' clock (T, N)) of
+    one clip: every random draw, in one order. `actions`: the camera driven by these instead of the clip's own;
+    `clock`: the objects run on this (T, N) clock instead of their own (every draw unchanged in both cases)."""
     rng = np.random.default_rng([sc.seed, clip_index])
     t_frames, h, w, n = sc.frames_per_clip, sc.height, sc.width, sc.num_objects
     drawn = _actions(rng, t_frames) if sc.action_pan else np.zeros(t_frames)
@@ -165,11 +166,19 @@ def _scene(sc: SyntheticConfig, clip_index: int, actions: np.ndarray | None = No
     speed = rng.uniform(0.5, 1.0, size=n) * sc.speed
     vel = np.stack([np.cos(angle), np.sin(angle)], 1) * speed[:, None]
     t, events = _anomaly_clock(rng, sc, n)  # (T, N) each object's clock: t itself unless an event changes it
+    if clock is not None:
+        t = np.asarray(clock, dtype=np.float64).reshape(t.shape)
     px = _bounce(pos0[:, 0], vel[:, 0], lo[:, 0], hi[:, 0], t)  # (T, N)
     py = _bounce(pos0[:, 1], vel[:, 1], lo[:, 1], hi[:, 1], t)
 
     tracks = ObjectTracks(px.astype(np.float32), py.astype(np.float32), radius, square, colours)
-    return img, actions, tracks, events
+    return img, actions, tracks, events, t
+
+
+def object_clock(sc: SyntheticConfig, clip_index: int) -> np.ndarray:
+    """(T, N): where on its own track each object of clip `clip_index` is in each frame, in frames of normal motion
+    (t itself in a normal world; an anomalous event freezes, reverses, speeds up or scrambles it)."""
+    return _scene(sc, clip_index)[4]
 
 
 def object_tracks(sc: SyntheticConfig, clip_index: int) -> ObjectTracks:
@@ -182,10 +191,12 @@ def anomaly_events(sc: SyntheticConfig, clip_index: int) -> list[dict]:
     return _scene(sc, clip_index)[3]
 
 
-def render_clip(sc: SyntheticConfig, clip_index: int, actions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def render_clip(sc: SyntheticConfig, clip_index: int, actions: np.ndarray | None = None,
+                clock: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(frames uint8 (T, H, W, 3), actions float (T,)) of one clip; a pure function of (sc, clip_index). `actions`:
-    the same clip with the camera driven by these (a counterfactual; objects and texture unchanged)."""
-    return _draw(sc, *_scene(sc, clip_index, actions)[:3])
+    the same clip with the camera driven by these (a counterfactual; objects and texture unchanged); `clock` (T, N):
+    with the objects at these points of their tracks (object_clock's units)."""
+    return _draw(sc, *_scene(sc, clip_index, actions, clock)[:3])
 
 
 def _draw(sc: SyntheticConfig, img: np.ndarray, actions: np.ndarray, tr: ObjectTracks) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +214,7 @@ def _draw(sc: SyntheticConfig, img: np.ndarray, actions: np.ndarray, tr: ObjectT
 
 
 def _write_clip(sc: SyntheticConfig, out: Path, clip_index: int) -> list[dict]:
-    img, actions, tracks, events = _scene(sc, clip_index)
+    img, actions, tracks, events, _ = _scene(sc, clip_index)
     frames, actions = _draw(sc, img, actions, tracks)
     clip_dir = out / f"clip_{clip_index:04d}"
     clip_dir.mkdir()

@@ -190,3 +190,31 @@ def test_smoothing_lets_an_event_seen_at_its_onset_and_end_be_seen_between():
     raw = anomaly.auc(scores, labels)
     assert raw < 0.85  # the two middle frames score like normal ones
     assert anomaly.auc(anomaly.smooth(scores, 1.0), labels) > 0.95
+
+
+def test_an_oracle_that_knows_the_law_predicts_normal_motion_exactly_and_a_stop_from_its_second_frame(tmp_path):
+    """bench/anomaly_oracle.py: the world's own renderer at a clock extrapolated from the past. Normal frames far
+    from an event are predicted exactly; inside a 'stop' the last-two-frames oracle is exact again from the event's
+    second frame (the past already shows the object standing): no prediction error can see those frames."""
+    import json
+
+    from bench import anomaly_oracle as oracle
+    from configs.loader import load_config
+    from data.synthetic import anomaly_events
+
+    world = ["data.synthetic.num_clips=4", "data.synthetic.frames_per_clip=20", "data.synthetic.anomaly_kinds=[stop]"]
+    cfg = load_config("configs/anomaly_synthetic.yaml", oracle.STUDY_WORLD + world)
+    sc = cfg.data.synthetic
+    for clip in range(2):
+        ev = anomaly_events(sc, clip)
+        psnr = oracle.oracle_psnr(sc, clip, cfg.data.t_past, "last2")
+        near = {f for e in ev for f in range(e["label"][0] - 1, e["label"][1] + 3)}
+        assert all(psnr[f] == 100.0 for f in range(cfg.data.t_past, 20) if f not in near)
+        for e in ev:
+            a = e["start"]
+            assert psnr[a] < 60 and psnr[a + 1] == 100.0 and psnr[a + 2] == 100.0 and psnr[a + 3] < 60
+    out = tmp_path / "oracle.json"
+    assert oracle.main(["--set", *world, "--fit", "last2", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["fits"]["last2"]
+    assert r["t+1"]["mean_score_by_position"]["stop"][1:3] == [0.0, 0.0]
+    assert r["t+1_smooth1"]["auc"] > r["t+1"]["auc"]
