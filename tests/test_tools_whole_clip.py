@@ -153,3 +153,11 @@ def test_anomaly_tool_reports_each_event_kind_when_the_labels_name_it(run, tmp_p
     smoothed = anomaly.anomaly_scores(anomaly.smooth(psnr, 1.0), normalise=True)
     assert [float(r["model_t+1_smooth1"] or "nan") for r in clip] == pytest.approx(smoothed.tolist(), abs=1e-4,
                                                                                     nan_ok=True)
+
+
+@pytest.mark.parametrize("bad", [["--smooth", "0"], ["--smooth", "-1"], ["--samples", "0"]])
+def test_anomaly_tool_refuses_bad_numbers_before_loading_anything(bad, capsys):
+    from tools import anomaly as tool
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--run", "no_such_run", "--data-root", "no_such_root", *bad])
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
