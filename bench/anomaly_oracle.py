@@ -27,8 +27,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configs.loader import load_config  # noqa: E402
+from data.pixels import to_unit, uint8_to_frames  # noqa: E402
 from data.synthetic import anomaly_events, object_clock, render_clip  # noqa: E402
 from diagnosis import anomaly  # noqa: E402
+from training.evaluation import frame_psnr  # noqa: E402
 
 STUDY_WORLD = ["data.synthetic.seed=1", "data.synthetic.num_clips=40", "data.synthetic.anomalies=2"]
 
@@ -42,21 +44,18 @@ def extrapolate(past: np.ndarray, fit: str) -> np.ndarray:
     return icept + slope * len(past)
 
 
-def psnr(pred: np.ndarray, true: np.ndarray) -> float:
-    mse = float(np.mean((pred.astype(np.float64) - true.astype(np.float64)) ** 2)) / 255.0 ** 2
-    return 100.0 if mse < 1e-10 else min(100.0, 10 * np.log10(1.0 / mse))
-
-
 def oracle_psnr(sc, clip: int, t_past: int, fit: str) -> list[float]:
-    """PSNR of the oracle's prediction of every frame of the clip (NaN for the first t_past, as in tools/anomaly.py)."""
+    """PSNR of the oracle's prediction of every frame of the clip (NaN for the first t_past, as in tools/anomaly.py).
+    A frame's objects depend only on that frame's clock, so one render at the predicted clock of every frame (each
+    row extrapolated from the TRUE clock before it) holds every prediction."""
     true, _ = render_clip(sc, clip)
     tau = object_clock(sc, clip)
-    out = [float("nan")] * t_past
+    clock = tau.copy()
     for f in range(t_past, len(true)):
-        clock = tau.copy()
         clock[f] = extrapolate(tau[f - t_past:f], fit)
-        out.append(psnr(render_clip(sc, clip, clock=clock)[0][f], true[f]))
-    return out
+    pred, _ = render_clip(sc, clip, clock=clock)
+    psnr = frame_psnr(to_unit(uint8_to_frames(pred)), to_unit(uint8_to_frames(true)))  # the project's one PSNR
+    return [float("nan")] * t_past + psnr[t_past:].tolist()
 
 
 def main(argv=None) -> int:

@@ -106,12 +106,10 @@ def main(argv=None) -> int:
             shutil.rmtree(out)
         tmp.rename(out)
     except (DataError, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except BaseException:
+    finally:  # whatever stopped it (after the rename there is nothing left to remove)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out}/: " + ", ".join(f"{name} ({len(r)} frames)" for name, r in parts.items()) + ", split.json")
     return 0
 
