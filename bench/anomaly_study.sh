@@ -14,6 +14,10 @@
 #   ANOM_TRAIN_S / ANOM_SCORE_S  time limits of each training run / each scoring, seconds (default 230 / 110)
 #   ANOM_SAMPLES                 K samples per window for the K-sample scorings (default 3)
 #   ANOM_TINY=1                  a tiny CPU smoke run of the whole pipeline (small worlds, a few steps)
+#   ANOM_WORLD="key=value ..."   overrides of the NORMAL (training) world, e.g. data.synthetic.num_clips=1024
+#   ANOM_SET="key=value ..."     overrides added last to every training run (e.g. train.max_steps=10000)
+#   ANOM_SMOOTH="1 2"            --smooth sigmas of every scoring
+#   ANOM_SCORINGS="plain off k rollout eta1"   which scorings of each run (default: the first four)
 #   ANOM_RUNS                    parent folder of the run folders (default runs)
 set -u
 cd "$(dirname "$0")/.."
@@ -38,10 +42,11 @@ if [ "${ANOM_TINY:-0}" = 1 ]; then
   SCORE_ARGS="--steps 2 --smooth 1"
 else
   NORMAL=data_cache/anomaly_normal ABNORMAL=data_cache/anomaly_anomalous
-  WORLD=""
+  WORLD=${ANOM_WORLD:-}
+  [ -n "$WORLD" ] && NORMAL=data_cache/anomaly_normal_custom
   ABWORLD="data.synthetic.num_clips=40 data.synthetic.anomalies=2"
   SIZE="train.max_steps=${ANOM_STEPS:-5000}"
-  SCORE_ARGS="--batch-size 128 --smooth 1 2"
+  SCORE_ARGS="--batch-size 128 --smooth ${ANOM_SMOOTH:-1 2}"
 fi
 
 # variants: --set overrides on the config (its default is the demo's recipe: residual target, snr_gamma 0)
@@ -51,8 +56,13 @@ declare -A VARIANTS=(
   [res_tf4]="data.t_future=4"                                          # 4 horizons to average over
   [res_wide]="unet.block_out_channels=[64,128,256]"                    # 4x the parameters
   [res_tp8]="data.t_past=8"                                            # a past that reaches back before a short event
+  [res_tp2]="data.t_past=2"                                            # a past that forgets an event sooner
+  [res_long]="train.max_steps=7000"                                    # smaller errors on normal frames by training longer?
+  [res_wide_long]="unet.block_out_channels=[64,128,256] train.max_steps=5000"  # res_wide, not cut by the time limit
 )
 picked() { [ -z "${ANOM_VARIANTS:-}" ] || [[ " $ANOM_VARIANTS " == *" $1 "* ]]; }
+SCORINGS=${ANOM_SCORINGS:-plain off k rollout}
+scoring() { [[ " $SCORINGS " == *" $1 "* ]]; }
 
 world() {  # root overrides... : write a synthetic world of the config once (ensure_synthetic), bounded in time
   local root=$1; shift
@@ -77,7 +87,7 @@ for v in "${!VARIANTS[@]}"; do
   picked "$v" || continue
   timeout -k 30 "$TRAIN_S" $PY train_video_pred.py --config "$CONFIG" --overwrite --set data.root="$NORMAL" \
     logging.run_dir="$RUNS" logging.name="anomaly_$v" logging.wandb.mode=disabled cache.dir="data_cache/latents_anomaly_$v" \
-    $WORLD $SIZE ${VARIANTS[$v]} > "$OUT/train_$v.log" 2>&1 &
+    $WORLD $SIZE ${VARIANTS[$v]} ${ANOM_SET:-} > "$OUT/train_$v.log" 2>&1 &
 done
 wait
 for v in "${!VARIANTS[@]}"; do
@@ -92,10 +102,11 @@ done
 # scores (*_patch) beside the paper's whole-frame PSNR.
 for v in "${!VARIANTS[@]}"; do
   picked "$v" || continue
-  score "$v" "$v" &
-  score "$v" "${v}_decode_off" --set "sampler.residual_decode='off'" &
-  score "$v" "${v}_k$K" --samples "$K" &
-  score "$v" "${v}_rollout2" --rollout 2 &
+  scoring plain && score "$v" "$v" &
+  scoring off && score "$v" "${v}_decode_off" --set "sampler.residual_decode='off'" &
+  scoring k && score "$v" "${v}_k$K" --samples "$K" &
+  scoring rollout && score "$v" "${v}_rollout2" --rollout 2 &
+  scoring eta1 && score "$v" "${v}_eta1" --set sampler.eta=1.0 &
 done
 wait
 
@@ -110,8 +121,10 @@ for f in sorted(out.glob("*/anomaly.json")):
     rows[f.parent.name] = {"step": r.get("step"), "frames": r.get("frames_scored"),
                            "anomalous": r.get("frames_anomalous"), "auc": r.get("auc", {})}
 (out / "summary.json").write_text(json.dumps(rows, indent=1))
-keys = [k for k in ("model_t+1", "model_mean", "model_t+1_smooth1", "model_mean_smooth1", "model_t+1_smooth2",
-                    "model_mean_smooth2", "model_t+1_patch", "model_mean_patch", "model_t+1_raw",
+smooth = sorted({k.split("_smooth")[1] for r in rows.values() for k in r["auc"] if k.startswith("model_t+1_smooth")},
+                key=float)
+keys = [k for k in ("model_t+1", "model_mean", *(f"model_{h}_smooth{s}" for s in smooth for h in ("t+1", "mean")),
+                    "model_t+1_patch", "model_mean_patch", "model_t+1_raw",
                     "copy_last_t+1", "copy_last_mean", "copy_last_t+1_smooth1", "copy_last_t+1_patch") if any(k in r["auc"] for r in rows.values())]
 print(f"frame-level AUC ({next(iter(rows.values()))['frames'] if rows else 0} frames scored)")
 print(f"{'scoring':<22}{'step':>6}  " + "  ".join(f"{k:>{max(len(k), 6)}}" for k in keys))

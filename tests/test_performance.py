@@ -577,3 +577,29 @@ def test_the_diffusers_check_leaves_the_global_rng_alone():
     before = torch.get_rng_state()
     assert performance.diffusers_mismatches() == {}
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_bench_cpu_step_measures_each_lever_against_the_shipped_step_of_the_same_run(tmp_path):
+    """bench/bench_cpu_step.py: each lever's row carries the steps/s of the project's own loss + backward + AdamW
+    and its ratio to the shipped demo step measured in the same process (the baseline a ratio needs); a lever it
+    does not know is refused."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cpu_step.json"
+    cmd = [sys.executable, str(root / "bench" / "bench_cpu_step.py"), "--steps", "1"]
+    proc = subprocess.run(cmd + ["--widths", "32,64,64", "--levers", "eager", "channels_last", "--batch", "2",
+                                 "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert (rec["baseline"]["widths"], rec["baseline"]["lever"], rec["baseline"]["batch"]) == ("32,64,128", "eager", 16)
+    assert [(r["lever"], r["batch"]) for r in rec["rows"]] == [("eager", 2), ("channels_last", 2)]
+    for r in rec["rows"]:
+        assert r["steps_per_s"] > 0 and r["ratio_steps"] == r["steps_per_s"] / rec["baseline"]["steps_per_s"]
+        assert 0 < r["params_m"] < rec["baseline"]["params_m"]  # 32,64,64 is smaller than the shipped 32,64,128
+    assert "baseline: shipped UNet" in proc.stdout
+    bad = subprocess.run(cmd + ["--levers", "warp"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode != 0 and "invalid choice: 'warp'" in bad.stderr

@@ -1,0 +1,97 @@
+"""The demo's training step on the CPU, under each speed lever, as ratios to the shipped UNet's eager fp32 step
+measured in the same run: what decides whether a wider UNet fits the demo's 15 CPU minutes (issue 14, QUALITY.md).
+
+One step = the project's diffusion loss (model.video_prediction_diffusion.VideoPredictionDiffusion.loss) on random
+latents of the demo's shape, backward and AdamW, as the trainer does on a CPU (no data loading, no EMA).
+
+    python bench/bench_cpu_step.py                                  # shipped and 4x UNet, every lever, batch 16
+    python bench/bench_cpu_step.py --widths 32,64,128 --levers eager compile --batch 8 16 32
+
+Levers: eager (fp32, NCHW: what the demo runs), channels_last (NHWC weights and inputs), compile (torch.compile,
+inductor; its compile time is reported apart, not in the steps/s), bf16 (autocast; slow on CPUs without AVX512-BF16
+or AMX: check `lscpu`). Prints one line per variant and a JSON list with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from configs.loader import load_config  # noqa: E402
+from model.video_prediction_diffusion import VideoPredictionDiffusion  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVERS = ("eager", "channels_last", "compile", "bf16")
+
+
+def measure(widths: str, lever: str, batch: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"unet.block_out_channels=[{widths}]"])
+    model = VideoPredictionDiffusion.from_config(cfg, "cpu")
+    c, h, w = model.vae.latent_channels, cfg.data.height // model.vae.downsample, cfg.data.width // model.vae.downsample
+    net = model.unet
+    past = torch.randn(batch, cfg.data.t_past, c, h, w)
+    future = torch.randn(batch, cfg.data.t_future, c, h, w)
+    if lever == "channels_last":
+        net.to(memory_format=torch.channels_last)
+    fn = torch.compile(net) if lever == "compile" else net
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lever == "bf16"):
+            loss = model.loss(past, future, generator=gen, net=fn)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(3):  # warm-up (compile: traces and compiles here)
+        step()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t0) / steps
+    return {"widths": widths, "lever": lever, "batch": batch, "steps_per_s": 1 / dt, "samples_per_s": batch / dt,
+            "warmup_s": warm, "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--widths", nargs="+", default=["32,64,128", "64,128,256"], help="unet.block_out_channels to try")
+    p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=LEVERS)
+    p.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (the demo trains at 16)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant, after 3 warm-up steps")
+    p.add_argument("--json", help="also write the rows to this file")
+    args = p.parse_args(argv)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads "
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    baseline = measure("32,64,128", "eager", 16, args.steps)  # the shipped demo step, same process, same run
+    print(f"baseline: shipped UNet, eager fp32, batch 16: {baseline['steps_per_s']:.2f} steps/s")
+    rows = []
+    for widths in args.widths:
+        for lever in args.levers:
+            for batch in args.batch:
+                r = measure(widths, lever, batch, args.steps)
+                r["ratio_steps"] = r["steps_per_s"] / baseline["steps_per_s"]
+                rows.append(r)
+                print(f"{widths:>12} {r['params_m']:5.1f}M  {lever:<14} batch {batch:>3}  {r['steps_per_s']:6.2f} steps/s "
+                      f"({r['ratio_steps']:.2f}x the baseline's steps/s, {r['samples_per_s']:6.1f} samples/s)"
+                      f"  warm-up {r['warmup_s']:.0f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"baseline": baseline, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
