@@ -13,6 +13,11 @@ Fits: `last2` extrapolates the last two clock values (the velocity of the last s
 line through all t_past of them. Normal motion is predicted exactly by both (PSNR capped at 100 dB); what they miss
 is what no predictor of the next frame from its past can see: once the past shows the object standing (or moving
 back, or fast), "it goes on like that" is the prediction, and it is right.
+
+--jitter D ...: an imperfect oracle, as a stand-in for a learned model: every predicted clock is off by Gaussian
+noise of D frames of motion (seeded; each object misplaced by about D x its speed along its track), so normal frames
+are no longer predicted exactly. How far the AUC falls with D, beside the normal-frame PSNR each D gives, says how
+precise a model must be on normal frames to reach a given AUC.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ def extrapolate(past: np.ndarray, fit: str) -> np.ndarray:
     return icept + slope * len(past)
 
 
-def oracle_psnr(sc, clip: int, t_past: int, fit: str) -> list[float]:
+def oracle_psnr(sc, clip: int, t_past: int, fit: str, jitter: float = 0.0) -> list[float]:
     """PSNR of the oracle's prediction of every frame of the clip (NaN for the first t_past, as in tools/anomaly.py).
     A frame's objects depend only on that frame's clock, so one render at the predicted clock of every frame (each
     row extrapolated from the TRUE clock before it) holds every prediction."""
@@ -53,6 +58,9 @@ def oracle_psnr(sc, clip: int, t_past: int, fit: str) -> list[float]:
     clock = tau.copy()
     for f in range(t_past, len(true)):
         clock[f] = extrapolate(tau[f - t_past:f], fit)
+    if jitter:
+        noise = np.random.default_rng([clip, round(jitter * 1000)]).normal(0.0, jitter, clock.shape)
+        clock[t_past:] += noise[t_past:]
     pred, _ = render_clip(sc, clip, clock=clock)
     psnr = frame_psnr(to_unit(uint8_to_frames(pred)), to_unit(uint8_to_frames(true)))  # the project's one PSNR
     return [float("nan")] * t_past + psnr[t_past:].tolist()
@@ -66,6 +74,8 @@ def main(argv=None) -> int:
                    help="overrides after the anomaly study's world (" + " ".join(STUDY_WORLD) + ")")
     p.add_argument("--fit", nargs="+", default=["last2", "past"], choices=["last2", "past"])
     p.add_argument("--smooth", type=float, default=1.0, help="also the scores smoothed over time (sigma, frames)")
+    p.add_argument("--jitter", type=float, nargs="+", default=[0.0], metavar="D",
+                   help="clock noise of the prediction, frames of motion (default 0: the exact oracle)")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
     cfg = load_config(args.config, STUDY_WORLD + list(args.set))
@@ -79,8 +89,10 @@ def main(argv=None) -> int:
     result = {"world": {"config": args.config, "set": STUDY_WORLD + list(args.set), "clips": sc.num_clips,
                         "frames_per_clip": sc.frames_per_clip, "anomaly_frames": sc.anomaly_frames, "t_past": t_past},
               "fits": {}}
-    for fit in args.fit:
-        psnrs = {n: torch.tensor(oracle_psnr(sc, c, t_past, fit), dtype=torch.float64) for c, n in enumerate(names)}
+    for fit, jitter in ((f, j) for f in args.fit for j in args.jitter):
+        key = fit if not jitter else f"{fit}_jitter{jitter:g}"
+        psnrs = {n: torch.tensor(oracle_psnr(sc, c, t_past, fit, jitter), dtype=torch.float64)
+                 for c, n in enumerate(names)}
         scores = {"t+1": {n: anomaly.anomaly_scores(v, True) for n, v in psnrs.items()},
                   "t+1_raw": {n: anomaly.anomaly_scores(v, False) for n, v in psnrs.items()},
                   f"t+1_smooth{args.smooth:g}": {n: anomaly.anomaly_scores(anomaly.smooth(v, args.smooth), True)
@@ -93,12 +105,15 @@ def main(argv=None) -> int:
                        "by_kind": {k: v["auc"] for k, v in kinds.items() if "auc" in v},
                        "mean_score_by_position": {k: [round(x, 3) for x in v["mean_score_by_position"]]
                                                   for k, v in kinds.items() if "auc" in v}}
-            print(f"oracle ({fit}) {name:<14} AUC {r[name]['auc']:.4f}   by kind: "
+            print(f"oracle ({key}) {name:<14} AUC {r[name]['auc']:.4f}   by kind: "
                   + ", ".join(f"{k} {a:.3f}" for k, a in r[name]["by_kind"].items()))
         ok = torch.cat([psnrs[n] for n in names])
         normal = ok[torch.isfinite(ok) & ~y]
         r["normal_frames_predicted_exactly"] = float((normal >= 100).double().mean())
-        result["fits"][fit] = r
+        r["normal_frames_psnr_median"] = float(normal.median())
+        if jitter:
+            print(f"oracle ({key}) normal frames: median PSNR {r['normal_frames_psnr_median']:.2f} dB")
+        result["fits"][key] = r
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -218,3 +218,27 @@ def test_an_oracle_that_knows_the_law_predicts_normal_motion_exactly_and_a_stop_
     r = json.loads(out.read_text())["fits"]["last2"]
     assert r["t+1"]["mean_score_by_position"]["stop"][1:3] == [0.0, 0.0]
     assert r["t+1_smooth1"]["auc"] > r["t+1"]["auc"]
+
+
+def test_an_imperfect_oracle_loses_what_smoothing_gave_the_exact_one(tmp_path):
+    """bench/anomaly_oracle.py --jitter: a clock misjudged by D frames of motion predicts normal frames no longer
+    exactly (their PSNR falls from the 100 dB cap to a value that falls as D grows), the same D and clip give the
+    same prediction (seeded), and the time smoothing that lifts the exact oracle's AUC lifts the jittered one's less
+    (its normal frames no longer score exactly 0)."""
+    import json
+
+    from bench import anomaly_oracle as oracle
+    from configs.loader import load_config
+
+    world = ["data.synthetic.num_clips=6", "data.synthetic.frames_per_clip=24"]
+    sc = load_config("configs/anomaly_synthetic.yaml", oracle.STUDY_WORLD + world).data.synthetic
+    assert oracle.oracle_psnr(sc, 0, 4, "last2", 0.2)[4:] == oracle.oracle_psnr(sc, 0, 4, "last2", 0.2)[4:]  # 0-3: NaN
+    out = tmp_path / "oracle.json"
+    assert oracle.main(["--set", *world, "--fit", "last2", "--jitter", "0", "0.1", "0.5", "--out", str(out)]) == 0
+    fits = json.loads(out.read_text())["fits"]
+    exact, small, large = fits["last2"], fits["last2_jitter0.1"], fits["last2_jitter0.5"]
+    assert exact["normal_frames_psnr_median"] == 100.0
+    assert 100.0 > small["normal_frames_psnr_median"] > large["normal_frames_psnr_median"]
+    assert small["normal_frames_predicted_exactly"] == 0.0
+    gain = {k: v["t+1_smooth1"]["auc"] - v["t+1"]["auc"] for k, v in (("exact", exact), ("small", small))}
+    assert gain["exact"] > gain["small"]
