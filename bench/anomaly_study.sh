@@ -39,7 +39,8 @@ if [ "${ANOM_TINY:-0}" = 1 ]; then
   WORLD="data.synthetic.num_clips=12 data.synthetic.frames_per_clip=20"
   ABWORLD="data.synthetic.num_clips=3 data.synthetic.frames_per_clip=20 data.synthetic.anomalies=1"
   SIZE="train.batch_size=4 train.max_steps=${ANOM_STEPS:-6} optim.warmup_steps=2 checkpoint.every=3 eval.clips=1 eval.steps=2"
-  SCORE_ARGS="--steps 2 --smooth 1"
+  SCORE_ARGS="--steps 2 --smooth ${ANOM_SMOOTH:-1}"
+  TINY_LAST="train.max_steps=${ANOM_STEPS:-6}"  # after the variants: a long variant stays a smoke run here
 else
   NORMAL=data_cache/anomaly_normal ABNORMAL=data_cache/anomaly_anomalous
   WORLD=${ANOM_WORLD:-}
@@ -87,7 +88,7 @@ for v in "${!VARIANTS[@]}"; do
   picked "$v" || continue
   timeout -k 30 "$TRAIN_S" $PY train_video_pred.py --config "$CONFIG" --overwrite --set data.root="$NORMAL" \
     logging.run_dir="$RUNS" logging.name="anomaly_$v" logging.wandb.mode=disabled cache.dir="data_cache/latents_anomaly_$v" \
-    $WORLD $SIZE ${VARIANTS[$v]} ${ANOM_SET:-} > "$OUT/train_$v.log" 2>&1 &
+    $WORLD $SIZE ${VARIANTS[$v]} ${ANOM_SET:-} ${TINY_LAST:-} > "$OUT/train_$v.log" 2>&1 &
 done
 wait
 for v in "${!VARIANTS[@]}"; do
