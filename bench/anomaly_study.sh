@@ -15,6 +15,7 @@
 #   ANOM_SAMPLES                 K samples per window for the K-sample scorings (default 3)
 #   ANOM_TINY=1                  a tiny CPU smoke run of the whole pipeline (small worlds, a few steps)
 #   ANOM_WORLD="key=value ..."   overrides of the NORMAL (training) world, e.g. data.synthetic.num_clips=1024
+#   ANOM_EVENT_FRAMES=N          frames of each event in the anomalous world (default: the config's, 3)
 #   ANOM_SET="key=value ..."     overrides added last to every training run (e.g. train.max_steps=10000)
 #   ANOM_SMOOTH="1 2"            --smooth sigmas of every scoring
 #   ANOM_SCORINGS="plain off k rollout eta1"   which scorings of each run (default: the first four)
@@ -46,6 +47,10 @@ else
   WORLD=${ANOM_WORLD:-}
   [ -n "$WORLD" ] && NORMAL=data_cache/anomaly_normal_custom
   ABWORLD="data.synthetic.num_clips=40 data.synthetic.anomalies=2"
+  if [ -n "${ANOM_EVENT_FRAMES:-}" ]; then
+    ABNORMAL=data_cache/anomaly_anomalous_${ANOM_EVENT_FRAMES}frame
+    ABWORLD="$ABWORLD data.synthetic.anomaly_frames=$ANOM_EVENT_FRAMES"
+  fi
   SIZE="train.max_steps=${ANOM_STEPS:-5000}"
   SCORE_ARGS="--batch-size 128 --smooth ${ANOM_SMOOTH:-1 2}"
 fi
