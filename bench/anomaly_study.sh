@@ -64,7 +64,6 @@ declare -A VARIANTS=(
   [res_tp8]="data.t_past=8"                                            # a past that reaches back before a short event
   [res_tp2]="data.t_past=2"                                            # a past that forgets an event sooner
   [res_long]="train.max_steps=7000"                                    # smaller errors on normal frames by training longer?
-  [res_wide_long]="unet.block_out_channels=[64,128,256] train.max_steps=5000"  # res_wide, not cut by the time limit
 )
 picked() { [ -z "${ANOM_VARIANTS:-}" ] || [[ " $ANOM_VARIANTS " == *" $1 "* ]]; }
 SCORINGS=${ANOM_SCORINGS:-plain off k rollout}

@@ -18,17 +18,16 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.common import ROOT, time_block  # noqa: E402
 from configs.loader import load_config  # noqa: E402
 from model.video_prediction_diffusion import VideoPredictionDiffusion  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 LEVERS = ("eager", "channels_last", "compile", "bf16")
 
 
@@ -53,14 +52,8 @@ def measure(widths: str, lever: str, batch: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    for _ in range(3):  # warm-up (compile: traces and compiles here)
-        step()
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dt = (time.perf_counter() - t0) / steps
+    warm = 3 * time_block(step, 0, 3) / 1e3  # warm-up (compile: traces and compiles here)
+    dt = time_block(step, 0, steps) / 1e3
     return {"widths": widths, "lever": lever, "batch": batch, "steps_per_s": 1 / dt, "samples_per_s": batch / dt,
             "warmup_s": warm, "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
 
