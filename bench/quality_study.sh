@@ -34,6 +34,14 @@ declare -A DEMO=(
   [lr3]="optim.lr=3e-3"
   [seed1]="train.seed=1"                     # base and lr2 on another seed: is the lr gain more than noise?
   [lr2_seed1]="optim.lr=2e-3 train.seed=1"
+  # session 14, the shapes of goal 2 at the demo's CPU cost: more clips (no cost per step), capacity where it is cheap
+  [c512]="data.synthetic.num_clips=512 data.root=data_cache/synthetic_demo_c512"
+  [c512_seed1]="data.synthetic.num_clips=512 data.root=data_cache/synthetic_demo_c512 train.seed=1"
+  [c1024]="data.synthetic.num_clips=1024 data.root=data_cache/synthetic_demo_c1024"
+  [w256]="unet.block_out_channels=[32,64,256]"           # the width at the 4x4 level only
+  [w4x]="unet.block_out_channels=[64,128,256]"            # session 11's shape reference (0.44x the CPU step)
+  [s5000]="train.max_steps=5000"                          # what a 1.4x faster CPU step would buy
+  [c512_s5000]="data.synthetic.num_clips=512 data.root=data_cache/synthetic_demo_c512 train.max_steps=5000"
 )
 declare -A ACTION=(
   [act_base]=""
@@ -54,8 +62,8 @@ declare -A CAR=(
 
 picked() { [ -z "${STUDY_VARIANTS:-}" ] || [[ " $STUDY_VARIANTS " == *" $1 "* ]]; }
 
-world() {  # generate a config's synthetic world once, before runs that share it start side by side
-  $PY -c "import sys; from configs.loader import load_config; from data.synthetic import ensure_synthetic; ensure_synthetic(load_config(sys.argv[1]).data)" "$1"
+world() {  # config [overrides...]: generate its synthetic world once, before runs that share it start side by side
+  $PY -c "import sys; from configs.loader import load_config; from data.synthetic import ensure_synthetic; ensure_synthetic(load_config(sys.argv[1], sys.argv[2:]).data)" "$@"
 }
 
 train() {  # name config overrides... : one training run in the background, its log in $OUT (own latent cache:
@@ -84,6 +92,11 @@ for phase in $1; do
     ;;
   demo)  # fp32 as on the CPU the demo is made for
     world configs/demo.yaml; world configs/demo_action.yaml
+    for v in "${!DEMO[@]}"; do  # variants with their own world (data.root and the world's keys)
+      picked "$v" || continue
+      w=$(tr ' ' '\n' <<< "${DEMO[$v]}" | grep '^data\.' | tr '\n' ' ')
+      [ -n "$w" ] && world configs/demo.yaml $w
+    done
     for v in "${!DEMO[@]}"; do picked "$v" && train "demo_$v" configs/demo.yaml "train.mixed_precision='no'" ${DEMO[$v]}; done
     for v in "${!ACTION[@]}"; do picked "$v" && train "demo_$v" configs/demo_action.yaml "train.mixed_precision='no'" ${ACTION[$v]}; done
     ;;
@@ -107,11 +120,12 @@ for phase in $1; do
     done
     ;;
   demo)
-    for v in "${!DEMO[@]}"; do
+    for v in "${!DEMO[@]}"; do  # side by side, as the training ran
       picked "$v" || continue
-      evaluate "demo_$v" --decode off masked copy --threshold 0.05
-      $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1
+      (evaluate "demo_$v" --decode off masked copy --threshold 0.05
+       $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1) &
     done
+    wait
     for v in "${!ACTION[@]}"; do
       picked "$v" || continue
       evaluate "demo_$v"
