@@ -123,7 +123,8 @@ for phase in $1; do
     for v in "${!DEMO[@]}"; do  # side by side, as the training ran
       picked "$v" || continue
       (evaluate "demo_$v" --decode off masked copy --threshold 0.05
-       $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1) &
+       $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1
+       $PY tools/shape_check.py --run "runs/demo_$v" --out "$OUT/shape_demo_$v" > "$OUT/shape_demo_$v.log" 2>&1) &
     done
     wait
     for v in "${!ACTION[@]}"; do

@@ -37,10 +37,14 @@ OCCLUDED_PX = 1.5  # the true frame's colour centroid farther than this from the
 BOUNCE_PX = 1.0  # deviation from the straight line that makes a bounce
 
 
+def colour_mask(frame: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of an (H, W, 3) [0, 1] frame within COLOUR_TOL of `colour` in every channel."""
+    return np.abs(frame - colour).max(-1) < COLOUR_TOL
+
+
 def find(frame: np.ndarray, colour: np.ndarray, min_pixels: int) -> np.ndarray | None:
     """(x, y) median of the pixels of `colour` in an (H, W, 3) [0, 1] frame (pixel centres), None if too few."""
-    mask = np.abs(frame - colour).max(-1) < COLOUR_TOL
-    ys, xs = np.nonzero(mask)
+    ys, xs = np.nonzero(colour_mask(frame, colour))
     if len(xs) < min_pixels:
         return None
     return np.array([np.median(xs) + 0.5, np.median(ys) + 0.5])
