@@ -77,7 +77,6 @@ def line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str = ""
         d.line([xx, _TOP + ph, xx, _TOP + ph + 3], fill=(0, 0, 0))
         d.text((xx - 10, _TOP + ph + 5), _fmt(xv), fill=(0, 0, 0))
     d.text((_LEFT + pw // 2 - 3 * len(xlabel), _H - 13), xlabel, fill=(0, 0, 0))
-    legend_y = _TOP + 4
     for (label, value), colour in zip(guides.items(), COLOURS[::-1]):
         if ok(value):
             yy = px(x0, value)[1]
@@ -90,6 +89,7 @@ def line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str = ""
             d.line([xx, yy, xx, yy + 4], fill=(110, 110, 110))
         right = xx > _LEFT + pw - 8 * len(label)  # near the right edge: label on the line's left
         d.text((xx - 6 * len(label) - 2 if right else xx + 2, _TOP + ph - 12), label, fill=(90, 90, 90))
+    texts, drawn = [], []  # legend lines; every point the lines pass (to keep the legend off them)
     for (label, (xs, ys)), colour in zip(series.items(), COLOURS):
         pts = [px(float(x), float(y)) for x, y in zip(xs, ys) if ok(float(y))]
         skipped = sum(not math.isfinite(float(y)) for y in ys)
@@ -97,10 +97,18 @@ def line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str = ""
             d.line(pts, fill=colour, width=2)
         for x, y in pts:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        text = label + (f" ({skipped} non-finite)" if skipped else "")
-        d.rectangle([_LEFT + 6, legend_y + 3, _LEFT + 14, legend_y + 9], fill=colour)
-        d.text((_LEFT + 18, legend_y), text, fill=(0, 0, 0))
-        legend_y += 12
+        drawn += [(a[0] + (b[0] - a[0]) * k / 16, a[1] + (b[1] - a[1]) * k / 16)
+                  for a, b in zip(pts, pts[1:]) for k in range(16)] + pts
+        texts.append((label + (f" ({skipped} non-finite)" if skipped else ""), colour))
+    if texts:  # in the corner of the plot area where it covers the fewest line points, on white
+        lw, lh = 22 + 6 * max(len(t) for t, _ in texts), 12 * len(texts) + 4
+        corners = [(_LEFT + 2, _TOP + 2), (_LEFT + pw - lw - 2, _TOP + 2), (_LEFT + 2, _TOP + ph - lh - 2),
+                   (_LEFT + pw - lw - 2, _TOP + ph - lh - 2)]
+        lx, ly = min(corners, key=lambda c: sum(c[0] <= x <= c[0] + lw and c[1] <= y <= c[1] + lh for x, y in drawn))
+        d.rectangle([lx, ly, lx + lw, ly + lh], fill="white", outline=(200, 200, 200))
+        for k, (text, colour) in enumerate(texts):
+            d.rectangle([lx + 4, ly + 5 + 12 * k, lx + 12, ly + 11 + 12 * k], fill=colour)
+            d.text((lx + 16, ly + 2 + 12 * k), text, fill=(0, 0, 0))
     return img
 
 
