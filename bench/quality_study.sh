@@ -42,6 +42,9 @@ declare -A DEMO=(
   [w4x]="unet.block_out_channels=[64,128,256]"            # session 11's shape reference (0.44x the CPU step)
   [s5000]="train.max_steps=5000"                          # what a 1.4x faster CPU step would buy
   [c512_s5000]="data.synthetic.num_clips=512 data.root=data_cache/synthetic_demo_c512 train.max_steps=5000"
+  [tf2]="data.t_future=2"                                # 2 frames per round, rolled out twice to t+4
+  [tf2_seed1]="data.t_future=2 train.seed=1"
+  [tf1]="data.t_future=1"                                # 1 frame per round, rolled out 4 times
 )
 declare -A ACTION=(
   [act_base]=""
@@ -124,7 +127,11 @@ for phase in $1; do
       picked "$v" || continue
       (evaluate "demo_$v" --decode off masked copy --threshold 0.05
        $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1
-       $PY tools/shape_check.py --run "runs/demo_$v" --out "$OUT/shape_demo_$v" > "$OUT/shape_demo_$v.log" 2>&1) &
+       # every variant to t+4 on the trainer's 32 windows (a t_future 2 model in 2 rounds), and its shapes
+       r=$((4 / $(tr ' ' '\n' <<< "data.t_future=4 ${DEMO[$v]}" | grep '^data\.t_future=' | tail -1 | cut -d= -f2)))
+       $PY tools/evaluate.py --run "runs/demo_$v" --rollout $r --windows 32 --weights ema --device cuda \
+         --out "$OUT/evaluate_demo_$v" > "$OUT/evaluate_demo_$v.log" 2>&1
+       $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_demo_$v" > "$OUT/shape_demo_$v.log" 2>&1) &
     done
     wait
     for v in "${!ACTION[@]}"; do

@@ -2,7 +2,7 @@
 """Do predicted objects keep their shape and colour? Each object's pixels in the predictions of a run trained on
 the synthetic world, against its pixels in the true frames, at every horizon.
 
-    python tools/shape_check.py --run runs/demo [--windows 64] [--steps 20] [--out runs/demo/eval]
+    python tools/shape_check.py --run runs/demo [--windows 64] [--rollout 1] [--steps 20] [--out runs/demo/eval]
 
 An object's pixels are those within bounce_check's colour tolerance of its colour (0.2 per channel, in [0, 1]);
 the world gives the objects of a clip hues far apart, so each colour is one object. A blotch of mixed colours loses
@@ -12,6 +12,10 @@ pixels; a smeared or squarish disc, or a ghost left behind, gains wrong ones. Tw
 - shape IoU: the same after moving the predicted pixels so that their centre falls on the true pixels' centre
   (shape alone: an object predicted sharp in the wrong place keeps it; a blotch in the right place does not).
 
+Windows are predicted as tools/evaluate.py predicts them (model/sliding.py: the same seed per window, --rollout R
+rounds of t_future frames feeding predicted latents back), so a model of t_future 2 rolled out twice is scored on
+the same four horizons as one of t_future 4.
+
 Next to the model, two references that are not learned: copy_last (the last past frame: exact shapes, objects left
 where they were) and vae_roundtrip (the true frame through the VAE: the shapes the latents can carry at all). An
 object mostly hidden in the true frame (fewer than 30% of its area visible) is left out. Writes shape_check.json,
@@ -20,6 +24,7 @@ shape_check.png (IoU per horizon) and shape_windows.png (the first windows' pred
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,11 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data.dataset import VideoWindowDataset  # noqa: E402
+from data.pipeline import split_as_trained  # noqa: E402
 from data.pixels import to_unit  # noqa: E402
 from data.windows import spread  # noqa: E402
 from diagnosis.plots import line_plot  # noqa: E402
 from tools.bounce_check import colour_mask, window_objects  # noqa: E402
-from tools.run_tools import add_run_args, load_run, val_dataset  # noqa: E402
+from model.sliding import WindowKey, predict_windows  # noqa: E402
+from tools.run_tools import add_run_args, load_run  # noqa: E402
 from training.visualize import sample_grid  # noqa: E402
 
 MIN_VISIBLE = 0.3  # fraction of its area an object must show in the true frame to be scored
@@ -75,6 +83,7 @@ def main(argv=None) -> int:
     add_run_args(p, "run folder trained on the synthetic world", "noise seed",
                  "shape_check.json, shape_check.png and shape_windows.png")
     p.add_argument("--windows", type=int, default=64, help="validation windows, spread over the split")
+    p.add_argument("--rollout", type=int, default=1, metavar="R", help="rounds of t_future frames (default 1)")
     args = p.parse_args(argv)
 
     loaded = load_run(args)
@@ -86,7 +95,11 @@ def main(argv=None) -> int:
         print("error: this run was not trained on the synthetic world (data.synthetic.enabled is false)",
               file=sys.stderr)
         return 1
-    ds = val_dataset(loaded)
+    if args.rollout < 1:
+        print("error: --rollout must be >= 1", file=sys.stderr)
+        return 1
+    data_cfg = dataclasses.replace(cfg.data, t_future=args.rollout * cfg.data.t_future)  # the scored horizons
+    ds = VideoWindowDataset(split_as_trained(data_cfg).val, data_cfg)
     picked = list(spread(len(ds), args.windows))
     if not picked:
         print("error: the run has no validation windows", file=sys.stderr)
@@ -102,8 +115,11 @@ def main(argv=None) -> int:
             frames = torch.stack([it["frames"] for it in items])
             cond = torch.stack([it["cond"] for it in items])
             past, truth = frames[:, :model.t_past], frames[:, model.t_past:]
-            g = torch.Generator().manual_seed(args.seed + start)
-            pred = model.predict(past, cond if cond.numel() else None, steps=steps, generator=g, net=net).cpu()
+            past_mean, past_std = model.vae.encode_moments(past)
+            keys = [WindowKey(str(it["clip"]), int(it["frame_indices"][0])) for it in items]
+            latents = predict_windows(model, net, past_mean, keys, past_std, cond if cond.numel() else None,
+                                      args.rollout, steps, args.seed)
+            pred = model.decode_future(latents, past, past_mean).float().cpu()
             roundtrip = model.vae.decode(model.vae.encode_moments(truth)[0]).float().cpu()
             copy = past[:, -1:].expand_as(truth)
             for s, x in zip(SOURCES, (pred, copy, roundtrip)):
@@ -114,7 +130,7 @@ def main(argv=None) -> int:
     imgs = {s: np.concatenate(v) for s, v in imgs.items()}
     true_img = to_unit(torch.cat(truths)).permute(0, 1, 3, 4, 2).numpy()
 
-    tf = model.t_future
+    tf = data_cfg.t_future
     mask_iou = {s: [[] for _ in range(tf)] for s in SOURCES}
     shape_iou = {s: [[] for _ in range(tf)] for s in SOURCES}
     cache: dict = {}
