@@ -45,6 +45,8 @@ declare -A DEMO=(
   [tf2]="data.t_future=2"                                # 2 frames per round, rolled out twice to t+4
   [tf2_seed1]="data.t_future=2 train.seed=1"
   [tf1]="data.t_future=1"                                # 1 frame per round, rolled out 4 times
+  [s7000]="train.max_steps=7000"                          # twice the steps: do steps alone give the shapes?
+  [w64top]="unet.block_out_channels=[64,64,128]"          # the width at the 16x16 level only
 )
 declare -A ACTION=(
   [act_base]=""

@@ -84,6 +84,8 @@ def main(argv=None) -> int:
                  "shape_check.json, shape_check.png and shape_windows.png")
     p.add_argument("--windows", type=int, default=64, help="validation windows, spread over the split")
     p.add_argument("--rollout", type=int, default=1, metavar="R", help="rounds of t_future frames (default 1)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override the stored config (sampler levers without retraining, e.g. sampler.eta=0)")
     args = p.parse_args(argv)
 
     loaded = load_run(args)
