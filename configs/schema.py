@@ -224,9 +224,18 @@ class DiffusionConfig:
     # rescale the betas to zero terminal SNR (Lin et al. 2024, "Common diffusion noise schedules are flawed", alg. 1,
     # diffusers' rescale_betas_zero_snr): t = T-1 is pure noise, as trailing spacing assumes; needs v_prediction
     zero_terminal_snr: bool = False
+    # which training timesteps are drawn: uniform over 0 .. T-1, or logit_normal: t / T = sigmoid(logit(median) +
+    # s * N(0, 1)) (Esser et al. 2024, SD3), more draws near t / T = median; per t the loss and its minimiser are unchanged
+    timestep_sampling: str = "uniform"
+    timestep_median: float = 0.5  # logit_normal only, in (0, 1); 0.25 = t 250, where linear betas' SNR is ~1
+    timestep_logit_std: float = 1.0  # s (logit_normal only), > 0: the spread in logit units
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_train_timesteps", self.num_train_timesteps, 2)
+        _choice(p, f"{path}.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
+        _at_least(p, f"{path}.timestep_logit_std", self.timestep_logit_std, 0.0, strict=True)
+        if not 0 < self.timestep_median < 1:  # written so that NaN fails too
+            p.append(f"{path}.timestep_median: {self.timestep_median} must be in (0, 1)")
         _choice(p, f"{path}.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
         _choice(p, f"{path}.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
         _at_least(p, f"{path}.beta_start", self.beta_start, 0.0, strict=True)

@@ -10,6 +10,8 @@ the last past latent (residual); `to_x0` / `from_x0` convert, and only they know
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -90,12 +92,17 @@ class VideoPredictionDiffusion:
         def rand(*shape):
             return torch.rand(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
 
-        t = (rand(B) * self.schedule.num_train_timesteps).long().clamp_max(self.schedule.num_train_timesteps - 1)
+        d = self.cfg.diffusion
+        if d.timestep_sampling == "logit_normal":
+            z = torch.randn(B, generator=generator, device=generator.device if generator else "cpu").to(device)
+            u = torch.sigmoid(math.log(d.timestep_median / (1 - d.timestep_median)) + d.timestep_logit_std * z)
+        else:  # uniform: the draw every existing run was trained with
+            u = rand(B)
+        t = (u * self.schedule.num_train_timesteps).long().clamp_max(self.schedule.num_train_timesteps - 1)
         noise = torch.randn(future.shape, generator=generator,
                             device=generator.device if generator else "cpu").to(device)
         x0 = self.to_x0(future, past)  # before past dropout: the target never depends on the dropped context
         noisy = self.schedule.add_noise(x0, noise, t)
-        d = self.cfg.diffusion
         if d.past_dropout > 0:
             keep_past = (rand(B) >= d.past_dropout).to(past.dtype).reshape(B, 1, 1, 1, 1)
             past = past * keep_past

@@ -152,3 +152,53 @@ def test_zero_terminal_snr_sampler_recovers_x0_with_a_perfect_denoiser(vae):
     assert torch.isfinite(out).all() and torch.allclose(out, future, atol=1e-4)
     loss = model.loss(past, future, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- training timesteps
+
+class _RecordingOracle(OracleNet):
+    """The perfect denoiser, remembering which timesteps the loss drew."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.ts = []
+
+    def forward(self, x_t, past, t, cond=None, cond_keep=None):
+        self.ts.append(t.clone())
+        return super().forward(x_t, past, t, cond, cond_keep)
+
+
+def test_uniform_timesteps_are_the_draw_every_run_was_trained_with(vae):
+    """The default draw is the generator's first B uniforms times T: switching the lever in did not move the
+    random stream of existing runs (the demo's CPU table reproduces to the last digit)."""
+    model = build(vae, **{"diffusion.prediction_type": "v_prediction"})
+    past, future = latents()
+    oracle = _RecordingOracle(future, model.schedule)
+    model.loss(past, future, generator=torch.Generator().manual_seed(5), net=oracle)
+    expected = (torch.rand(B, generator=torch.Generator().manual_seed(5)) * 1000).long()
+    assert torch.equal(oracle.ts[0], expected)
+
+
+def test_logit_normal_timesteps_centre_where_asked_and_keep_the_minimiser(vae):
+    """t / T = sigmoid(logit(median) + s z): the median of many draws is the asked median, the spread grows with s,
+    and a perfect denoiser still has zero loss (only how often each t is drawn changes)."""
+    medians, spreads = {}, {}
+    for m, s in [(0.25, 0.5), (0.7, 0.5), (0.25, 1.5)]:
+        model = build(vae, **{"diffusion.prediction_type": "v_prediction", "diffusion.timestep_sampling": "logit_normal",
+                              "diffusion.timestep_median": m, "diffusion.timestep_logit_std": s})
+        past, future = latents()
+        oracle = _RecordingOracle(future, model.schedule)
+        g = torch.Generator().manual_seed(0)
+        losses = [model.loss(past, future, generator=g, net=oracle) for _ in range(400)]
+        assert max(losses) < 1e-8
+        ts = torch.cat(oracle.ts).double() / 1000
+        medians[(m, s)], spreads[(m, s)] = ts.median().item(), (ts.quantile(0.9) - ts.quantile(0.1)).item()
+        assert abs(medians[(m, s)] - m) < 0.03, medians
+    assert spreads[(0.25, 1.5)] > 2 * spreads[(0.25, 0.5)], spreads
+
+
+@pytest.mark.parametrize("key,value", [("timestep_sampling", "beta"), ("timestep_logit_std", 0.0),
+                                       ("timestep_median", 1.0), ("timestep_median", float("nan"))])
+def test_bad_timestep_sampling_settings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"diffusion.{key}"):
+        tiny_config(**{f"diffusion.{key}": value})
