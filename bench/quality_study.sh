@@ -48,8 +48,8 @@ declare -A DEMO=(
   [s7000]="train.max_steps=7000"                          # twice the steps: do steps alone give the shapes?
   [w64top]="unet.block_out_channels=[64,64,128]"          # the width at the 16x16 level only
   [ln25]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.25"  # training draws around SNR ~1
-  [ln15]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.15"
-  [ln40]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.4"
+  [ln50]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.5"   # both ends drawn less
+  [ln65]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.65"  # more high-noise steps
 )
 declare -A ACTION=(
   [act_base]=""
