@@ -36,15 +36,10 @@ declare -A DEMO=(
   [lr2_seed1]="optim.lr=2e-3 train.seed=1"
   # session 14, the shapes of goal 2 at the demo's CPU cost: more clips (no cost per step), capacity where it is cheap
   [c512]="data.synthetic.num_clips=512 data.root=data_cache/synthetic_demo_c512"
-  [c512_seed1]="data.synthetic.num_clips=512 data.root=data_cache/synthetic_demo_c512 train.seed=1"
-  [c1024]="data.synthetic.num_clips=1024 data.root=data_cache/synthetic_demo_c1024"
   [w256]="unet.block_out_channels=[32,64,256]"           # the width at the 4x4 level only
   [w4x]="unet.block_out_channels=[64,128,256]"            # session 11's shape reference (0.44x the CPU step)
   [s5000]="train.max_steps=5000"                          # what a 1.4x faster CPU step would buy
-  [c512_s5000]="data.synthetic.num_clips=512 data.root=data_cache/synthetic_demo_c512 train.max_steps=5000"
   [tf2]="data.t_future=2"                                # 2 frames per round, rolled out twice to t+4
-  [tf2_seed1]="data.t_future=2 train.seed=1"
-  [tf1]="data.t_future=1"                                # 1 frame per round, rolled out 4 times
   [s7000]="train.max_steps=7000"                          # twice the steps: do steps alone give the shapes?
   [w64top]="unet.block_out_channels=[64,64,128]"          # the width at the 16x16 level only
   [ln25]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.25"  # training draws around SNR ~1
@@ -69,6 +64,7 @@ declare -A CAR=(
 )
 
 picked() { [ -z "${STUDY_VARIANTS:-}" ] || [[ " $STUDY_VARIANTS " == *" $1 "* ]]; }
+overrides() { tr ' ' '\n' <<< "$2" | grep "^$1" | tr '\n' ' '; }  # prefix "key=value ...": those of the prefix
 
 world() {  # config [overrides...]: generate its synthetic world once, before runs that share it start side by side
   $PY -c "import sys; from configs.loader import load_config; from data.synthetic import ensure_synthetic; ensure_synthetic(load_config(sys.argv[1], sys.argv[2:]).data)" "$@"
@@ -102,7 +98,7 @@ for phase in $1; do
     world configs/demo.yaml; world configs/demo_action.yaml
     for v in "${!DEMO[@]}"; do  # variants with their own world (data.root and the world's keys)
       picked "$v" || continue
-      w=$(tr ' ' '\n' <<< "${DEMO[$v]}" | grep '^data\.' | tr '\n' ' ')
+      w=$(overrides 'data\.' "${DEMO[$v]}")
       [ -n "$w" ] && world configs/demo.yaml $w
     done
     for v in "${!DEMO[@]}"; do picked "$v" && train "demo_$v" configs/demo.yaml "train.mixed_precision='no'" ${DEMO[$v]}; done
@@ -133,7 +129,7 @@ for phase in $1; do
       (evaluate "demo_$v" --decode off masked copy --threshold 0.05
        $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1
        # every variant to t+4 on the trainer's 32 windows (a t_future 2 model in 2 rounds), and its shapes
-       r=$((4 / $(tr ' ' '\n' <<< "data.t_future=4 ${DEMO[$v]}" | grep '^data\.t_future=' | tail -1 | cut -d= -f2)))
+       tf=$(overrides 'data\.t_future=' "data.t_future=4 ${DEMO[$v]}"); tf=${tf% }; r=$((4 / ${tf##*=}))
        $PY tools/evaluate.py --run "runs/demo_$v" --rollout $r --windows 32 --weights ema --device cuda \
          --out "$OUT/evaluate_demo_$v" > "$OUT/evaluate_demo_$v.log" 2>&1
        $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_demo_$v" > "$OUT/shape_demo_$v.log" 2>&1) &

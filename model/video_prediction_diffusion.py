@@ -11,7 +11,6 @@ the last past latent (residual); `to_x0` / `from_x0` convert, and only they know
 from __future__ import annotations
 
 import math
-
 from typing import Callable
 
 import torch

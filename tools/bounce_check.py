@@ -29,7 +29,7 @@ from data.dataset import VideoWindowDataset  # noqa: E402
 from data.pixels import to_unit  # noqa: E402
 from data.synthetic import object_tracks  # noqa: E402
 from data.windows import spread  # noqa: E402
-from tools.run_tools import add_run_args, load_run, val_dataset  # noqa: E402
+from tools.run_tools import add_run_args, load_synthetic_run, val_dataset  # noqa: E402
 from training.visualize import sample_grid  # noqa: E402
 
 COLOUR_TOL = 0.2  # per channel, in [0, 1]
@@ -78,15 +78,11 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=48, help="validation windows WITH a bounce to predict")
     args = p.parse_args(argv)
 
-    loaded = load_run(args)
+    loaded = load_synthetic_run(args)
     if loaded is None:
         return 1
     cfg = loaded.cfg
     sc = cfg.data.synthetic
-    if not sc.enabled:
-        print("error: this run was not trained on the synthetic world (data.synthetic.enabled is false)",
-              file=sys.stderr)
-        return 1
     ds = val_dataset(loaded)
     cache: dict = {}
     objects = {i: window_objects(ds, i, sc, cache) for i in range(len(ds))}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from data.dataset import VideoWindowDataset
@@ -30,6 +31,18 @@ def load_run(args: argparse.Namespace) -> LoadedModel | None:
         return None
 
 
-def val_dataset(loaded: LoadedModel) -> VideoWindowDataset:
-    """Every validation window of the run's data (the clip split of training, data.pipeline.split_as_trained)."""
-    return VideoWindowDataset(split_as_trained(loaded.cfg.data).val, loaded.cfg.data)
+def load_synthetic_run(args: argparse.Namespace) -> LoadedModel | None:
+    """load_run for the tools that need the synthetic world's ground truth; None after printing why not."""
+    loaded = load_run(args)
+    if loaded is not None and not loaded.cfg.data.synthetic.enabled:
+        print("error: this run was not trained on the synthetic world (data.synthetic.enabled is false)",
+              file=sys.stderr)
+        return None
+    return loaded
+
+
+def val_dataset(loaded: LoadedModel, rollout: int = 1) -> VideoWindowDataset:
+    """Every validation window of the run's data (the clip split of training, data.pipeline.split_as_trained),
+    t_past + rollout * t_future frames long."""
+    cfg = dataclasses.replace(loaded.cfg.data, t_future=rollout * loaded.cfg.data.t_future)
+    return VideoWindowDataset(split_as_trained(cfg).val, cfg)

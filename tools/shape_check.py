@@ -24,7 +24,6 @@ shape_check.png (IoU per horizon) and shape_windows.png (the first windows' pred
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -34,14 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data.dataset import VideoWindowDataset  # noqa: E402
-from data.pipeline import split_as_trained  # noqa: E402
 from data.pixels import to_unit  # noqa: E402
 from data.windows import spread  # noqa: E402
 from diagnosis.plots import line_plot  # noqa: E402
+from model.sliding import predict_windows  # noqa: E402
 from tools.bounce_check import colour_mask, window_objects  # noqa: E402
-from model.sliding import WindowKey, predict_windows  # noqa: E402
-from tools.run_tools import add_run_args, load_run  # noqa: E402
+from tools.run_tools import add_run_args, load_synthetic_run, val_dataset  # noqa: E402
+from training.evaluation import window_key  # noqa: E402
 from training.visualize import sample_grid  # noqa: E402
 
 MIN_VISIBLE = 0.3  # fraction of its area an object must show in the true frame to be scored
@@ -88,20 +86,14 @@ def main(argv=None) -> int:
                    help="override the stored config (sampler levers without retraining, e.g. sampler.eta=0)")
     args = p.parse_args(argv)
 
-    loaded = load_run(args)
-    if loaded is None:
-        return 1
-    cfg = loaded.cfg
-    sc = cfg.data.synthetic
-    if not sc.enabled:
-        print("error: this run was not trained on the synthetic world (data.synthetic.enabled is false)",
-              file=sys.stderr)
-        return 1
     if args.rollout < 1:
         print("error: --rollout must be >= 1", file=sys.stderr)
         return 1
-    data_cfg = dataclasses.replace(cfg.data, t_future=args.rollout * cfg.data.t_future)  # the scored horizons
-    ds = VideoWindowDataset(split_as_trained(data_cfg).val, data_cfg)
+    loaded = load_synthetic_run(args)
+    if loaded is None:
+        return 1
+    cfg = loaded.cfg
+    ds = val_dataset(loaded, args.rollout)  # windows as long as the scored horizons
     picked = list(spread(len(ds), args.windows))
     if not picked:
         print("error: the run has no validation windows", file=sys.stderr)
@@ -109,8 +101,8 @@ def main(argv=None) -> int:
 
     model, net = loaded.model, loaded.net("ema")
     steps = args.steps or cfg.sampler.num_inference_steps
-    imgs = {s: [] for s in SOURCES}
-    pasts, truths, preds = [], [], []
+    imgs = {s: [] for s in ("truth", *SOURCES)}
+    first = None  # the first batch's (past, truth, prediction), for the picture
     with torch.no_grad():
         for start in range(0, len(picked), 16):
             items = [ds[i] for i in picked[start:start + 16]]
@@ -118,26 +110,24 @@ def main(argv=None) -> int:
             cond = torch.stack([it["cond"] for it in items])
             past, truth = frames[:, :model.t_past], frames[:, model.t_past:]
             past_mean, past_std = model.vae.encode_moments(past)
-            keys = [WindowKey(str(it["clip"]), int(it["frame_indices"][0])) for it in items]
+            keys = [window_key(it, i) for it, i in zip(items, picked[start:start + 16])]
             latents = predict_windows(model, net, past_mean, keys, past_std, cond if cond.numel() else None,
                                       args.rollout, steps, args.seed)
             pred = model.decode_future(latents, past, past_mean).float().cpu()
             roundtrip = model.vae.decode(model.vae.encode_moments(truth)[0]).float().cpu()
             copy = past[:, -1:].expand_as(truth)
-            for s, x in zip(SOURCES, (pred, copy, roundtrip)):
+            for s, x in zip(imgs, (truth, pred, copy, roundtrip)):
                 imgs[s].append(to_unit(x).permute(0, 1, 3, 4, 2).numpy())  # (B, Tf, H, W, 3) in [0, 1]
-            pasts.append(past)
-            truths.append(truth)
-            preds.append(pred)
+            first = first or (past, truth, pred)
     imgs = {s: np.concatenate(v) for s, v in imgs.items()}
-    true_img = to_unit(torch.cat(truths)).permute(0, 1, 3, 4, 2).numpy()
+    true_img = imgs.pop("truth")
 
-    tf = data_cfg.t_future
+    tf = true_img.shape[1]
     mask_iou = {s: [[] for _ in range(tf)] for s in SOURCES}
     shape_iou = {s: [[] for _ in range(tf)] for s in SOURCES}
     cache: dict = {}
     for b, i in enumerate(picked):
-        o = window_objects(ds, i, sc, cache)
+        o = window_objects(ds, i, cfg.data.synthetic, cache)
         for k in range(len(o["colour"])):
             for j in range(tf):
                 for s in SOURCES:
@@ -164,8 +154,8 @@ def main(argv=None) -> int:
     series = {f"{kind} {s}": (horizons, result[kind][s]) for kind in ("shape_iou", "mask_iou") for s in SOURCES}
     line_plot(series, f"object IoU with the truth per horizon, {len(picked)} windows (step {loaded.step})",
               xlabel="horizon (frames ahead)").save(out / "shape_check.png")
-    grid = sample_grid(torch.cat(pasts)[:4], torch.cat(truths)[:4], {"ema": torch.cat(preds)[:4]},
-                       out / "shape_windows.png")
+    past, truth, pred = first
+    grid = sample_grid(past[:4], truth[:4], {"ema": pred[:4]}, out / "shape_windows.png")
 
     print(f"{len(picked)} validation windows of {len(ds)}; object IoU with the true object, mean over objects:")
     print(f"{'':<26}" + "".join(f"{'t+' + str(j + 1):>8}" for j in range(tf)))

@@ -54,7 +54,7 @@ REFERENCE_ROWS = {
 }
 
 
-def _window_key(item: dict, index: int) -> WindowKey:
+def window_key(item: dict, index: int) -> WindowKey:
     """The window's seed key: its clip and first frame (any dataset of windows), else its index."""
     if "clip" in item and "frame_indices" in item:
         return WindowKey(str(item["clip"]), int(item["frame_indices"][0]))
@@ -108,7 +108,7 @@ def evaluate(model, dataset, indices: list[int], info: DistInfo, nets: dict, ste
             cond = cond if cond.numel() else None
             past, future = frames[:, :Tp], frames[:, Tp:]
             past_mean, past_std = model.vae.encode_moments(past)
-            keys = [_window_key(it, i) for it, i in zip(items, chunk)]
+            keys = [window_key(it, i) for it, i in zip(items, chunk)]
             last_rec = model.vae.decode(past_mean[:, -1:])  # D(z_last): copy_last_vae, and every residual decoding
             metrics = [{} for _ in ways]  # per decoding: row -> (psnr (B, Hz), ssim (B, Hz))
             for name, net in nets.items():
