@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="latest", help="latest or a checkpoint file")
     p.add_argument("--decode", nargs="+", default=["off", "masked", "full"], help="sampler.residual_decode modes")
     p.add_argument("--threshold", type=float, nargs="+", default=[],
-                   help="extra masked- and copy-mode thresholds to try (sampler.residual_decode_threshold)")
+                   help="extra masked-, copy- and warp-mode thresholds to try (sampler.residual_decode_threshold)")
     p.add_argument("--samples", type=int, default=1, help="K: samples per window (mean, best-of-K and K-average rows)")
     p.add_argument("--steps", type=int, default=0, help="DDIM steps; 0 = the run's eval.steps (sampler levers without retraining)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta; default: the run's sampler.eta")
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     info = DistInfo(device=device)
 
     modes = [(m, m, cfg.sampler.residual_decode_threshold) for m in args.decode]
-    modes += [(f"{m}@{t:g}", m, t) for m in ("masked", "copy") if m in args.decode for t in args.threshold]
+    modes += [(f"{m}@{t:g}", m, t) for m in ("masked", "copy", "warp") if m in args.decode for t in args.threshold]
     out = {"run": str(args.run), "label": args.label or Path(args.run).name, "step": loaded.step,
            "eval_windows": len(indices), "ddim_steps": steps, "eta": cfg.sampler.eta, "decode": {}}
     start = time.perf_counter()

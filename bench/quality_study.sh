@@ -11,6 +11,7 @@
 # STUDY_TIMEOUT_S bounds each training run; STUDY_VARIANTS="name ..." picks variants of a phase (default: all);
 # STUDY_VAES=folder: VAEs trained by an earlier call (folder/vae_ucsd_ped2, folder/vae_car) are copied into runs/.
 # STUDY_SET="key=value ...": overrides added to every training run (e.g. train.max_steps=6000).
+# STUDY_EVAL="...": extra bench/quality_eval.py arguments for the camera phases (e.g. --samples 4).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
@@ -126,13 +127,15 @@ for phase in $1; do
   demo)
     for v in "${!DEMO[@]}"; do  # side by side, as the training ran
       picked "$v" || continue
-      (evaluate "demo_$v" --decode off masked copy --threshold 0.05
+      (evaluate "demo_$v" --decode off masked copy warp --threshold 0.05 0.8 1.5
        $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1
        # every variant to t+4 on the trainer's 32 windows (a t_future 2 model in 2 rounds), and its shapes
        tf=$(overrides 'data\.t_future=' "data.t_future=4 ${DEMO[$v]}"); tf=${tf% }; r=$((4 / ${tf##*=}))
        $PY tools/evaluate.py --run "runs/demo_$v" --rollout $r --windows 32 --weights ema --device cuda \
          --out "$OUT/evaluate_demo_$v" > "$OUT/evaluate_demo_$v.log" 2>&1
-       $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_demo_$v" > "$OUT/shape_demo_$v.log" 2>&1) &
+       $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_demo_$v" > "$OUT/shape_demo_$v.log" 2>&1
+       $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_warp_demo_$v" \
+         --set sampler.residual_decode=warp sampler.residual_decode_threshold=1.5 > "$OUT/shape_warp_demo_$v.log" 2>&1) &
     done
     wait
     for v in "${!ACTION[@]}"; do
@@ -141,8 +144,8 @@ for phase in $1; do
       $PY tools/action_ablation.py --run "runs/demo_$v" --out "$OUT/ablation_demo_$v" > "$OUT/ablation_demo_$v.log" 2>&1
     done
     ;;
-  ped2) for v in "${!PED2[@]}"; do picked "$v" && evaluate "ped2_$v" --decode off masked --threshold 0.2 & done; wait ;;
-  car) for v in "${!CAR[@]}"; do picked "$v" && evaluate "car_$v" --decode off masked --threshold 0.1 & done; wait ;;
+  ped2) for v in "${!PED2[@]}"; do picked "$v" && evaluate "ped2_$v" --decode off masked copy warp --threshold 0.3 0.5 1.0 ${STUDY_EVAL:-} & done; wait ;;
+  car) for v in "${!CAR[@]}"; do picked "$v" && evaluate "car_$v" --decode off masked copy warp --threshold 0.2 0.3 1.0 ${STUDY_EVAL:-} & done; wait ;;
   esac
 done
 echo "study done: $OUT/study.jsonl"

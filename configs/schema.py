@@ -267,14 +267,22 @@ class SamplerConfig:
     # x = D(z) + m * (x_last - D(z_last)), so a still camera's background is not limited by the VAE (copy_last_vae).
     # off = D(z); full: m = 1; masked: m = 1 where the prediction did not change from D(z_last), falling linearly to 0
     # at a change of residual_decode_threshold; copy: x = D(z) + m * (x_last - D(z)), the last frame itself where the
-    # prediction did not change (a change below the threshold is shrunk towards zero, taken for sampling noise)
+    # prediction did not change (a change below the threshold is shrunk towards zero, taken for sampling noise);
+    # warp: copy with motion, x = D(z) + m * (x_last(p + d) - D(z)), d found by block matching D(z) against
+    # D(z_last) within warp_radius, m falling to 0 where the best match still differs by the threshold (model/motion.py)
     residual_decode: str = "off"
-    residual_decode_threshold: float = 0.1  # masked, copy: pixel change (units of [-1, 1], per pixel, max over RGB) where m = 0
+    residual_decode_threshold: float = 0.1  # masked, copy: pixel change (units of [-1, 1], per pixel, max over RGB) where m = 0; warp: that change averaged over the window
+    warp_radius: int = 8  # warp: largest motion searched, pixels per axis, from the last past frame to any future one
+    warp_window: int = 9  # warp: side of the box (odd, pixels) over which a match is scored; larger = smoother motion
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_inference_steps", self.num_inference_steps, 1)
-        _choice(p, f"{path}.residual_decode", self.residual_decode, ("off", "masked", "full", "copy"))
+        _choice(p, f"{path}.residual_decode", self.residual_decode, ("off", "masked", "full", "copy", "warp"))
         _at_least(p, f"{path}.residual_decode_threshold", self.residual_decode_threshold, 0.0, strict=True)
+        _at_least(p, f"{path}.warp_radius", self.warp_radius, 0)
+        _at_least(p, f"{path}.warp_window", self.warp_window, 1)
+        if self.warp_window % 2 == 0:
+            p.append(f"{path}.warp_window: {self.warp_window} must be odd (a box centred on the pixel)")
         _in_unit(p, f"{path}.eta", self.eta)
         _choice(p, f"{path}.timestep_spacing", self.timestep_spacing, ("trailing", "leading", "linspace"))
         _choice(p, f"{path}.clip_x0", self.clip_x0, ("none", "static", "dynamic"))

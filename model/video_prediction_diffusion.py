@@ -17,6 +17,7 @@ import torch
 
 from configs.schema import Config
 from model import performance
+from model.motion import motion_compensated_copy
 from model.sampler import ddim_sample
 from model.schedule import NoiseSchedule
 from model.unet import ConditionalUNet
@@ -225,6 +226,8 @@ class VideoPredictionDiffusion:
         correction = last - last_rec
         if mode == "full":
             return (pred + correction).clamp(-1, 1)
+        if mode == "warp":  # copy with motion: the last frame's pixels moved to where the prediction put them
+            return motion_compensated_copy(pred, last, last_rec, s.warp_radius, s.warp_window, threshold)
         change = (pred - last_rec).abs().amax(dim=2, keepdim=True)  # (B, Tf, 1, H, W): how far this pixel moved
         keep = (1 - change / threshold).clamp(0, 1)
         if mode == "copy":  # a change below the threshold is taken for sampling noise: the last frame as it was
