@@ -22,6 +22,13 @@ import torch.nn.functional as F
 _SHIFT_PENALTY = 2e-3
 
 
+def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean of x (N, 1, H, W) over the size x size box around each pixel, the part inside the frame: a row pass then
+    a column pass (the same numbers as one 2-D pool, in a third less time at size 9)."""
+    x = F.avg_pool2d(x, (1, size), stride=1, padding=(0, size // 2), count_include_pad=False)
+    return F.avg_pool2d(x, (size, 1), stride=1, padding=(size // 2, 0), count_include_pad=False)
+
+
 def block_match(target: torch.Tensor, reference: torch.Tensor, radius: int,
                 window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each pixel p of target (N, 3, H, W), the shift d with |dy|, |dx| <= radius minimising the mean over a
@@ -42,7 +49,7 @@ def block_match(target: torch.Tensor, reference: torch.Tensor, radius: int,
         for dx in range(-r, r + 1):
             shifted = padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w]  # reference(p + d)
             change = (target - shifted).abs().amax(dim=1, keepdim=True)
-            raw = F.avg_pool2d(change, window, stride=1, padding=window // 2, count_include_pad=False)
+            raw = box_mean(change, window)
             cost = raw + _SHIFT_PENALTY * (abs(dy) + abs(dx))
             better = cost < best
             best = torch.where(better, cost, best)
