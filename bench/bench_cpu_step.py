@@ -61,7 +61,8 @@ def measure(widths: str, lever: str, batch: int, steps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--widths", nargs="+", default=["32,64,128", "64,128,256"], help="unet.block_out_channels to try")
+    p.add_argument("--widths", nargs="+", default=["32,64,128", "64,128,256"],
+                   help="unet.block_out_channels to try (32,64,128: the demo's UNet until session 15)")
     p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=LEVERS)
     p.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (the demo trains at 16)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant, after 3 warm-up steps")
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
-    baseline = measure("32,64,128", "eager", 16, args.steps)  # the shipped demo step, same process, same run
-    print(f"baseline: shipped UNet, eager fp32, batch 16: {baseline['steps_per_s']:.2f} steps/s")
+    shipped = ",".join(str(c) for c in load_config(ROOT / "configs" / "demo.yaml").unet.block_out_channels)
+    baseline = measure(shipped, "eager", 16, args.steps)  # the shipped demo step, same process, same run
+    print(f"baseline: shipped UNet ({shipped}), eager fp32, batch 16: {baseline['steps_per_s']:.2f} steps/s")
     rows = []
     for widths in args.widths:
         for lever in args.levers:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.loader import config_from_dict
+from configs.loader import config_from_dict, load_config
 from data import build_windows, discover_clips
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from helpers import tiny_config, tiny_kl_vae
@@ -595,11 +595,12 @@ def test_bench_cpu_step_measures_each_lever_against_the_shipped_step_of_the_same
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
-    assert (rec["baseline"]["widths"], rec["baseline"]["lever"], rec["baseline"]["batch"]) == ("32,64,128", "eager", 16)
+    shipped = ",".join(str(c) for c in load_config(root / "configs" / "demo.yaml").unet.block_out_channels)
+    assert (rec["baseline"]["widths"], rec["baseline"]["lever"], rec["baseline"]["batch"]) == (shipped, "eager", 16)
     assert [(r["lever"], r["batch"]) for r in rec["rows"]] == [("eager", 2), ("channels_last", 2)]
     for r in rec["rows"]:
         assert r["steps_per_s"] > 0 and r["ratio_steps"] == r["steps_per_s"] / rec["baseline"]["steps_per_s"]
-        assert 0 < r["params_m"] < rec["baseline"]["params_m"]  # 32,64,64 is smaller than the shipped 32,64,128
+        assert 0 < r["params_m"] < rec["baseline"]["params_m"]  # 32,64,64 is smaller than the shipped UNet
     assert "baseline: shipped UNet" in proc.stdout
     bad = subprocess.run(cmd + ["--levers", "warp"], cwd=root, capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice: 'warp'" in bad.stderr
