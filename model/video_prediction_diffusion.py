@@ -212,7 +212,8 @@ class VideoPredictionDiffusion:
         the last past frame's VAE reconstruction error x_last - D(z_last) is added back where the prediction did not
         move away from D(z_last), so pixels that stay put come out as the camera saw them rather than as the VAE
         redraws them; "copy" goes one step further and also drops the prediction's own small change there (x_last
-        where it stays put, shrinking towards D(z) as the change nears the threshold). past_frames (B, Tp, 3, H, W),
+        where it stays put, shrinking towards D(z) as the change nears the threshold); "warp" is copy with motion
+        (model/motion.py: the last frame's pixels moved to where the prediction put them). past_frames (B, Tp, 3, H, W),
         past their latents; last_rec = D(z_last), (B, 1, 3, H, W), when the caller has it already (decoded here
         otherwise); mode and threshold default to sampler.residual_decode and sampler.residual_decode_threshold.
         Separate from the VAE's decoding so one decoded sample can be read several ways."""
