@@ -42,21 +42,19 @@ def block_match(target: torch.Tensor, reference: torch.Tensor, radius: int,
     # outside the frame reads as a colour 4 units away from any pixel in [-1, 1]: the cost there is >= 2
     padded = F.pad(reference, (r, r, r, r), value=5.0)
     best = torch.full((n, 1, h, w), float("inf"), device=target.device)
-    best_raw = torch.zeros_like(best)
     disp_y = torch.zeros((n, 1, h, w), dtype=torch.long, device=target.device)
     disp_x = torch.zeros_like(disp_y)
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             shifted = padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w]  # reference(p + d)
             change = (target - shifted).abs().amax(dim=1, keepdim=True)
-            raw = box_mean(change, window)
-            cost = raw + _SHIFT_PENALTY * (abs(dy) + abs(dx))
+            cost = box_mean(change, window) + _SHIFT_PENALTY * (abs(dy) + abs(dx))
             better = cost < best
             best = torch.where(better, cost, best)
-            best_raw = torch.where(better, raw, best_raw)
             disp_y = torch.where(better, dy, disp_y)
             disp_x = torch.where(better, dx, disp_x)
-    return torch.cat([disp_y, disp_x], dim=1), best_raw
+    disp = torch.cat([disp_y, disp_x], dim=1)
+    return disp, best - _SHIFT_PENALTY * disp.abs().sum(dim=1, keepdim=True)  # the tie-break taken out again
 
 
 def warp(frames: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:

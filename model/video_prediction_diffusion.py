@@ -224,11 +224,11 @@ class VideoPredictionDiffusion:
             return pred
         last = past_frames[:, -1:].to(pred.device, torch.float32)  # (B, 1, 3, H, W)
         last_rec = self.vae.decode(past[:, -1:]) if last_rec is None else last_rec
+        if mode == "warp":  # copy with motion: the last frame's pixels moved to where the prediction put them
+            return motion_compensated_copy(pred, last, last_rec, s.warp_radius, s.warp_window, threshold)
         correction = last - last_rec
         if mode == "full":
             return (pred + correction).clamp(-1, 1)
-        if mode == "warp":  # copy with motion: the last frame's pixels moved to where the prediction put them
-            return motion_compensated_copy(pred, last, last_rec, s.warp_radius, s.warp_window, threshold)
         change = (pred - last_rec).abs().amax(dim=2, keepdim=True)  # (B, Tf, 1, H, W): how far this pixel moved
         keep = (1 - change / threshold).clamp(0, 1)
         if mode == "copy":  # a change below the threshold is taken for sampling noise: the last frame as it was
