@@ -46,6 +46,24 @@ declare -A DEMO=(
   [ln25]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.25"  # training draws around SNR ~1
   [ln50]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.5"   # both ends drawn less
   [ln65]="diffusion.timestep_sampling=logit_normal diffusion.timestep_median=0.65"  # more high-noise steps
+  # session 16, the shapes at t+3 / t+4: where the net can look (attention), depth, batch, what it predicts
+  [att8]="unet.attention=[false,true,true]"               # self-attention at the 8x8 level too
+  [att16]="unet.attention=[true,false,true]"              # self-attention at the 16x16 level: copy from anywhere
+  [lpb2]="unet.layers_per_block=2"                        # two resnet blocks per level and side
+  [b32]="train.batch_size=32"                             # twice the windows per step
+  [att_all]="unet.attention=[true,true,true]"             # self-attention at every level
+  [lpb2_att16]="unet.layers_per_block=2 unet.attention=[true,false,true]"
+  [lpb3]="unet.layers_per_block=3"
+  [lpb2_seed1]="unet.layers_per_block=2 train.seed=1"     # is lpb2's gain more than one seed's luck?
+  [lpb3_att16]="unet.layers_per_block=3 unet.attention=[true,false,true]"
+  [lpb2_s6000]="unet.layers_per_block=2 train.max_steps=6000"
+  [w4x_lpb2]="unet.block_out_channels=[64,128,256] unet.layers_per_block=2"  # an upper bound, not a CPU candidate
+  # motion anchors: the last frame carried on at each pixel's velocity, beside the past (model/motion.py extrapolate)
+  [anch]="diffusion.motion_anchor=true"
+  [anch_g2]="diffusion.motion_anchor=true diffusion.anchor_gap=2 diffusion.anchor_radius=4"
+  [anch_lpb2]="diffusion.motion_anchor=true unet.layers_per_block=2"
+  [anch_s6000]="diffusion.motion_anchor=true train.max_steps=6000"
+  [anch_t]="diffusion.motion_anchor=true diffusion.target=anchor"   # diffuse the correction of the anchors
 )
 declare -A ACTION=(
   [act_base]=""

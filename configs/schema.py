@@ -217,8 +217,9 @@ class DiffusionConfig:
     past_dropout: float = 0.0  # probability of zeroing the past latents in training (for guidance); 0 = off
     cond_dropout: float = 0.0  # probability of zeroing the conditioning vector in training; 0 = off
     # what is diffused: absolute = the future latents; residual = (future latents - last past latent) * residual_scale,
-    # so "nothing moves" is x0 = 0 and costs nothing to learn (after RVD, Yang et al. 2022). The sampler and its
-    # clip bound work in this space; predictions leave the model as absolute latents either way
+    # so "nothing moves" is x0 = 0 and costs nothing to learn (after RVD, Yang et al. 2022); anchor = (future latents -
+    # motion anchors) * residual_scale, so "everything moves on as it did" is x0 = 0 (needs motion_anchor). The
+    # sampler and its clip bound work in this space; predictions leave the model as absolute latents either way
     target: str = "absolute"
     residual_scale: float = 1.0  # residual target only: multiplies the residual before noising; 1 = unscaled
     # rescale the betas to zero terminal SNR (Lin et al. 2024, "Common diffusion noise schedules are flawed", alg. 1,
@@ -229,6 +230,14 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"
     timestep_median: float = 0.5  # logit_normal only, in (0, 1); 0.25 = t 250, where linear betas' SNR is ~1
     timestep_logit_std: float = 1.0  # s (logit_normal only), > 0: the spread in logit units
+    # motion anchors (model/motion.py extrapolate): the UNet also sees, for each future frame, the latents of the last
+    # past frame moved on at the velocity each pixel had over the last anchor_gap past frames (block matching of the
+    # decoded past latents, anchor_radius px per axis over that gap, anchor_window px boxes): an object's look, carried
+    # to where it would be without bounces or collisions, for the net to take or correct
+    motion_anchor: bool = False
+    anchor_gap: int = 3  # past frames the velocity is measured over (< data.t_past); longer = finer than 1 px/frame
+    anchor_radius: int = 6  # largest displacement searched over the gap, pixels per axis
+    anchor_window: int = 9  # side of the matching box (odd, pixels)
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_train_timesteps", self.num_train_timesteps, 2)
@@ -244,8 +253,15 @@ class DiffusionConfig:
         _at_least(p, f"{path}.snr_gamma", self.snr_gamma, 0.0)
         _in_unit(p, f"{path}.past_dropout", self.past_dropout, closed_high=False)
         _in_unit(p, f"{path}.cond_dropout", self.cond_dropout, closed_high=False)
-        _choice(p, f"{path}.target", self.target, ("absolute", "residual"))
+        _choice(p, f"{path}.target", self.target, ("absolute", "residual", "anchor"))
+        if self.target == "anchor" and not self.motion_anchor:
+            p.append(f"{path}.target: anchor needs {path}.motion_anchor: true (the net must see what it corrects)")
         _at_least(p, f"{path}.residual_scale", self.residual_scale, 0.0, strict=True)
+        _at_least(p, f"{path}.anchor_gap", self.anchor_gap, 1)
+        _at_least(p, f"{path}.anchor_radius", self.anchor_radius, 0)
+        _at_least(p, f"{path}.anchor_window", self.anchor_window, 1)
+        if self.anchor_window % 2 == 0:
+            p.append(f"{path}.anchor_window: {self.anchor_window} must be odd (a box centred on the pixel)")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
             p.append(f"{path}.zero_terminal_snr: needs prediction_type v_prediction (epsilon cannot give x0 at "
                      "alpha_bar_T = 0)")
@@ -517,6 +533,12 @@ class Config:
         """Length of the per-window conditioning vector (0 = none): each cond key at each future frame."""
         return len(self.data.cond_keys) * self.data.t_future
 
+    @property
+    def context_frames(self) -> int:
+        """Latent frames the UNet is conditioned on: the past, plus one motion anchor per future frame
+        (diffusion.motion_anchor)."""
+        return self.data.t_past + (self.data.t_future if self.diffusion.motion_anchor else 0)
+
     def validate(self) -> list[str]:
         problems: list[str] = []
         for f in fields(self):
@@ -531,6 +553,9 @@ class Config:
             problems.append("sampler.guidance_past: guidance needs a model trained with diffusion.past_dropout > 0")
         if self.sampler.guidance_cond != 1.0 and self.diffusion.cond_dropout == 0.0:
             problems.append("sampler.guidance_cond: guidance needs a model trained with diffusion.cond_dropout > 0")
+        if self.diffusion.motion_anchor and not self.diffusion.anchor_gap < self.data.t_past:
+            problems.append(f"diffusion.anchor_gap: {self.diffusion.anchor_gap} must be below data.t_past="
+                            f"{self.data.t_past} (the velocity is measured between two past frames)")
         if self.diffusion.cond_dropout > 0 and self.cond_dim == 0:
             problems.append("diffusion.cond_dropout: > 0 but data.cond_keys is empty (no conditioning vector)")
         return problems

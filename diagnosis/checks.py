@@ -143,7 +143,8 @@ class Context:
         cond = self.cond if cond is None else cond
         tb = torch.full((x_t.shape[0],), t, dtype=torch.long, device=dev)
         with torch.no_grad():
-            out = net(x_t.to(dev), past.to(dev), tb, None if cond is None else cond.to(dev), None).float()
+            out = net(x_t.to(dev), self.model.context(past.to(dev)), tb, None if cond is None else cond.to(dev),
+                      None).float()
         x0 = self.train_schedule.split_output(out, x_t.to(dev), tb)[0].cpu()
         return self.model.from_x0(x0, past.cpu()) if latents else x0
 

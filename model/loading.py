@@ -97,7 +97,7 @@ def check_fits(cfg: Config, state: dict, latent_channels: int | None = None, res
                 f"latent_channels={latent_channels} (the checkpoint's VAE: {(state.get('vae') or {}).get('name')})")
     if "unet" not in state:
         return "it holds no 'unet' weights"
-    mine_args = {"latent_channels": latent_channels or stored or 4, "t_past": cfg.data.t_past,
+    mine_args = {"latent_channels": latent_channels or stored or 4, "t_past": cfg.context_frames,
                  "t_future": cfg.data.t_future, "cond_dim": cfg.cond_dim}
     if args and any(args.get(k) != v for k, v in mine_args.items()):
         return f"its UNet was built for {args}, but the config and VAE give {mine_args}"
@@ -246,7 +246,7 @@ def load_model(run: str | Path | None = None, checkpoint: str = "latest", config
         raise LoadError(f"VAE {cfg.vae.pretrained!r}: {e} (override with --set vae.pretrained=FOLDER)") from None
 
     # ---- the UNet, shaped as the checkpoint says
-    args = {"latent_channels": vae.latent_channels, "t_past": cfg.data.t_past, "t_future": cfg.data.t_future,
+    args = {"latent_channels": vae.latent_channels, "t_past": cfg.context_frames, "t_future": cfg.data.t_future,
             "cond_dim": cfg.cond_dim}
     if state and (reason := check_fits(cfg, state, vae.latent_channels)) is not None:
         raise LoadError(f"{path} does not fit its config: {reason} (were data.t_past/t_future/cond_keys, unet.* or "

@@ -9,6 +9,10 @@ match is good, and keeps D(z) where nothing in the last frame explains it (new c
 Written by hand because no library in our dependencies does dense block matching: torchvision's optical flow is
 RAFT, which needs downloaded weights and is far heavier than an exhaustive search over a few hundred shifts.
 
+`extrapolate` goes the other way, for `diffusion.motion_anchor`: it measures each pixel's velocity between two past
+frames and carries the last frame on at that velocity, a prediction without bounces or collisions that the model
+sees beside the past.
+
 Spaces: frames in [-1, 1], (N, 3, H, W); displacements in whole pixels, (N, 2, H, W) as (dy, dx), meaning the
 pixel at p comes from p + d in the reference frame.
 """
@@ -82,3 +86,52 @@ def motion_compensated_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: to
     source = warp(last.expand(b, tf, c, h, w).reshape(b * tf, c, h, w).to(target.dtype), disp)
     keep = (1 - cost / threshold).clamp(0, 1)
     return (target + keep * (source - target)).view(b, tf, c, h, w).clamp(-1, 1)
+
+
+def fill_holes(frames: torch.Tensor, hole: torch.Tensor, max_iters: int = 32) -> torch.Tensor:
+    """frames (N, C, H, W) with hole (N, 1, H, W) bool -> the hole pixels filled from the outside in, each with the
+    mean of its known 3x3 neighbours (smooth backgrounds come back nearly as they were; nothing is invented). A hole
+    pixel with no known pixel within max_iters keeps its value."""
+    known = (~hole).to(frames.dtype)
+    x = frames * known
+    for _ in range(max_iters):
+        if bool(known.min() > 0):
+            break
+        total, count = F.avg_pool2d(x, 3, 1, 1), F.avg_pool2d(known, 3, 1, 1)
+        new = (count > 0) & (known == 0)
+        x = torch.where(new, total / count.clamp_min(1e-6), x)
+        known = torch.where(new, torch.ones_like(known), known)
+    return torch.where(known > 0, x, frames)
+
+
+def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: int, radius: int,
+                window: int) -> torch.Tensor:
+    """Constant-velocity extrapolation: last (N, 3, H, W) and the frame `gap` frames before it -> the frames 1 ..
+    `horizons` after `last`, (N, horizons, 3, H, W). Each pixel's velocity is -d / gap, d from block_match of `last`
+    against `earlier` (so motions finer than a pixel per frame are kept to 1 / gap px); a moving pixel is carried to
+    p + k v (rounded) at horizon k, over whatever did not move (among moving pixels landing on one spot, the one
+    with the highest index wins: deterministic); where a moving pixel left and none arrived, the background is
+    filled in from around (fill_holes). Static pixels stay as they are."""
+    disp, _ = block_match(last, earlier, radius, window)
+    n, c, h, w = last.shape
+    velocity = -disp.to(last.dtype) / gap  # (N, 2, H, W), pixels per frame
+    moving = disp.abs().sum(1) > 0  # (N, H, W)
+    ys = torch.arange(h, device=last.device).view(1, h, 1)
+    xs = torch.arange(w, device=last.device).view(1, 1, w)
+    source = torch.arange(h * w, device=last.device).expand(n, h * w)
+    flat = last.reshape(n, c, h * w)
+    out = []
+    for k in range(1, horizons + 1):
+        ty = (ys + torch.round(k * velocity[:, 0])).long()
+        tx = (xs + torch.round(k * velocity[:, 1])).long()
+        lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        target = torch.where(lands, ty * w + tx, h * w).reshape(n, h * w)  # h * w: a slot for "nowhere"
+        winner = torch.full((n, h * w + 1), -1, dtype=torch.long, device=last.device)
+        winner.scatter_reduce_(1, target, torch.where(lands.reshape(n, -1), source, -1), "amax")
+        winner = winner[:, :h * w]
+        arrived = winner >= 0
+        moved = torch.where(arrived.unsqueeze(1), flat.gather(2, winner.clamp_min(0).unsqueeze(1).expand(n, c, -1)),
+                            flat)
+        hole = (moving.reshape(n, -1) & ~arrived).view(n, 1, h, w)
+        out.append(fill_holes(moved.view(n, c, h, w), hole))
+    return torch.stack(out, 1)

@@ -3,7 +3,8 @@
 All T_future frames are predicted jointly (out channels = C * T_future), so each output channel group knows
 which future frame it is (MCVD, Voleti et al. 2022; DIAMOND, Alonso et al. 2024): DESIGN cause 5.
 An optional conditioning vector enters through a learned projection added to the time embedding
-(UNet2DModel's class_embed_type="identity").
+(UNet2DModel's class_embed_type="identity"). `t_past` counts every clean conditioning frame: the past latents, and
+under diffusion.motion_anchor one anchor per future frame after them (Config.context_frames).
 """
 from __future__ import annotations
 

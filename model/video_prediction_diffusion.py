@@ -6,7 +6,8 @@ its EMA copy); it defaults to `self.unet`.
 
 Spaces: frames are pixels in [-1, 1], (B, T, 3, H, W); latents are scaled VAE latents, (B, T, C, h, w).
 The diffused variable `x0` is the future latents themselves (diffusion.target = absolute) or their residual from
-the last past latent (residual); `to_x0` / `from_x0` convert, and only they know which.
+the last past latent (residual) or from the motion anchors (anchor); `to_x0` / `from_x0` convert, and only they know
+which.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from configs.schema import Config
 from model import performance
-from model.motion import motion_compensated_copy
+from model.motion import extrapolate, motion_compensated_copy
 from model.sampler import ddim_sample
 from model.schedule import NoiseSchedule
 from model.unet import ConditionalUNet
@@ -30,7 +31,7 @@ class VideoPredictionDiffusion:
         self.vae = vae
         self.schedule = NoiseSchedule(cfg.diffusion)
         self.t_past, self.t_future = cfg.data.t_past, cfg.data.t_future
-        self.unet = unet if unet is not None else ConditionalUNet(cfg.unet, vae.latent_channels, self.t_past,
+        self.unet = unet if unet is not None else ConditionalUNet(cfg.unet, vae.latent_channels, cfg.context_frames,
                                                                   self.t_future, cfg.cond_dim)
         if self.unet.latent_channels != vae.latent_channels:
             raise ValueError(f"the UNet expects {self.unet.latent_channels} latent channels but the VAE "
@@ -66,19 +67,46 @@ class VideoPredictionDiffusion:
         return self.vae.encode(batch["frames"].to(device, non_blocking=True), generator=generator)
 
     # ------------------------------------------------------------------ latents <-> diffused variable
-    def to_x0(self, future: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        """Future latents (B, Tf, C, h, w) -> the variable the schedule noises and the sampler returns."""
-        d = self.cfg.diffusion
-        if d.target == "residual":
-            return (future - past[:, -1:]) * d.residual_scale
-        return future
+    def _origin(self, past: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
+        """What a residual target is measured from: the last past latent, or (target anchor) the motion anchors
+        (computed from `past` unless given)."""
+        if self.cfg.diffusion.target == "anchor":
+            return self.anchor_latents(past) if anchors is None else anchors
+        return past[:, -1:]
 
-    def from_x0(self, x0: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    def to_x0(self, future: torch.Tensor, past: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """Future latents (B, Tf, C, h, w) -> the variable the schedule noises and the sampler returns. `anchors`:
+        anchor_latents(past) when the caller has them already."""
+        d = self.cfg.diffusion
+        if d.target == "absolute":
+            return future
+        return (future - self._origin(past, anchors)) * d.residual_scale
+
+    def from_x0(self, x0: torch.Tensor, past: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
         """Inverse of `to_x0`: the sampler's x0 -> future latents (B, Tf, C, h, w)."""
         d = self.cfg.diffusion
-        if d.target == "residual":
-            return past[:, -1:] + x0 / d.residual_scale
-        return x0
+        if d.target == "absolute":
+            return x0
+        return self._origin(past, anchors) + x0 / d.residual_scale
+
+    # ------------------------------------------------------------------ what the UNet is conditioned on
+    def context(self, past: torch.Tensor, anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """Past latents (B, Tp, C, h, w) -> the UNet's conditioning frames: the past itself, followed, under
+        diffusion.motion_anchor, by the anchor latents of every future frame (B, Tp + Tf, C, h, w); `anchors`:
+        anchor_latents(past) when the caller has them already."""
+        if not self.cfg.diffusion.motion_anchor:
+            return past
+        return torch.cat([past, self.anchor_latents(past) if anchors is None else anchors], 1)
+
+    @torch.no_grad()
+    def anchor_latents(self, past: torch.Tensor) -> torch.Tensor:
+        """Past latents (B, Tp, C, h, w) -> (B, Tf, C, h, w): the last past frame carried on at each pixel's velocity
+        over the last anchor_gap past frames (model/motion.py extrapolate, on the decoded latents, so training on the
+        latent cache and rolling out on predicted latents see the same thing), encoded (posterior mean)."""
+        d = self.cfg.diffusion
+        frames = self.vae.decode(past[:, [-1 - d.anchor_gap, -1]])
+        ahead = extrapolate(frames[:, 1], frames[:, 0], d.anchor_gap, self.t_future, d.anchor_radius, d.anchor_window)
+        return self.vae.encode_moments(ahead)[0].to(past.dtype)
 
     # ------------------------------------------------------------------ training
     def loss(self, past: torch.Tensor, future: torch.Tensor, cond: torch.Tensor | None = None,
@@ -101,8 +129,10 @@ class VideoPredictionDiffusion:
         t = (u * self.schedule.num_train_timesteps).long().clamp_max(self.schedule.num_train_timesteps - 1)
         noise = torch.randn(future.shape, generator=generator,
                             device=generator.device if generator else "cpu").to(device)
-        x0 = self.to_x0(future, past)  # before past dropout: the target never depends on the dropped context
+        anchors = self.anchor_latents(past) if d.motion_anchor else None
+        x0 = self.to_x0(future, past, anchors)  # before past dropout: the target never depends on the dropped context
         noisy = self.schedule.add_noise(x0, noise, t)
+        past = self.context(past, anchors)  # what the net sees (the anchors are dropped with the past)
         if d.past_dropout > 0:
             keep_past = (rand(B) >= d.past_dropout).to(past.dtype).reshape(B, 1, 1, 1, 1)
             past = past * keep_past
@@ -177,9 +207,10 @@ class VideoPredictionDiffusion:
         try:
             # speed.sampler_compile: the same weights, a compiled forward (GPU only)
             call = self.compiled_nets(net) if self.cfg.speed.sampler_compile else net
-            x0 = ddim_sample(self.denoiser(past, cond, call, **guidance), noise, self.schedule,
+            anchors = self.anchor_latents(past) if self.cfg.diffusion.motion_anchor else None
+            x0 = ddim_sample(self.denoiser(self.context(past, anchors), cond, call, **guidance), noise, self.schedule,
                              steps or s.num_inference_steps, generator=generator, callback=callback, **kw)
-            return self.from_x0(x0, past)
+            return self.from_x0(x0, past, anchors)
         finally:
             net.train(was_training)
 

@@ -1,17 +1,22 @@
 """Motion-compensated copying (`sampler.residual_decode: warp`, model/motion.py) against analytic oracles: a frame
 moved by a known shift is found and undone, a blurred and moved prediction comes back as the sharp last frame moved,
-and with no motion searched the mode is exactly copy decoding."""
+and with no motion searched the mode is exactly copy decoding. Motion anchors (`diffusion.motion_anchor`,
+`extrapolate`): an object moving at a constant velocity is carried on exactly, a still scene stays as it is, and the
+anchor target diffuses the correction of the anchors."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import json
+
 from configs.loader import ConfigError
 from helpers import smooth_frames, tiny_config, tiny_kl_vae
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-from model.motion import block_match, motion_compensated_copy, warp
+from model.motion import block_match, extrapolate, fill_holes, motion_compensated_copy, warp
 from model.vae import FrozenVAE
 from model.video_prediction_diffusion import VideoPredictionDiffusion
+from trainer_helpers import explain, make_world, run_cli, write_yaml
 
 
 def textured(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -92,3 +97,103 @@ def test_warp_settings_are_checked():
     with pytest.raises(ConfigError) as e:
         tiny_config(**{"sampler.warp_window": 4, "sampler.warp_radius": -1})
     assert "sampler.warp_window" in str(e.value) and "sampler.warp_radius" in str(e.value)
+
+
+# ---------------------------------------------------------------- motion anchors: constant-velocity extrapolation
+
+def disc_frame(cy: float, cx: float, size: int = 40, radius: float = 5.0) -> torch.Tensor:
+    """(1, 3, size, size): a coloured disc of `radius` centred at (cy, cx) on a flat grey background."""
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    frame = torch.full((1, 3, size, size), -0.5)
+    for c, v in enumerate((0.9, -0.9, 0.3)):
+        frame[0, c][inside] = v
+    return frame
+
+
+@pytest.mark.parametrize("vy, vx, gap", [(1, 2, 3), (-2, 1, 1), (1 / 3, -2 / 3, 3)])
+def test_extrapolate_carries_a_moving_disc_on_at_its_velocity(vy, vx, gap):
+    """A disc that moved by gap * v between the two frames is, k frames on, the disc moved by round(k * v) more:
+    exactly, background filled back in where it left (a flat background comes back exactly), whole-pixel motions
+    finer than a pixel per frame included (gap 3: a third of a pixel per frame)."""
+    earlier, last = disc_frame(15, 14), disc_frame(15 + gap * vy, 14 + gap * vx)
+    ahead = extrapolate(last, earlier, gap, horizons=4, radius=6, window=9)
+    assert ahead.shape == (1, 4, 3, 40, 40)
+    for k in range(1, 5):
+        dy, dx = round(k * vy), round(k * vx)
+        expected = disc_frame(15 + gap * vy + dy, 14 + gap * vx + dx)
+        assert (ahead[:, k - 1] - expected).abs().max() == 0, f"horizon {k}"
+
+
+def test_extrapolate_of_a_still_scene_is_the_scene():
+    frame = textured(2, 24, 24)
+    ahead = extrapolate(frame, frame.clone(), 2, horizons=3, radius=4, window=5)
+    assert torch.equal(ahead, frame.unsqueeze(1).expand(2, 3, 3, 24, 24))
+
+
+def test_fill_holes_fills_from_around_and_leaves_the_rest():
+    """A hole in a linear ramp comes back close to the ramp (within the values around it, and within 3 pixels' worth
+    of its slope: filling from the outside in is not a harmonic fill), known pixels are untouched, and a frame without
+    holes is returned as it was."""
+    ramp = torch.linspace(-1, 1, 20).view(1, 1, 1, 20).expand(1, 3, 20, 20).clone()
+    hole = torch.zeros(1, 1, 20, 20, dtype=torch.bool)
+    hole[..., 6:12, 6:12] = True
+    filled = fill_holes(ramp.masked_fill(hole, 5.0), hole)
+    assert torch.equal(filled[~hole.expand_as(filled)], ramp[~hole.expand_as(ramp)])
+    inner = filled[..., 6:12, 6:12]
+    assert inner.min() >= ramp[..., 5].min() and inner.max() <= ramp[..., 12].max()
+    step = 2 / 19  # the ramp's change per pixel
+    assert (inner - ramp[..., 6:12, 6:12]).abs().max() < 3 * step
+    assert torch.equal(fill_holes(ramp, torch.zeros_like(hole)), ramp)
+
+
+ANCHORS = {"diffusion.motion_anchor": True, "diffusion.anchor_gap": 1, "diffusion.anchor_radius": 2,
+           "diffusion.anchor_window": 3}
+
+
+def test_motion_anchor_model_sees_the_anchors_and_the_anchor_target_is_their_correction():
+    """With motion_anchor the UNet is conditioned on past + one anchor per future frame; with target anchor, x0 is
+    the future minus the anchors (zero when everything moves on as it did) and round-trips; a still past gives
+    anchors that are the last past frame's decoding, re-encoded."""
+    vae = FrozenVAE(tiny_kl_vae(seed=0))
+    torch.manual_seed(0)
+    model = VideoPredictionDiffusion(tiny_config(**ANCHORS, **{"diffusion.target": "anchor"}), vae)
+    assert model.unet.t_past == 4  # 2 past + 2 anchors
+    frames = smooth_frames(2, 4, 16, 16)
+    past, future = vae.encode(frames[:, :2]), vae.encode(frames[:, 2:])
+    anchors = model.anchor_latents(past)
+    assert anchors.shape == future.shape
+    assert model.to_x0(anchors, past).abs().max() == 0
+    assert torch.allclose(model.from_x0(model.to_x0(future, past), past), future, atol=1e-6)
+    assert model.context(past, anchors).shape == (2, 4, *past.shape[2:])
+    still = past[:, -1:].expand_as(past).contiguous()
+    decoded_last = vae.decode(still[:, -1:]).expand(2, 2, 3, 16, 16)
+    assert torch.allclose(model.anchor_latents(still), vae.encode_moments(decoded_last)[0], atol=1e-5)
+    loss = model.loss(past, future, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.predict(frames[:, :2], steps=2).shape == (2, 2, 3, 16, 16)
+
+
+def test_motion_anchor_settings_are_checked():
+    with pytest.raises(ConfigError) as e:
+        tiny_config(**{"diffusion.target": "anchor"})
+    assert "motion_anchor" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        tiny_config(**(ANCHORS | {"diffusion.anchor_gap": 2, "diffusion.anchor_window": 4}))
+    assert "diffusion.anchor_gap" in str(e.value) and "diffusion.anchor_window" in str(e.value)
+
+
+def test_a_motion_anchor_run_trains_loads_and_rolls_out(tmp_path):
+    """The real command line trains a run with motion anchors and the anchor target; tools/evaluate.py loads it
+    from its checkpoint (the UNet built for past + anchors) and rolls it out twice (anchors from predicted latents)."""
+    from tools import evaluate
+    world = make_world(tmp_path)
+    raw = world.config(tmp_path / "runs", **{f"{k}": v for k, v in ANCHORS.items()},
+                       **{"diffusion.target": "anchor", "train.max_steps": 3, "eval.clips": 2})
+    proc = run_cli(["--config", str(write_yaml(tmp_path / "run.yaml", raw))], tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    out = tmp_path / "ev"
+    assert evaluate.main(["--run", str(tmp_path / "runs" / "run"), "--out", str(out), "--rollout", "2",
+                          "--windows", "2"]) == 0
+    psnr = json.loads((out / "evaluate.json").read_text())["psnr"]["model"]
+    assert len(psnr) == 4 and all(v == v and v > 0 for v in psnr)  # four horizons, finite

@@ -590,17 +590,24 @@ def test_bench_cpu_step_measures_each_lever_against_the_shipped_step_of_the_same
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "cpu_step.json"
     cmd = [sys.executable, str(root / "bench" / "bench_cpu_step.py"), "--steps", "1"]
-    proc = subprocess.run(cmd + ["--widths", "32,64,64", "--levers", "eager", "channels_last", "--batch", "2",
-                                 "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    variant = "unet.block_out_channels=[32,32,64] unet.layers_per_block=2"
+    proc = subprocess.run(cmd + ["--widths", "32,64,64", "--variants", variant, "--levers", "eager", "channels_last",
+                                 "--batch", "2", "--json", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
     shipped = ",".join(str(c) for c in load_config(root / "configs" / "demo.yaml").unet.block_out_channels)
     assert (rec["baseline"]["widths"], rec["baseline"]["lever"], rec["baseline"]["batch"]) == (shipped, "eager", 16)
-    assert [(r["lever"], r["batch"]) for r in rec["rows"]] == [("eager", 2), ("channels_last", 2)]
-    for r in rec["rows"]:
-        assert r["steps_per_s"] > 0 and r["ratio_steps"] == r["steps_per_s"] / rec["baseline"]["steps_per_s"]
-        assert 0 < r["params_m"] < rec["baseline"]["params_m"]  # 32,64,64 is smaller than the shipped UNet
+    assert [(r["widths"], r["lever"], r["batch"]) for r in rec["rows"]] == [
+        ("32,64,64", "eager", 2), ("32,64,64", "channels_last", 2), ("32,32,64", "eager", 2),
+        ("32,32,64", "channels_last", 2)]
+    assert rec["rows"][-1]["variant"] == variant
+    speeds = rec["baseline"]["measurements"]  # the baseline before the first row and after every row
+    assert len(speeds) == len(rec["rows"]) + 1 and rec["baseline"]["steps_per_s"] == pytest.approx(sum(speeds) / len(speeds))
+    for i, r in enumerate(rec["rows"]):
+        assert r["baseline_steps_per_s"] == pytest.approx((speeds[i] + speeds[i + 1]) / 2)
+        assert r["steps_per_s"] > 0 and r["ratio_steps"] == r["steps_per_s"] / r["baseline_steps_per_s"]
+        assert 0 < r["params_m"] < rec["baseline"]["params_m"]  # both are smaller than the shipped UNet
     assert "baseline: shipped UNet" in proc.stdout
     bad = subprocess.run(cmd + ["--levers", "warp"], cwd=root, capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice: 'warp'" in bad.stderr
