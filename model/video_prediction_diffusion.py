@@ -104,8 +104,10 @@ class VideoPredictionDiffusion:
         over the last anchor_gap past frames (model/motion.py extrapolate, on the decoded latents, so training on the
         latent cache and rolling out on predicted latents see the same thing), encoded (posterior mean)."""
         d = self.cfg.diffusion
-        frames = self.vae.decode(past[:, [-1 - d.anchor_gap, -1]])
-        ahead = extrapolate(frames[:, 1], frames[:, 0], d.anchor_gap, self.t_future, d.anchor_radius, d.anchor_window)
+        frames = self.vae.decode(past[:, [-1 - d.anchor_gap, -1]]).float()
+        with torch.autocast(frames.device.type, enabled=False):  # matching costs in fp32 under a bf16 run too
+            ahead = extrapolate(frames[:, 1], frames[:, 0], d.anchor_gap, self.t_future, d.anchor_radius,
+                                d.anchor_window)
         return self.vae.encode_moments(ahead)[0].to(past.dtype)
 
     # ------------------------------------------------------------------ training

@@ -145,7 +145,8 @@ def test_bounce_check_on_demo(demo_run: Path, tmp_path: Path):
 def test_bounce_check_window_geometry(tmp_path: Path):
     """bounce_check's ground truth per window: the true future positions are the world's tracks (scaled to the
     data size), the straight line goes through the last two past positions, and "bounce" is exactly a departure
-    from it by more than BOUNCE_PX; with 2 px/frame in a 32x48 world both kinds occur."""
+    from it by more than BOUNCE_PX; with 2 px/frame in a 32x48 world both kinds occur, and objects that touch
+    another one in the window as well as objects that stay alone."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -159,7 +160,7 @@ def test_bounce_check_window_geometry(tmp_path: Path):
                                                                   "frames_per_clip": 24, "height": 32, "width": 48}}})
     ensure_synthetic(cfg.data, progress=False)
     ds = VideoWindowDataset(discover_clips(cfg.data), cfg.data)
-    kinds = set()
+    kinds, contact = set(), set()
     for i in range(len(ds)):
         o = bounce_check.window_objects(ds, i, cfg.data.synthetic, {})
         w = ds.windows[i]
@@ -172,7 +173,15 @@ def test_bounce_check_window_geometry(tmp_path: Path):
         dev = np.linalg.norm(o["true"] - o["straight"], axis=-1).max(0)
         assert ((dev > bounce_check.BOUNCE_PX) == o["bounce"]).all()
         kinds |= set(o["bounce"].tolist())
-    assert kinds == {True, False}
+        # touching: centres closer than TOUCH_MARGIN x the sum of half sizes in some frame of the window (the world's
+        # own pixels: the 2x scale of the data cancels out)
+        pos = np.stack([tr.x[f], tr.y[f]], -1)
+        dist = np.linalg.norm(pos[:, :, None] - pos[:, None], axis=-1)
+        reach = bounce_check.TOUCH_MARGIN * (tr.radius[:, None] + tr.radius[None])
+        n = len(tr.radius)
+        assert (o["touching"] == ((dist < reach) & ~np.eye(n, dtype=bool)).any(axis=(0, 2))).all()
+        contact |= set(o["touching"].tolist())
+    assert kinds == {True, False} and contact == {True, False}
 
 
 def test_shape_check_on_demo(demo_run: Path, tmp_path: Path):
@@ -184,6 +193,14 @@ def test_shape_check_on_demo(demo_run: Path, tmp_path: Path):
     assert (tmp_path / "s" / "shape_check.png").is_file() and (tmp_path / "s" / "shape_windows.png").is_file()
     for kind in ("mask_iou", "shape_iou"):
         assert all(0.0 <= v <= 1.0 for s in res[kind].values() for v in s)
+    # the objects split into those touching another one and those alone; each part's mean is within [0, 1] and
+    # the two, weighted by their counts, give the whole
+    for s, whole in res["shape_iou"].items():
+        for j, v in enumerate(whole):
+            n_touch = res["objects_touching_per_step"][j]
+            n_alone = res["objects_per_step"][j] - n_touch
+            parts = [(res["shape_iou_touching"][s][j], n_touch), (res["shape_iou_alone"][s][j], n_alone)]
+            assert sum((p or 0.0) * n for p, n in parts) / res["objects_per_step"][j] == pytest.approx(v, abs=2e-3)
     # the references are not learned: the last frame keeps every shape exactly (only occlusion changes it), and the
     # bundled VAE (38.8 dB round trip) carries them almost exactly
     assert min(res["shape_iou"]["copy_last"]) > 0.8 and min(res["shape_iou"]["vae_roundtrip"]) > 0.8, res

@@ -35,6 +35,7 @@ from training.visualize import sample_grid  # noqa: E402
 COLOUR_TOL = 0.2  # per channel, in [0, 1]
 OCCLUDED_PX = 1.5  # the true frame's colour centroid farther than this from the track: occluded, left out
 BOUNCE_PX = 1.0  # deviation from the straight line that makes a bounce
+TOUCH_MARGIN = 1.05  # objects whose centres come closer than this times the sum of their half sizes touch or overlap
 
 
 def colour_mask(frame: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -52,7 +53,8 @@ def find(frame: np.ndarray, colour: np.ndarray, min_pixels: int) -> np.ndarray |
 
 def window_objects(ds: VideoWindowDataset, index: int, sc, cache: dict) -> dict:
     """True future positions, copy-last and straight-line positions of each object in window `index`, scaled to
-    the data's frame size: arrays (Tf, N, 2), and which objects bounce."""
+    the data's frame size: arrays (Tf, N, 2), which objects bounce, and which touch or overlap another object in
+    some frame of the window (centres closer than TOUCH_MARGIN times the sum of their half sizes)."""
     w = ds.windows[index]
     clip = ds.clips[w.clip]
     ci = int(clip.name.rsplit("_", 1)[1])
@@ -67,7 +69,11 @@ def window_objects(ds: VideoWindowDataset, index: int, sc, cache: dict) -> dict:
     straight = last[None] + velocity[None] * steps
     true = pos[tp:]
     bounce = np.linalg.norm(true - straight, axis=-1).max(0) > BOUNCE_PX
+    gap = np.linalg.norm(pos[:, :, None] - pos[:, None, :], axis=-1)  # (T, N, N) centre distances
+    reach = TOUCH_MARGIN * (tr.radius[:, None] + tr.radius[None, :]) * scale.mean()
+    near = (gap < reach[None]) & ~np.eye(len(tr.radius), dtype=bool)[None]
     return {"true": true, "copy_last": np.broadcast_to(last, true.shape), "straight": straight, "bounce": bounce,
+            "touching": near.any(axis=(0, 2)),
             "colour": tr.colour, "area": (2 * tr.radius * scale.mean()) ** 2 * np.where(tr.square, 1, np.pi / 4)}
 
 
