@@ -221,7 +221,7 @@ class DiffusionConfig:
     # motion anchors) * residual_scale, so "everything moves on as it did" is x0 = 0 (needs motion_anchor). The
     # sampler and its clip bound work in this space; predictions leave the model as absolute latents either way
     target: str = "absolute"
-    residual_scale: float = 1.0  # residual target only: multiplies the residual before noising; 1 = unscaled
+    residual_scale: float = 1.0  # residual and anchor targets: multiplies the residual before noising; 1 = unscaled
     # rescale the betas to zero terminal SNR (Lin et al. 2024, "Common diffusion noise schedules are flawed", alg. 1,
     # diffusers' rescale_betas_zero_snr): t = T-1 is pure noise, as trailing spacing assumes; needs v_prediction
     zero_terminal_snr: bool = False
