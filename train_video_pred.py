@@ -128,6 +128,12 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
     # ---- training data: windows over cached latents (the cache is built once, by all ranks) or over pixels
     micro_batch = tc.batch_size // (info.world_size * tc.grad_accum_steps)
     train_set = latent_cache.training_set(splits, cfg, model.vae, info, micro_batch * info.world_size, log=say)
+    if cfg.diffusion.motion_anchor and isinstance(train_set, latent_cache.LatentWindowDataset):
+        # each window's anchors once, here, instead of the VAE on every step (every rank: its windows change per epoch)
+        started = time.perf_counter()
+        train_set.attach_anchors(lambda past: model.anchor_latents(past.to(info.device)), max(micro_batch, 16),
+                                 show_progress=info.is_main)
+        say(f"motion anchors: {len(train_set)} windows in {time.perf_counter() - started:.0f} s")
 
     # ---- resume: the checkpoint rank 0 found (and sent to every rank), loaded into the parts; every rank must
     # then hold the same weights and step

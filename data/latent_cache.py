@@ -20,6 +20,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -322,7 +323,8 @@ def build_or_load(clips: list[Clip], data_cfg, vae, cache_dir: str | Path, info,
 class LatentWindowDataset(Dataset):
     """Windows over cached latents. Item: {"latent_mean": (T, C, h, w) float16 scaled latents (as stored: the
     model upcasts on its device, so a batch crosses PCIe at half the bytes), ["latent_std": same],
-    "cond": (cond_dim,), "clip": name, "index": window index}."""
+    ["latent_anchors": (Tf, C, h, w) float16, after attach_anchors], "cond": (cond_dim,), "clip": name,
+    "index": window index}."""
 
     def __init__(self, clips: list[Clip], data_cfg, windows: list[Window], folder: Path, clip_ids: list[int],
                  with_std: bool = True):
@@ -332,6 +334,21 @@ class LatentWindowDataset(Dataset):
         self.folder, self.clip_ids = Path(folder), clip_ids
         self.with_std = with_std
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
+        self.anchors: torch.Tensor | None = None  # (windows, Tf, C, h, w) float16, from attach_anchors
+
+    def attach_anchors(self, anchors_of: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
+                       show_progress: bool = True) -> None:
+        """Compute, once, anchors_of(past latent means (B, Tp, C, h, w) float32) for every window and hand them out
+        with the items as "latent_anchors" (diffusion.motion_anchor: the VAE decode, block matching and VAE encode
+        behind them cost 7x a CPU training step when done every step; a window's anchors never change when its past
+        is the posterior mean). Held in memory: windows x t_future latents, float16."""
+        tp, out = self.cfg.t_past, []
+        for a in tqdm(range(0, len(self.windows), batch_size), desc="motion anchors", unit="batch",
+                      disable=not show_progress, dynamic_ncols=True):
+            past = torch.stack([torch.from_numpy(np.asarray(self._array(w.clip, "mean")[list(w.frames)[:tp]]))
+                                for w in self.windows[a:a + batch_size]])
+            out.append(anchors_of(past.float()).to("cpu", torch.float16))
+        self.anchors = torch.cat(out) if out else None
 
     def _array(self, clip: int, what: str) -> np.ndarray | None:
         k = (clip, what)
@@ -351,6 +368,8 @@ class LatentWindowDataset(Dataset):
         std = self._array(w.clip, "std") if self.with_std else None
         if std is not None:
             item["latent_std"] = torch.from_numpy(np.asarray(std[idx]))
+        if self.anchors is not None:
+            item["latent_anchors"] = self.anchors[index]
         clip = self.clips[w.clip]
         future = idx[self.cfg.t_past:]
         item["cond"] = (torch.cat([read_cond(clip, i, self.cfg) for i in future]) if self.cfg.cond_keys

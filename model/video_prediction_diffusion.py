@@ -112,8 +112,10 @@ class VideoPredictionDiffusion:
 
     # ------------------------------------------------------------------ training
     def loss(self, past: torch.Tensor, future: torch.Tensor, cond: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, net: torch.nn.Module | None = None) -> torch.Tensor:
-        """Diffusion loss on latents: weighted MSE between the net's output and the schedule's target.
+             generator: torch.Generator | None = None, net: torch.nn.Module | None = None,
+             anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion loss on latents: weighted MSE between the net's output and the schedule's target. `anchors`
+        (diffusion.motion_anchor): anchor_latents(past) computed ahead (the latent cache's), else computed here.
 
         Randomness (t, noise, condition dropout) comes from `generator`, so a resumed run draws the same."""
         net = self.unet if net is None else net  # not `net or`: a torch.compile wrapper has no truth value
@@ -131,7 +133,8 @@ class VideoPredictionDiffusion:
         t = (u * self.schedule.num_train_timesteps).long().clamp_max(self.schedule.num_train_timesteps - 1)
         noise = torch.randn(future.shape, generator=generator,
                             device=generator.device if generator else "cpu").to(device)
-        anchors = self.anchor_latents(past) if d.motion_anchor else None
+        if d.motion_anchor and anchors is None:
+            anchors = self.anchor_latents(past)
         x0 = self.to_x0(future, past, anchors)  # before past dropout: the target never depends on the dropped context
         noisy = self.schedule.add_noise(x0, noise, t)
         past = self.context(past, anchors)  # what the net sees (the anchors are dropped with the past)
@@ -150,7 +153,10 @@ class VideoPredictionDiffusion:
         past, future = self.split_latents(latents)
         cond = batch.get("cond")
         cond = cond.to(latents.device) if cond is not None and cond.numel() else None
-        return self.loss(past, future, cond, generator, net)
+        anchors = batch.get("latent_anchors")  # computed once per window by the latent cache (motion_anchor)
+        if anchors is not None:
+            anchors = anchors.to(latents.device, non_blocking=True).float()
+        return self.loss(past, future, cond, generator, net, anchors if self.cfg.diffusion.motion_anchor else None)
 
     # ------------------------------------------------------------------ sampling
     def denoiser(self, past: torch.Tensor, cond: torch.Tensor | None, net: torch.nn.Module,

@@ -197,3 +197,44 @@ def test_a_motion_anchor_run_trains_loads_and_rolls_out(tmp_path):
                           "--windows", "2"]) == 0
     psnr = json.loads((out / "evaluate.json").read_text())["psnr"]["model"]
     assert len(psnr) == 4 and all(v == v and v > 0 for v in psnr)  # four horizons, finite
+
+
+def test_latent_cache_anchors_are_the_models_own_computed_once(tmp_path):
+    """attach_anchors hands out, per window, what anchor_latents gives for the window's cached past (to float16),
+    and a batch carrying them trains on the same loss as one whose anchors the model computes itself (target anchor
+    and v-prediction, so other anchors change the loss)."""
+    import numpy as np
+    from configs.loader import config_from_dict
+    from data import build_windows, discover_clips
+    from data.latent_cache import LatentWindowDataset, build_or_load
+    from training.distributed import DistInfo
+
+    world = make_world(tmp_path)
+    cfg = config_from_dict(world.config(tmp_path / "runs", **ANCHORS, **{"diffusion.target": "anchor",
+                                                                   "diffusion.prediction_type": "v_prediction"}))
+    clips = discover_clips(cfg.data)
+    torch.manual_seed(0)
+    model = VideoPredictionDiffusion.from_config(cfg)
+    folder = build_or_load(clips, cfg.data, model.vae, tmp_path / "cache", DistInfo(), num_workers=0,
+                           log=lambda *a: None)
+    windows = build_windows(clips, cfg.data)
+    ds = LatentWindowDataset(clips, cfg.data, windows, folder, list(range(len(clips))), with_std=False)
+    assert "latent_anchors" not in ds[0]
+    calls = []
+    ds.attach_anchors(lambda past: calls.append(len(past)) or model.anchor_latents(past), batch_size=3,
+                      show_progress=False)
+    assert sum(calls) == len(windows) and max(calls) == 3  # every window once, in batches
+    for i in (0, len(windows) - 1):
+        item = ds[i]
+        past = item["latent_mean"][None, :cfg.data.t_past].float()
+        expected = model.anchor_latents(past)[0].to(torch.float16)
+        assert item["latent_anchors"].dtype == torch.float16
+        assert torch.allclose(item["latent_anchors"].float(), expected.float(), atol=2e-3)
+    batch = {k: torch.stack([ds[i][k] for i in range(2)]) for k in ("latent_mean", "latent_anchors")}
+    own = model.batch_loss({"latent_mean": batch["latent_mean"]}, generator=torch.Generator().manual_seed(1))
+    given = model.batch_loss(batch, generator=torch.Generator().manual_seed(1))
+    assert np.isclose(own.item(), given.item(), rtol=1e-2), (own.item(), given.item())
+    wrong = model.batch_loss({"latent_mean": batch["latent_mean"],  # the given anchors are the ones used
+                              "latent_anchors": batch["latent_anchors"] + 3.0},
+                             generator=torch.Generator().manual_seed(1))
+    assert not np.isclose(wrong.item(), given.item(), rtol=1e-2)
