@@ -58,9 +58,10 @@ def measure(overrides: list[str], lever: str, batch: int, steps: int) -> dict:
 
     warm = 3 * time_block(step, 0, 3) / 1e3  # warm-up (compile: traces and compiles here)
     dt = time_block(step, 0, steps) / 1e3
-    return {"variant": " ".join(overrides) or "shipped",
-            "widths": ",".join(str(c) for c in cfg.unet.block_out_channels), "lever": lever, "batch": batch, "steps_per_s": 1 / dt, "samples_per_s": batch / dt,
-            "warmup_s": warm, "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
+    widths = ",".join(str(c) for c in cfg.unet.block_out_channels)
+    return {"variant": " ".join(overrides) or "shipped", "widths": widths, "lever": lever, "batch": batch,
+            "steps_per_s": 1 / dt, "samples_per_s": batch / dt, "warmup_s": warm,
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
-    shipped = ",".join(str(c) for c in load_config(ROOT / "configs" / "demo.yaml").unet.block_out_channels)
     baselines = [measure([], "eager", 16, args.steps)]  # the shipped demo step, same process, same run
-    print(f"baseline: shipped UNet ({shipped}), eager fp32, batch 16: {baselines[0]['steps_per_s']:.2f} steps/s")
+    print(f"baseline: shipped UNet ({baselines[0]['widths']}), eager fp32, batch 16: "
+          f"{baselines[0]['steps_per_s']:.2f} steps/s")
     variants = [[f"unet.block_out_channels=[{w}]"] for w in args.widths] + [v.split() for v in args.variants]
     rows = []
     for overrides in variants:
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["baseline_steps_per_s"] = (baselines[-2]["steps_per_s"] + baselines[-1]["steps_per_s"]) / 2
                 r["ratio_steps"] = r["steps_per_s"] / r["baseline_steps_per_s"]
                 rows.append(r)
-                print(f"{r['variant']:>12} {r['params_m']:5.1f}M  {lever:<14} batch {batch:>3}  {r['steps_per_s']:6.2f} steps/s "
+                print(f"{r['variant']:>12} {r['params_m']:5.1f}M  {lever:<14} batch {batch:>3}  "
+                      f"{r['steps_per_s']:6.2f} steps/s "
                       f"({r['ratio_steps']:.2f}x the baseline's {r['baseline_steps_per_s']:.2f} around it, "
                       f"{r['samples_per_s']:6.1f} samples/s)  warm-up {r['warmup_s']:.0f} s", flush=True)
     speeds = [b["steps_per_s"] for b in baselines]

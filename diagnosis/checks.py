@@ -116,10 +116,17 @@ class Context:
     def future(self) -> torch.Tensor:
         return self.latents[:, self.model.t_past:self.model.t_past + self.model.t_future]
 
+    @cached_property
+    def anchors(self) -> torch.Tensor | None:
+        """The windows' motion anchors (diffusion.motion_anchor), computed once for every check; None without."""
+        if not self.cfg.diffusion.motion_anchor:
+            return None
+        return self.model.anchor_latents(self.past.to(self.model.vae.device)).cpu()
+
     @property
     def x0(self) -> torch.Tensor:
         """The true windows' x0 in the sampler's space (the future latents, or their residual: diffusion.target)."""
-        return self.model.to_x0(self.future, self.past)
+        return self.model.to_x0(self.future, self.past, self.anchors)
 
     @property
     def cond(self) -> torch.Tensor | None:
@@ -139,14 +146,18 @@ class Context:
         """Future latents (latents=False: the sampler-space x0) predicted in one step from x_t (sampler space) at
         timestep t, converted as in training (the stored config's schedule)."""
         dev = self.model.vae.device
+        # the windows' own anchors are computed once (self.anchors); another past (a context check) gets its own
+        anchors = self.anchors if past is None else None
         past = self.past if past is None else past
+        if anchors is None and self.cfg.diffusion.motion_anchor:
+            anchors = self.model.anchor_latents(past.to(dev)).cpu()
         cond = self.cond if cond is None else cond
         tb = torch.full((x_t.shape[0],), t, dtype=torch.long, device=dev)
         with torch.no_grad():
-            out = net(x_t.to(dev), self.model.context(past.to(dev)), tb, None if cond is None else cond.to(dev),
-                      None).float()
+            context = self.model.context(past.to(dev), None if anchors is None else anchors.to(dev))
+            out = net(x_t.to(dev), context, tb, None if cond is None else cond.to(dev), None).float()
         x0 = self.train_schedule.split_output(out, x_t.to(dev), tb)[0].cpu()
-        return self.model.from_x0(x0, past.cpu()) if latents else x0
+        return self.model.from_x0(x0, past.cpu(), anchors) if latents else x0
 
     @cached_property
     def trace(self) -> Trace:

@@ -153,10 +153,10 @@ class VideoPredictionDiffusion:
         past, future = self.split_latents(latents)
         cond = batch.get("cond")
         cond = cond.to(latents.device) if cond is not None and cond.numel() else None
-        anchors = batch.get("latent_anchors")  # computed once per window by the latent cache (motion_anchor)
+        anchors = batch.get("latent_anchors")  # computed once per window (LatentWindowDataset.attach_anchors)
         if anchors is not None:
             anchors = anchors.to(latents.device, non_blocking=True).float()
-        return self.loss(past, future, cond, generator, net, anchors if self.cfg.diffusion.motion_anchor else None)
+        return self.loss(past, future, cond, generator, net, anchors)
 
     # ------------------------------------------------------------------ sampling
     def denoiser(self, past: torch.Tensor, cond: torch.Tensor | None, net: torch.nn.Module,
