@@ -64,6 +64,7 @@ declare -A DEMO=(
   [anch_lpb2]="diffusion.motion_anchor=true unet.layers_per_block=2"
   [anch_s6000]="diffusion.motion_anchor=true train.max_steps=6000"
   [anch_t]="diffusion.motion_anchor=true diffusion.target=anchor"   # diffuse the correction of the anchors
+  [anch_s3000]="diffusion.motion_anchor=true train.max_steps=3000"   # the demo's CPU minutes with anchors
   [anch_t_lpb2]="diffusion.motion_anchor=true diffusion.target=anchor unet.layers_per_block=2"
 )
 declare -A ACTION=(

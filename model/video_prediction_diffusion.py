@@ -98,13 +98,22 @@ class VideoPredictionDiffusion:
             return past
         return torch.cat([past, self.anchor_latents(past) if anchors is None else anchors], 1)
 
+    @property
+    def anchor_positions(self) -> tuple[int, int]:
+        """The past frames (indices into the Tp past) that the motion anchors are measured between."""
+        return self.t_past - 1 - self.cfg.diffusion.anchor_gap, self.t_past - 1
+
     @torch.no_grad()
-    def anchor_latents(self, past: torch.Tensor) -> torch.Tensor:
+    def anchor_latents(self, past: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """Past latents (B, Tp, C, h, w) -> (B, Tf, C, h, w): the last past frame carried on at each pixel's velocity
         over the last anchor_gap past frames (model/motion.py extrapolate, on the decoded latents, so training on the
-        latent cache and rolling out on predicted latents see the same thing), encoded (posterior mean)."""
+        latent cache and rolling out on predicted latents see the same thing), encoded (posterior mean). `frames`:
+        those two past latents decoded, (B, 2, 3, H, W) at anchor_positions, when the caller has them already
+        (LatentWindowDataset.attach_anchors decodes each cached frame once for all the windows that share it)."""
         d = self.cfg.diffusion
-        frames = self.vae.decode(past[:, [-1 - d.anchor_gap, -1]]).float()
+        if frames is None:
+            frames = self.vae.decode(past[:, list(self.anchor_positions)])
+        frames = frames.to(past.device, torch.float32)
         with torch.autocast(frames.device.type, enabled=False):  # matching costs in fp32 under a bf16 run too
             ahead = extrapolate(frames[:, 1], frames[:, 0], d.anchor_gap, self.t_future, d.anchor_radius,
                                 d.anchor_window)

@@ -211,7 +211,8 @@ def test_latent_cache_anchors_are_the_models_own_computed_once(tmp_path):
 
     world = make_world(tmp_path)
     cfg = config_from_dict(world.config(tmp_path / "runs", **ANCHORS, **{"diffusion.target": "anchor",
-                                                                   "diffusion.prediction_type": "v_prediction"}))
+                                                                   "diffusion.prediction_type": "v_prediction",
+                                                                   "data.window_stride": 1}))
     clips = discover_clips(cfg.data)
     torch.manual_seed(0)
     model = VideoPredictionDiffusion.from_config(cfg)
@@ -220,10 +221,15 @@ def test_latent_cache_anchors_are_the_models_own_computed_once(tmp_path):
     windows = build_windows(clips, cfg.data)
     ds = LatentWindowDataset(clips, cfg.data, windows, folder, list(range(len(clips))), with_std=False)
     assert "latent_anchors" not in ds[0]
-    calls = []
-    ds.attach_anchors(lambda past: calls.append(len(past)) or model.anchor_latents(past), batch_size=3,
-                      show_progress=False)
+    calls, decoded = [], []
+    ds.attach_anchors(lambda past, frames: calls.append(len(past)) or model.anchor_latents(past, frames),
+                      batch_size=3, show_progress=False,
+                      decode=lambda z: decoded.append(z.shape[1]) or model.vae.decode(z),
+                      positions=model.anchor_positions)
     assert sum(calls) == len(windows) and max(calls) == 3  # every window once, in batches
+    # each cached frame that is some window's anchor frame decoded once, not twice per window
+    needed = {(w.clip, list(w.frames)[p]) for w in windows for p in model.anchor_positions}
+    assert sum(decoded) == len(needed) < 2 * len(windows)
     for i in (0, len(windows) - 1):
         item = ds[i]
         past = item["latent_mean"][None, :cfg.data.t_past].float()
