@@ -48,10 +48,12 @@ def measure(overrides: list[str], lever: str, batch: int, steps: int) -> dict:
     fn = torch.compile(net) if lever == "compile" else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
+    # diffusion.motion_anchor: the trainer computes each window's anchors once (attach_anchors), not per step
+    anchors = model.anchor_latents(past) if cfg.diffusion.motion_anchor else None
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lever == "bf16"):
-            loss = model.loss(past, future, generator=gen, net=fn)
+            loss = model.loss(past, future, generator=gen, net=fn, anchors=anchors)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -65,6 +65,12 @@ declare -A DEMO=(
   [anch_s6000]="diffusion.motion_anchor=true train.max_steps=6000"
   [anch_t]="diffusion.motion_anchor=true diffusion.target=anchor"   # diffuse the correction of the anchors
   [anch_s3000]="diffusion.motion_anchor=true train.max_steps=3000"   # the demo's CPU minutes with anchors
+  # session 17: demo.yaml ships anchors at 3,000 steps (base); the recipe before it, and what could still add to it
+  [noanch]="diffusion.motion_anchor=false train.max_steps=3500"       # session 15's shipped demo
+  [base_lpb2]="unet.layers_per_block=2"
+  [base_t]="diffusion.target=anchor"
+  [base_t_lpb2]="diffusion.target=anchor unet.layers_per_block=2"
+  [base_seed1]="train.seed=1"
   [anch_t_lpb2]="diffusion.motion_anchor=true diffusion.target=anchor unet.layers_per_block=2"
 )
 declare -A ACTION=(
