@@ -132,8 +132,8 @@ def build(cfg: Config, info: DistInfo, run_dir: Path, resume: Resume | str | Non
         # each window's anchors once, here, instead of the VAE on every step (every rank: its windows change per epoch)
         started = time.perf_counter()
         train_set.attach_anchors(lambda past, frames: model.anchor_latents(past.to(info.device), frames),
-                                 max(micro_batch, 16), show_progress=info.is_main,
-                                 decode=lambda z: model.vae.decode(z.to(info.device)), positions=model.anchor_positions)
+                                 lambda z: model.vae.decode(z.to(info.device)), model.anchor_positions,
+                                 max(micro_batch, 16), show_progress=info.is_main)
         say(f"motion anchors: {len(train_set)} windows in {time.perf_counter() - started:.0f} s")
 
     # ---- resume: the checkpoint rank 0 found (and sent to every rank), loaded into the parts; every rank must

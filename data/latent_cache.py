@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+import itertools
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -336,34 +337,31 @@ class LatentWindowDataset(Dataset):
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
         self.anchors: torch.Tensor | None = None  # (windows, Tf, C, h, w) float16, from attach_anchors
 
-    def attach_anchors(self, anchors_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-                       batch_size: int, show_progress: bool = True,
-                       decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                       positions: Sequence[int] = ()) -> None:
+    def attach_anchors(self, anchors_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       decode: Callable[[torch.Tensor], torch.Tensor], positions: Sequence[int], batch_size: int,
+                       show_progress: bool = True) -> None:
         """Compute, once, anchors_of(past latent means (B, Tp, C, h, w) float32, decoded) for every window and hand
         them out with the items as "latent_anchors" (diffusion.motion_anchor: the VAE decode, block matching and VAE
         encode behind them cost 7x a CPU training step when done every step; a window's anchors never change when its
-        past is the posterior mean). With `decode` ((N, T, C, h, w) latents -> (N, T, 3, H, W) frames), `decoded` is
-        the window's past frames at `positions` (B, len(positions), 3, H, W), each cached frame decoded once for
-        all the windows that share it (a frame is the last past frame of one window and the earlier one of another);
-        otherwise None. Held in memory: windows x t_future latents, float16."""
+        past is the posterior mean). `decoded` is the window's past frames at `positions`, (B, len(positions), 3, H,
+        W), by `decode` ((N, T, C, h, w) latents -> (N, T, 3, H, W) frames), each cached frame decoded once for all
+        the windows that share it (a frame is the last past frame of one window and the earlier one of another).
+        Held in memory: windows x t_future latents, float16."""
         tp, out, frames = self.cfg.t_past, [], {}  # frames: (clip, frame index) -> decoded, for the batch's clips
         for a in tqdm(range(0, len(self.windows), batch_size), desc="motion anchors", unit="batch",
                       disable=not show_progress, dynamic_ncols=True):
             batch = self.windows[a:a + batch_size]
             past = torch.stack([torch.from_numpy(np.asarray(self._array(w.clip, "mean")[list(w.frames)[:tp]]))
                                 for w in batch])
-            decoded = None
-            if decode is not None:
-                wanted = [[(w.clip, list(w.frames)[p]) for p in positions] for w in batch]
-                clips = {c for row in wanted for c, _ in row}
-                frames = {k: v for k, v in frames.items() if k[0] in clips}  # windows run clip by clip
-                for c in sorted(clips):
-                    new = sorted({f for row in wanted for cc, f in row if cc == c and (cc, f) not in frames})
-                    if new:
-                        lat = torch.from_numpy(np.asarray(self._array(c, "mean")[new])).float()
-                        frames.update({(c, f): x for f, x in zip(new, decode(lat[None])[0])})
-                decoded = torch.stack([torch.stack([frames[k] for k in row]) for row in wanted])
+            wanted = [[(w.clip, w.frames[p]) for p in positions] for w in batch]
+            clips = {w.clip for w in batch}
+            frames = {k: v for k, v in frames.items() if k[0] in clips}  # windows run clip by clip
+            missing = sorted({k for row in wanted for k in row} - frames.keys())
+            for c, keys in itertools.groupby(missing, key=lambda k: k[0]):
+                idx = [f for _, f in keys]
+                lat = torch.from_numpy(np.asarray(self._array(c, "mean")[idx])).float()
+                frames.update({(c, f): x for f, x in zip(idx, decode(lat[None])[0])})
+            decoded = torch.stack([torch.stack([frames[k] for k in row]) for row in wanted])
             out.append(anchors_of(past.float(), decoded).to("cpu", torch.float16))
         self.anchors = torch.cat(out) if out else None
 

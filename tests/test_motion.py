@@ -223,9 +223,8 @@ def test_latent_cache_anchors_are_the_models_own_computed_once(tmp_path):
     assert "latent_anchors" not in ds[0]
     calls, decoded = [], []
     ds.attach_anchors(lambda past, frames: calls.append(len(past)) or model.anchor_latents(past, frames),
-                      batch_size=3, show_progress=False,
-                      decode=lambda z: decoded.append(z.shape[1]) or model.vae.decode(z),
-                      positions=model.anchor_positions)
+                      lambda z: decoded.append(z.shape[1]) or model.vae.decode(z), model.anchor_positions,
+                      batch_size=3, show_progress=False)
     assert sum(calls) == len(windows) and max(calls) == 3  # every window once, in batches
     # each cached frame that is some window's anchor frame decoded once, not twice per window
     needed = {(w.clip, list(w.frames)[p]) for w in windows for p in model.anchor_positions}
