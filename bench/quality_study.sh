@@ -69,6 +69,10 @@ declare -A DEMO=(
   [noanch]="diffusion.motion_anchor=false train.max_steps=3500"       # session 15's shipped demo
   [base_t]="diffusion.target=anchor"
   [base_t_lpb2]="diffusion.target=anchor unet.layers_per_block=2"
+  # session 18: one velocity per colour region (flat objects move whole, no smear, the better-matched one in front)
+  [seg]="diffusion.anchor_motion=segment"
+  [seg_seed1]="diffusion.anchor_motion=segment train.seed=1"
+  [seg_lpb2]="diffusion.anchor_motion=segment unet.layers_per_block=2"
 )
 declare -A ACTION=(
   [act_base]=""
@@ -81,6 +85,8 @@ declare -A PED2=(
   [g0]="diffusion.snr_gamma=0.0"
   [res_s4]="diffusion.target=residual diffusion.residual_scale=4.0 sampler.clip_bound=32.0"
   [res_s4_g0]="diffusion.target=residual diffusion.residual_scale=4.0 sampler.clip_bound=32.0 diffusion.snr_gamma=0.0"
+  [anch]="diffusion.motion_anchor=true"   # session 18: the demo's anchors on a real, still camera
+  [anch_seg]="diffusion.motion_anchor=true diffusion.anchor_motion=segment"
 )
 declare -A CAR=(
   [base]=""

@@ -231,13 +231,18 @@ class DiffusionConfig:
     timestep_median: float = 0.5  # logit_normal only, in (0, 1); 0.25 = t 250, where linear betas' SNR is ~1
     timestep_logit_std: float = 1.0  # s (logit_normal only), > 0: the spread in logit units
     # motion anchors (model/motion.py extrapolate): the UNet also sees, for each future frame, the latents of the last
-    # past frame moved on at the velocity each pixel had over the last anchor_gap past frames (block matching of the
-    # decoded past latents, anchor_radius px per axis over that gap, anchor_window px boxes): an object's look, carried
-    # to where it would be without bounces or collisions, for the net to take or correct
+    # past frame moved on at the velocity each pixel had over the last anchor_gap past frames (matching of the decoded
+    # past latents, anchor_radius px per axis over that gap): an object's look, carried to where it would be without
+    # bounces or collisions, for the net to take or correct
     motion_anchor: bool = False
     anchor_gap: int = 3  # past frames the velocity is measured over (< data.t_past); longer = finer than 1 px/frame
     anchor_radius: int = 6  # largest displacement searched over the gap, pixels per axis
-    anchor_window: int = 9  # side of the matching box (odd, pixels)
+    # whose velocity: pixel = each pixel's own (block matching over anchor_window px boxes; textured scenes);
+    # segment = one per colour region (neighbours closer than anchor_segment_tol, max over RGB in [-1, 1]): flat
+    # objects move whole, keep their shape and leave no smear (the demo's world; QUALITY.md, session 18)
+    anchor_motion: str = "pixel"
+    anchor_window: int = 9  # pixel motion: side of the matching box (odd, pixels)
+    anchor_segment_tol: float = 0.15  # segment motion: largest colour step inside one region
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_train_timesteps", self.num_train_timesteps, 2)
@@ -262,6 +267,9 @@ class DiffusionConfig:
         _at_least(p, f"{path}.anchor_window", self.anchor_window, 1)
         if self.anchor_window % 2 == 0:
             p.append(f"{path}.anchor_window: {self.anchor_window} must be odd (a box centred on the pixel)")
+        _choice(p, f"{path}.anchor_motion", self.anchor_motion, ("pixel", "segment"))
+        if not 0 < self.anchor_segment_tol < 2:  # written so that NaN fails too
+            p.append(f"{path}.anchor_segment_tol: {self.anchor_segment_tol} must be in (0, 2) (a colour step in [-1, 1])")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
             p.append(f"{path}.zero_terminal_snr: needs prediction_type v_prediction (epsilon cannot give x0 at "
                      "alpha_bar_T = 0)")

@@ -88,37 +88,148 @@ def motion_compensated_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: to
     return (target + keep * (source - target)).view(b, tf, c, h, w).clamp(-1, 1)
 
 
-def fill_holes(frames: torch.Tensor, hole: torch.Tensor, max_iters: int = 32) -> torch.Tensor:
+def fill_holes(frames: torch.Tensor, hole: torch.Tensor, source: torch.Tensor | None = None,
+               max_iters: int = 32) -> torch.Tensor:
     """frames (N, C, H, W) with hole (N, 1, H, W) bool -> the hole pixels filled from the outside in, each with the
-    mean of its known 3x3 neighbours (smooth backgrounds come back nearly as they were; nothing is invented). A hole
-    pixel with no known pixel within max_iters keeps its value."""
-    known = (~hole).to(frames.dtype)
+    mean of its known 3x3 neighbours (smooth backgrounds come back nearly as they were; nothing is invented). Known
+    at the start: `source` (N, 1, H, W) bool, default every pixel outside the hole; pixels in neither keep their
+    values and give none. A hole pixel with no known pixel within max_iters keeps its value."""
+    known = (~hole if source is None else source & ~hole).to(frames.dtype)
     x = frames * known
     for _ in range(max_iters):
-        if bool(known.min() > 0):
+        new = hole & (known == 0)
+        if not bool(new.any()):
             break
         total, count = F.avg_pool2d(x, 3, 1, 1), F.avg_pool2d(known, 3, 1, 1)
-        new = (count > 0) & (known == 0)
+        new = new & (count > 0)
         x = torch.where(new, total / count.clamp_min(1e-6), x)
         known = torch.where(new, torch.ones_like(known), known)
-    return torch.where(known > 0, x, frames)
+    return torch.where(hole & (known > 0), x, frames)
+
+
+_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def colour_segments(frames: torch.Tensor, tol: float) -> torch.Tensor:
+    """frames (N, 3, H, W) in [-1, 1] -> labels (N, H, W) long: the 8-connected regions in which neighbours differ
+    by less than `tol` (max over RGB), each labelled by the flat index (y * W + x) of its last pixel. A flat object
+    is one region, a smooth background another; a 1-pixel antialiased edge falls into small regions of its own.
+    Labels spread to the largest index among joined neighbours, with pointer jumping (label <- label of the pixel the
+    label names) so a region of any shape settles in a few dozen rounds."""
+    n, _, h, w = frames.shape
+    padded = F.pad(frames, (1, 1, 1, 1), value=10.0)  # outside: never joins (|diff| >= 9)
+    joins = [(frames - padded[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]).abs().amax(1) < tol
+             for dy, dx in _NEIGHBOURS]
+    labels = torch.arange(h * w, device=frames.device).expand(n, h * w).reshape(n, h, w).clone()
+    for _ in range(h * w):  # each round at least doubles how far a label has come; ends long before this
+        spread = F.pad(labels, (1, 1, 1, 1), value=-1)
+        new = labels
+        for (dy, dx), join in zip(_NEIGHBOURS, joins):
+            new = torch.where(join, torch.maximum(new, spread[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]), new)
+        new = new.reshape(n, h * w).gather(1, new.reshape(n, h * w)).view(n, h, w)  # jump: a label's own label
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+# a colour region smaller than this (pixels) has no motion of its own: an antialiased edge, a speck of texture
+_MIN_SEGMENT = 32
+# the matching cost a region sums is taken over 3x3 boxes: a single pixel's colour is too noisy after a VAE
+_SEGMENT_BOX = 3
+# how far (pixels) a small region's pixel looks for the motion of a large region next to it
+_SEGMENT_REACH = 2
+# cost volumes (shifts x pixels) larger than this many floats are built a few frames at a time
+_VOLUME_FLOATS = 1 << 25
+
+
+def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
+                   tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One displacement per colour region of `last` (N, 3, H, W) against `earlier`: the shift d (|dy|, |dx| <=
+    radius) minimising the region's mean matching cost (max_rgb |last(q) - earlier(q + d)| over 3x3 boxes, plus
+    block_match's small-motion tie-break). Every pixel of a flat object then moves as one, where per-pixel matching
+    leaves its inside (which matches at any shift) behind and drags a ring of background along. Pixels of small
+    regions (_MIN_SEGMENT: antialiased edges) take, of no motion and the motions of large regions within
+    _SEGMENT_REACH px, the one their own 3x3 box matches best. Returns (displacement (N, 2, H, W) long as (dy, dx),
+    cost (N, 1, H, W): the mean cost of the region whose motion the pixel took, or its own where it took none;
+    extrapolate draws the better-matched region on top where two meet)."""
+    assert last.shape == earlier.shape and last.ndim == 4, f"{tuple(last.shape)} vs {tuple(earlier.shape)}"
+    n, _, h, w = last.shape
+    shifts = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    per_call = max(1, _VOLUME_FLOATS // (len(shifts) * h * w))
+    if n > per_call:
+        parts = [segment_motion(last[i:i + per_call], earlier[i:i + per_call], radius, tol)
+                 for i in range(0, n, per_call)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    device, r = last.device, radius
+    key = (colour_segments(last, tol) + torch.arange(n, device=device).view(n, 1, 1) * (h * w)).view(-1)
+    size = torch.bincount(key, minlength=n * h * w).to(last.dtype)
+    padded = F.pad(earlier, (r, r, r, r), value=5.0)  # outside the frame costs >= 2, as in block_match
+    change = torch.stack([(last - padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w]).abs().amax(1)
+                          for dy, dx in shifts])  # (K, N, H, W)
+    volume = box_mean(change.view(-1, 1, h, w), _SEGMENT_BOX).view(len(shifts), n, h, w)  # per-pixel box cost
+    region = torch.zeros(len(shifts), n * h * w, device=device, dtype=last.dtype).index_add_(
+        1, key, volume.view(len(shifts), -1))  # summed over each region, at its label
+    penalty = _SHIFT_PENALTY * torch.tensor([abs(dy) + abs(dx) for dy, dx in shifts], device=device,
+                                             dtype=last.dtype)
+    region = region / size.clamp_min(1) + penalty.view(-1, 1)
+    region_cost, region_shift = region.min(0)
+    shift = region_shift[key].view(n, h, w)
+    cost = region_cost[key].view(n, h, w)
+    large = (size[key] >= _MIN_SEGMENT).view(n, h, w)
+    # small regions: no motion, or a large neighbour's, whichever matches the pixel's own box best
+    still = len(shifts) // 2  # (0, 0)
+    best_cost = volume[still].clone()
+    best_shift = torch.full_like(shift, still)
+    best_region = best_cost.clone()
+    q = _SEGMENT_REACH
+    pad = lambda x, v: F.pad(x, (q, q, q, q), value=v)  # noqa: E731
+    shift_p, large_p, cost_p = pad(shift, still), pad(large, False), pad(cost, 0.0)
+    for oy in range(-q, q + 1):
+        for ox in range(-q, q + 1):
+            window = (slice(None), slice(q + oy, q + oy + h), slice(q + ox, q + ox + w))
+            candidate = shift_p[window]
+            mine = volume.gather(0, candidate.unsqueeze(0))[0]
+            better = large_p[window] & (mine < best_cost)
+            best_cost = torch.where(better, mine, best_cost)
+            best_shift = torch.where(better, candidate, best_shift)
+            best_region = torch.where(better, cost_p[window], best_region)
+    shift = torch.where(large, shift, best_shift)
+    cost = torch.where(large, cost, best_region)
+    table = torch.tensor(shifts, device=device)  # (K, 2)
+    disp = table[shift].permute(0, 3, 1, 2)
+    cost = cost - _SHIFT_PENALTY * disp.abs().sum(1)  # the tie-break taken out again
+    return disp, cost.unsqueeze(1)
 
 
 def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: int, radius: int,
-                window: int) -> torch.Tensor:
+                window: int, motion: str = "pixel", segment_tol: float = 0.15) -> torch.Tensor:
     """Constant-velocity extrapolation: last (N, 3, H, W) and the frame `gap` frames before it -> the frames 1 ..
-    `horizons` after `last`, (N, horizons, 3, H, W). Each pixel's velocity is -d / gap, d from block_match of `last`
-    against `earlier` (so motions finer than a pixel per frame are kept to 1 / gap px); a moving pixel is carried to
-    p + k v (rounded) at horizon k, over whatever did not move (among moving pixels landing on one spot, the one
-    with the highest index wins: deterministic); where a moving pixel left and none arrived, the background is
-    filled in from around (fill_holes). Static pixels stay as they are."""
-    disp, _ = block_match(last, earlier, radius, window)
+    `horizons` after `last`, (N, horizons, 3, H, W). Each pixel's velocity is -d / gap (so motions finer than a
+    pixel per frame are kept to 1 / gap px), d from
+    - motion "pixel": block_match of `last` against `earlier` (window x window boxes);
+    - motion "segment": segment_motion, one d per colour region of `last` (regions of neighbours closer than
+      segment_tol): flat objects move whole.
+    A moving pixel is carried to p + k v (rounded) at horizon k, over whatever did not move. Among moving pixels
+    landing on one spot, "pixel" lets the highest index win (deterministic), "segment" the better-matched region (an
+    object that was hidden in part matches worse: it goes behind). Where a moving pixel left and none arrived the
+    background is filled in from around (fill_holes): "pixel" from every pixel there, "segment" from still pixels
+    only, so an object does not smear its own colour into the place it left. Static pixels stay as they are."""
+    if motion == "segment":
+        disp, cost = segment_motion(last, earlier, radius, segment_tol)
+    elif motion == "pixel":
+        disp, cost = block_match(last, earlier, radius, window)[0], None
+    else:
+        raise ValueError(f"motion {motion!r}: expected 'pixel' or 'segment'")
     n, c, h, w = last.shape
     velocity = -disp.to(last.dtype) / gap  # (N, 2, H, W), pixels per frame
     moving = disp.abs().sum(1) > 0  # (N, H, W)
     ys = torch.arange(h, device=last.device).view(1, h, 1)
     xs = torch.arange(w, device=last.device).view(1, 1, w)
     source = torch.arange(h * w, device=last.device).expand(n, h * w)
+    if cost is not None:  # who wins a spot: the lowest cost (in 1e-4 steps) first, then the highest index
+        rank = torch.round((cost.amax() - cost).reshape(n, h * w) * 1e4).long()
+        source = rank * (h * w) + source
     flat = last.reshape(n, c, h * w)
     out = []
     for k in range(1, horizons + 1):
@@ -130,8 +241,9 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
         winner.scatter_reduce_(1, target, torch.where(lands.reshape(n, -1), source, -1), "amax")
         winner = winner[:, :h * w]
         arrived = winner >= 0
-        moved = torch.where(arrived.unsqueeze(1), flat.gather(2, winner.clamp_min(0).unsqueeze(1).expand(n, c, -1)),
-                            flat)
+        winner = winner % (h * w)
+        moved = torch.where(arrived.unsqueeze(1), flat.gather(2, winner.unsqueeze(1).expand(n, c, -1)), flat)
         hole = (moving.reshape(n, -1) & ~arrived).view(n, 1, h, w)
-        out.append(fill_holes(moved.view(n, c, h, w), hole))
+        still = None if cost is None else (~moving.reshape(n, -1) & ~arrived).view(n, 1, h, w)
+        out.append(fill_holes(moved.view(n, c, h, w), hole, still))
     return torch.stack(out, 1)

@@ -106,7 +106,7 @@ class VideoPredictionDiffusion:
     @torch.no_grad()
     def anchor_latents(self, past: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """Past latents (B, Tp, C, h, w) -> (B, Tf, C, h, w): the last past frame carried on at each pixel's velocity
-        over the last anchor_gap past frames (model/motion.py extrapolate, on the decoded latents, so training on the
+        (or its colour region's: diffusion.anchor_motion) over the last anchor_gap past frames (model/motion.py extrapolate, on the decoded latents, so training on the
         latent cache and rolling out on predicted latents see the same thing), encoded (posterior mean). `frames`:
         those two past latents decoded, (B, 2, 3, H, W) at anchor_positions, when the caller has them already
         (LatentWindowDataset.attach_anchors decodes each cached frame once for all the windows that share it)."""
@@ -116,7 +116,7 @@ class VideoPredictionDiffusion:
         frames = frames.to(past.device, torch.float32)
         with torch.autocast(frames.device.type, enabled=False):  # matching costs in fp32 under a bf16 run too
             ahead = extrapolate(frames[:, 1], frames[:, 0], d.anchor_gap, self.t_future, d.anchor_radius,
-                                d.anchor_window)
+                                d.anchor_window, d.anchor_motion, d.anchor_segment_tol)
         return self.vae.encode_moments(ahead)[0].to(past.dtype)
 
     # ------------------------------------------------------------------ training

@@ -166,10 +166,13 @@ def test_two_gpu_nccl_training_through_torchrun(world, tmp_path):
     assert state["step"] == 3 and state["world_size"] == 2
 
 
-def test_motion_anchors_on_cuda_match_the_cpu_and_train_under_bf16(world, tmp_path):
-    """model/motion.py extrapolate is integer block matching and a deterministic splat: on CUDA it gives the CPU's
-    frames exactly. A bf16 run with diffusion.motion_anchor computes every window's anchors on the GPU before the
-    first step (attach_anchors, the VAE in bf16, matching in fp32) and trains with finite losses."""
+@pytest.mark.parametrize("motion", ["pixel", "segment"])
+def test_motion_anchors_on_cuda_match_the_cpu_and_train_under_bf16(world, tmp_path, motion):
+    """model/motion.py extrapolate is integer matching and a deterministic splat: on CUDA it gives the CPU's frames
+    exactly, per-pixel or per colour region (flat squares over a smooth background, where region sums have no near
+    ties for the summation order to flip). A bf16 run with diffusion.motion_anchor computes every window's anchors on
+    the GPU before the first step (attach_anchors, the VAE in bf16, matching in fp32) and trains with finite
+    losses."""
     from model.motion import extrapolate
 
     g = torch.Generator().manual_seed(0)
@@ -177,13 +180,20 @@ def test_motion_anchors_on_cuda_match_the_cpu_and_train_under_bf16(world, tmp_pa
     earlier = scene[:, :, 4:36, 4:36]
     last = earlier.clone()
     last[:, :, 8:18, 8:18] = scene[:, :, 6:16, 7:17]  # a block that moved by (2, 1) px over the gap
-    cpu = extrapolate(last, earlier, 2, 3, 3, 5)
-    gpu = extrapolate(last.to(CUDA), earlier.to(CUDA), 2, 3, 3, 5).cpu()
+    if motion == "segment":
+        scene = torch.nn.functional.avg_pool2d(scene, 9, 1, 4)  # smooth: one region
+        earlier, last = scene[:, :, 4:36, 4:36].clone(), scene[:, :, 4:36, 4:36].clone()
+        earlier[:, :, 6:16, 5:15] = torch.tensor([0.8, -0.6, 0.2]).view(1, 3, 1, 1)
+        last[:, :, 8:18, 6:16] = torch.tensor([0.8, -0.6, 0.2]).view(1, 3, 1, 1)
+        earlier[:, :, 20:28, 20:30] = last[:, :, 18:26, 21:31] = torch.tensor([-0.7, 0.9, 0.5]).view(1, 3, 1, 1)
+    cpu = extrapolate(last, earlier, 2, 3, 3, 5, motion)
+    gpu = extrapolate(last.to(CUDA), earlier.to(CUDA), 2, 3, 3, 5, motion).cpu()
     assert torch.equal(cpu, gpu)
 
     cfg = gpu_config(world, tmp_path, **{"train.mixed_precision": "bf16", "vae.dtype": "bf16",
                                          "diffusion.motion_anchor": True, "diffusion.anchor_gap": 1,
-                                         "diffusion.anchor_radius": 2, "diffusion.anchor_window": 3})
+                                         "diffusion.anchor_radius": 2, "diffusion.anchor_window": 3,
+                                         "diffusion.anchor_motion": motion})
     trainer = build(cfg, DistInfo(device=CUDA), tmp_path / "runs" / "run")
     anchors = trainer.train_set.anchors
     assert anchors is not None and len(anchors) == len(trainer.train_set)

@@ -2,7 +2,9 @@
 moved by a known shift is found and undone, a blurred and moved prediction comes back as the sharp last frame moved,
 and with no motion searched the mode is exactly copy decoding. Motion anchors (`diffusion.motion_anchor`,
 `extrapolate`): an object moving at a constant velocity is carried on exactly, a still scene stays as it is, and the
-anchor target diffuses the correction of the anchors."""
+anchor target diffuses the correction of the anchors. Segment motion: colour regions are the connected components a
+breadth-first search finds, a flat object too large for per-pixel matching moves whole and leaves no smear, and the
+object in front stays in front."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +15,7 @@ import json
 from configs.loader import ConfigError
 from helpers import smooth_frames, tiny_config, tiny_kl_vae
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-from model.motion import block_match, extrapolate, fill_holes, motion_compensated_copy, warp
+from model.motion import block_match, colour_segments, extrapolate, fill_holes, motion_compensated_copy, warp
 from model.vae import FrozenVAE
 from model.video_prediction_diffusion import VideoPredictionDiffusion
 from trainer_helpers import explain, make_world, run_cli, write_yaml
@@ -147,6 +149,101 @@ def test_fill_holes_fills_from_around_and_leaves_the_rest():
     assert torch.equal(fill_holes(ramp, torch.zeros_like(hole)), ramp)
 
 
+def components(frame: torch.Tensor, tol: float) -> list[set[int]]:
+    """The oracle for colour_segments: 8-connected components of a (3, H, W) frame by breadth-first search, pixels
+    joined when their colours differ by less than tol (max over RGB), as flat indices."""
+    _, h, w = frame.shape
+    seen, parts = set(), []
+    for start in range(h * w):
+        if start in seen:
+            continue
+        part, todo = {start}, [start]
+        seen.add(start)
+        while todo:
+            y, x = divmod(todo.pop(), w)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    q = ny * w + nx
+                    if (0 <= ny < h and 0 <= nx < w and q not in seen
+                            and (frame[:, y, x] - frame[:, ny, nx]).abs().max() < tol):
+                        seen.add(q)
+                        part.add(q)
+                        todo.append(q)
+        parts.append(part)
+    return parts
+
+
+def test_colour_segments_are_the_connected_components_of_similar_colours():
+    """On frames of a few colour levels in blobs (regions of every shape, spirals of one colour included),
+    colour_segments gives exactly the components a breadth-first search finds, each labelled by one of its pixels."""
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.randint(0, 3, (3, 1, 6, 6), generator=g).float()
+    frames = torch.nn.functional.interpolate(coarse, size=(18, 18), mode="nearest").expand(3, 3, 18, 18) * 0.6 - 0.6
+    frames = frames + 0.01 * torch.rand(frames.shape, generator=g)  # small steps inside a level: joined at tol 0.1
+    spiral = torch.full((18, 18), -0.6)
+    y, x, dy, dx = 0, 0, 0, 1
+    for _ in range(18 * 18 // 2):  # a one-colour path that winds to the centre: labels must travel its whole length
+        spiral[y, x] = 0.6
+        if not (0 <= y + 2 * dy < 18 and 0 <= x + 2 * dx < 18 and spiral[y + 2 * dy, x + 2 * dx] < 0):
+            dy, dx = dx, -dy
+            if not (0 <= y + 2 * dy < 18 and 0 <= x + 2 * dx < 18 and spiral[y + 2 * dy, x + 2 * dx] < 0):
+                break
+        y, x = y + dy, x + dx
+    frames = torch.cat([frames, spiral.expand(1, 3, 18, 18)])
+    labels = colour_segments(frames, 0.1)
+    for frame, lab in zip(frames, labels):
+        flat = lab.reshape(-1)
+        expected = components(frame, 0.1)
+        assert len(set(flat.tolist())) == len(expected)
+        for part in expected:
+            ids = flat[sorted(part)]
+            assert bool((ids == ids[0]).all()) and int(ids[0]) in part
+
+
+def square_frame(squares, size=40, background=-0.5):
+    """(1, 3, size, size): flat squares [(top, left, side, rgb), ...] drawn in order (later ones in front) on a flat
+    background."""
+    frame = torch.full((1, 3, size, size), background)
+    for top, left, side, rgb in squares:
+        for c, v in enumerate(rgb):
+            frame[0, c, top:top + side, left:left + side] = v
+    return frame
+
+
+def test_segment_motion_moves_a_large_flat_object_whole_and_leaves_no_smear():
+    """A flat square wider than the matching box, moving a pixel per frame: per-pixel matching finds its inside
+    (which matches at any shift) still and leaves it behind; segment motion carries the whole square on, exactly,
+    and the place it left is background again."""
+    red, gap = (0.9, -0.8, -0.6), 3
+    earlier = square_frame([(10, 8, 14, red)])
+    last = square_frame([(10, 8 + gap, 14, red)])
+    ahead = extrapolate(last, earlier, gap, horizons=4, radius=4, window=5, motion="segment")
+    for k in range(1, 5):
+        assert torch.equal(ahead[:, k - 1], square_frame([(10, 8 + gap + k, 14, red)])), f"horizon {k}"
+    pixel = extrapolate(last, earlier, gap, horizons=4, radius=4, window=5)
+    assert not torch.equal(pixel[:, 3], square_frame([(10, 8 + gap + 4, 14, red)]))
+
+
+def test_segment_motion_keeps_the_object_in_front_in_front():
+    """Two squares moving into each other, the red one in front: in the last frame it hides a corner of the green
+    one, whose visible outline then matches worse (the red pixels at its cut edge were green before), so where they
+    meet the green one goes behind, as in the truth (drawing the pixel of the highest index on top, as pixel motion
+    does, would put green, the right-hand one, in front)."""
+    red, green, gap = (0.9, -0.8, -0.6), (-0.7, 0.8, -0.5), 2
+
+    def scene(t):  # red moves right, green left, a pixel per frame; red drawn last
+        return square_frame([(16, 18 - t, 12, green), (12, 6 + t, 12, red)], size=48)
+    ahead = extrapolate(scene(gap), scene(0), gap, horizons=4, radius=4, window=5, motion="segment")
+    for k in range(1, 5):
+        assert torch.equal(ahead[:, k - 1], scene(gap + k)), f"horizon {k}"
+
+
+def test_extrapolate_settings_are_checked():
+    with pytest.raises(ValueError, match="motion"):
+        extrapolate(textured(1, 8, 8), textured(1, 8, 8), 1, 1, 1, 3, motion="blocks")
+
+
 ANCHORS = {"diffusion.motion_anchor": True, "diffusion.anchor_gap": 1, "diffusion.anchor_radius": 2,
            "diffusion.anchor_window": 3}
 
@@ -181,6 +278,9 @@ def test_motion_anchor_settings_are_checked():
     with pytest.raises(ConfigError) as e:
         tiny_config(**(ANCHORS | {"diffusion.anchor_gap": 2, "diffusion.anchor_window": 4}))
     assert "diffusion.anchor_gap" in str(e.value) and "diffusion.anchor_window" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        tiny_config(**(ANCHORS | {"diffusion.anchor_motion": "object", "diffusion.anchor_segment_tol": 2.5}))
+    assert "diffusion.anchor_motion" in str(e.value) and "diffusion.anchor_segment_tol" in str(e.value)
 
 
 def test_a_motion_anchor_run_trains_loads_and_rolls_out(tmp_path):
