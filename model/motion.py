@@ -102,6 +102,8 @@ def fill_holes(frames: torch.Tensor, hole: torch.Tensor, source: torch.Tensor | 
             break
         total, count = F.avg_pool2d(x, 3, 1, 1), F.avg_pool2d(known, 3, 1, 1)
         new = new & (count > 0)
+        if not bool(new.any()):  # the rest has no known pixel around it, now or later
+            break
         x = torch.where(new, total / count.clamp_min(1e-6), x)
         known = torch.where(new, torch.ones_like(known), known)
     return torch.where(hole & (known > 0), x, frames)
