@@ -73,6 +73,7 @@ declare -A DEMO=(
   [seg]="diffusion.anchor_motion=segment"
   [seg_seed1]="diffusion.anchor_motion=segment train.seed=1"
   [seg_lpb2]="diffusion.anchor_motion=segment unet.layers_per_block=2"
+  [seg_t]="diffusion.anchor_motion=segment diffusion.target=anchor"   # a better anchor: is its correction easier now?
 )
 declare -A ACTION=(
   [act_base]=""

@@ -283,13 +283,16 @@ def test_motion_anchor_settings_are_checked():
     assert "diffusion.anchor_motion" in str(e.value) and "diffusion.anchor_segment_tol" in str(e.value)
 
 
-def test_a_motion_anchor_run_trains_loads_and_rolls_out(tmp_path):
-    """The real command line trains a run with motion anchors and the anchor target; tools/evaluate.py loads it
-    from its checkpoint (the UNet built for past + anchors) and rolls it out twice (anchors from predicted latents)."""
+@pytest.mark.parametrize("motion", ["pixel", "segment"])
+def test_a_motion_anchor_run_trains_loads_and_rolls_out(tmp_path, motion):
+    """The real command line trains a run with motion anchors (per pixel or per colour region) and the anchor
+    target; tools/evaluate.py loads it from its checkpoint (the UNet built for past + anchors, the anchor settings
+    from its config) and rolls it out twice (anchors from predicted latents)."""
     from tools import evaluate
     world = make_world(tmp_path)
     raw = world.config(tmp_path / "runs", **{f"{k}": v for k, v in ANCHORS.items()},
-                       **{"diffusion.target": "anchor", "train.max_steps": 3, "eval.clips": 2})
+                       **{"diffusion.target": "anchor", "diffusion.anchor_motion": motion, "train.max_steps": 3,
+                          "eval.clips": 2})
     proc = run_cli(["--config", str(write_yaml(tmp_path / "run.yaml", raw))], tmp_path)
     assert proc.returncode == 0, explain(proc)
     out = tmp_path / "ev"
