@@ -117,13 +117,13 @@ def colour_segments(frames: torch.Tensor, tol: float) -> torch.Tensor:
     by less than `tol` (max over RGB), each labelled by the flat index (y * W + x) of its last pixel. A flat object
     is one region, a smooth background another; a 1-pixel antialiased edge falls into small regions of its own.
     Labels spread to the largest index among joined neighbours, with pointer jumping (label <- label of the pixel the
-    label names) so a region of any shape settles in a few dozen rounds."""
+    label names), so a long winding region settles in far fewer rounds than it has pixels."""
     n, _, h, w = frames.shape
     padded = F.pad(frames, (1, 1, 1, 1), value=10.0)  # outside: never joins (|diff| >= 9)
     joins = [(frames - padded[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]).abs().amax(1) < tol
              for dy, dx in _NEIGHBOURS]
     labels = torch.arange(h * w, device=frames.device).expand(n, h * w).reshape(n, h, w).clone()
-    for _ in range(h * w):  # each round at least doubles how far a label has come; ends long before this
+    for _ in range(h * w):  # a bound never reached: jumping settles a region in far fewer rounds than its length
         spread = F.pad(labels, (1, 1, 1, 1), value=-1)
         new = labels
         for (dy, dx), join in zip(_NEIGHBOURS, joins):
