@@ -611,3 +611,26 @@ def test_bench_cpu_step_measures_each_lever_against_the_shipped_step_of_the_same
     assert "baseline: shipped UNet" in proc.stdout
     bad = subprocess.run(cmd + ["--levers", "warp"], cwd=root, capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice: 'warp'" in bad.stderr
+
+
+def test_bench_anchor_motion_times_both_motions_against_each_other(tmp_path):
+    """bench/bench_anchor_motion.py: rows alternate pixel and segment on the demo's rendered frames, and each ratio is
+    a segment row over the mean of the pixel rows around it (the baseline a ratio needs, from the same run)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "anchor_motion.json"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_anchor_motion.py"), "--windows", "2",
+                           "--rounds", "2", "--iters", "1", "--json", str(out)], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert [r["motion"] for r in rec["rows"]] == ["pixel", "segment", "pixel", "segment", "pixel"]
+    ms = [r["ms"] for r in rec["rows"]]
+    assert all(m > 0 for m in ms) and rec["windows"] == 2
+    for k, ratio in enumerate(rec["segment_over_pixel"]):
+        i = 2 * k + 1
+        assert ratio == pytest.approx(ms[i] / ((ms[i - 1] + ms[i + 1]) / 2), rel=1e-2)
+    assert "segment / pixel:" in proc.stdout
