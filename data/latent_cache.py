@@ -12,11 +12,11 @@ that sees one folder builds, keys and verifies its own copy, from the frames its
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import uuid
-import itertools
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass

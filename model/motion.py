@@ -33,6 +33,18 @@ def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.avg_pool2d(x, (size, 1), stride=1, padding=(size // 2, 0), count_include_pad=False)
 
 
+def shifted_changes(target: torch.Tensor, reference: torch.Tensor, radius: int):
+    """For each shift d = (dy, dx) with |dy|, |dx| <= radius, row by row: (dy, dx, max_rgb |target(p) -
+    reference(p + d)| as (N, 1, H, W)) for target and reference (N, 3, H, W) in [-1, 1]. Outside the frame the
+    reference reads as a colour 4 units away from any pixel, so a shift that reaches outside costs >= 2 there and
+    never wins against one that stays inside."""
+    h, w, r = target.shape[-2], target.shape[-1], radius
+    padded = F.pad(reference, (r, r, r, r), value=5.0)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            yield dy, dx, (target - padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w]).abs().amax(dim=1, keepdim=True)
+
+
 def block_match(target: torch.Tensor, reference: torch.Tensor, radius: int,
                 window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each pixel p of target (N, 3, H, W), the shift d with |dy|, |dx| <= radius minimising the mean over a
@@ -42,21 +54,15 @@ def block_match(target: torch.Tensor, reference: torch.Tensor, radius: int,
     assert target.shape == reference.shape and target.ndim == 4, f"{tuple(target.shape)} vs {tuple(reference.shape)}"
     assert radius >= 0 and window >= 1 and window % 2 == 1, f"radius {radius}, window {window} (odd)"
     n, _, h, w = target.shape
-    r = radius
-    # outside the frame reads as a colour 4 units away from any pixel in [-1, 1]: the cost there is >= 2
-    padded = F.pad(reference, (r, r, r, r), value=5.0)
     best = torch.full((n, 1, h, w), float("inf"), device=target.device)
     disp_y = torch.zeros((n, 1, h, w), dtype=torch.long, device=target.device)
     disp_x = torch.zeros_like(disp_y)
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            shifted = padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w]  # reference(p + d)
-            change = (target - shifted).abs().amax(dim=1, keepdim=True)
-            cost = box_mean(change, window) + _SHIFT_PENALTY * (abs(dy) + abs(dx))
-            better = cost < best
-            best = torch.where(better, cost, best)
-            disp_y = torch.where(better, dy, disp_y)
-            disp_x = torch.where(better, dx, disp_x)
+    for dy, dx, change in shifted_changes(target, reference, radius):
+        cost = box_mean(change, window) + _SHIFT_PENALTY * (abs(dy) + abs(dx))
+        better = cost < best
+        best = torch.where(better, cost, best)
+        disp_y = torch.where(better, dy, disp_y)
+        disp_x = torch.where(better, dx, disp_x)
     disp = torch.cat([disp_y, disp_x], dim=1)
     return disp, best - _SHIFT_PENALTY * disp.abs().sum(dim=1, keepdim=True)  # the tie-break taken out again
 
@@ -97,12 +103,9 @@ def fill_holes(frames: torch.Tensor, hole: torch.Tensor, source: torch.Tensor | 
     known = (~hole if source is None else source & ~hole).to(frames.dtype)
     x = frames * known
     for _ in range(max_iters):
-        new = hole & (known == 0)
-        if not bool(new.any()):
-            break
         total, count = F.avg_pool2d(x, 3, 1, 1), F.avg_pool2d(known, 3, 1, 1)
-        new = new & (count > 0)
-        if not bool(new.any()):  # the rest has no known pixel around it, now or later
+        new = hole & (known == 0) & (count > 0)
+        if not bool(new.any()):  # every hole pixel filled, or the rest has no known pixel around it, now or later
             break
         x = torch.where(new, total / count.clamp_min(1e-6), x)
         known = torch.where(new, torch.ones_like(known), known)
@@ -163,12 +166,10 @@ def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
         parts = [segment_motion(last[i:i + per_call], earlier[i:i + per_call], radius, tol)
                  for i in range(0, n, per_call)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    device, r = last.device, radius
+    device = last.device
     key = (colour_segments(last, tol) + torch.arange(n, device=device).view(n, 1, 1) * (h * w)).view(-1)
     size = torch.bincount(key, minlength=n * h * w).to(last.dtype)
-    padded = F.pad(earlier, (r, r, r, r), value=5.0)  # outside the frame costs >= 2, as in block_match
-    change = torch.stack([(last - padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w]).abs().amax(1)
-                          for dy, dx in shifts])  # (K, N, H, W)
+    change = torch.stack([c[:, 0] for _, _, c in shifted_changes(last, earlier, radius)])  # (K, N, H, W), shifts' order
     volume = box_mean(change.view(-1, 1, h, w), _SEGMENT_BOX).view(len(shifts), n, h, w)  # per-pixel box cost
     region = torch.zeros(len(shifts), n * h * w, device=device, dtype=last.dtype).index_add_(
         1, key, volume.view(len(shifts), -1))  # summed over each region, at its label
@@ -205,19 +206,21 @@ def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
 
 
 def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: int, radius: int,
-                window: int, motion: str = "pixel", segment_tol: float = 0.15) -> torch.Tensor:
+                window: int, motion: str = "pixel", segment_tol: float | None = None) -> torch.Tensor:
     """Constant-velocity extrapolation: last (N, 3, H, W) and the frame `gap` frames before it -> the frames 1 ..
     `horizons` after `last`, (N, horizons, 3, H, W). Each pixel's velocity is -d / gap (so motions finer than a
     pixel per frame are kept to 1 / gap px), d from
     - motion "pixel": block_match of `last` against `earlier` (window x window boxes);
     - motion "segment": segment_motion, one d per colour region of `last` (regions of neighbours closer than
-      segment_tol): flat objects move whole.
+      segment_tol, required: diffusion.anchor_segment_tol): flat objects move whole.
     A moving pixel is carried to p + k v (rounded) at horizon k, over whatever did not move. Among moving pixels
     landing on one spot, "pixel" lets the highest index win (deterministic), "segment" the better-matched region (an
     object that was hidden in part matches worse: it goes behind). Where a moving pixel left and none arrived the
     background is filled in from around (fill_holes): "pixel" from every pixel there, "segment" from still pixels
     only, so an object does not smear its own colour into the place it left. Static pixels stay as they are."""
     if motion == "segment":
+        if segment_tol is None:
+            raise ValueError("motion 'segment' needs segment_tol (diffusion.anchor_segment_tol)")
         disp, cost = segment_motion(last, earlier, radius, segment_tol)
     elif motion == "pixel":
         disp, cost = block_match(last, earlier, radius, window)[0], None

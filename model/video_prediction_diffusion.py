@@ -106,10 +106,11 @@ class VideoPredictionDiffusion:
     @torch.no_grad()
     def anchor_latents(self, past: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """Past latents (B, Tp, C, h, w) -> (B, Tf, C, h, w): the last past frame carried on at each pixel's velocity
-        (or its colour region's: diffusion.anchor_motion) over the last anchor_gap past frames (model/motion.py extrapolate, on the decoded latents, so training on the
-        latent cache and rolling out on predicted latents see the same thing), encoded (posterior mean). `frames`:
-        those two past latents decoded, (B, 2, 3, H, W) at anchor_positions, when the caller has them already
-        (LatentWindowDataset.attach_anchors decodes each cached frame once for all the windows that share it)."""
+        (or its colour region's: diffusion.anchor_motion) over the last anchor_gap past frames (model/motion.py
+        extrapolate, on the decoded latents, so training on the latent cache and rolling out on predicted latents see
+        the same thing), encoded (posterior mean). `frames`: those two past latents decoded, (B, 2, 3, H, W) at
+        anchor_positions, when the caller has them already (LatentWindowDataset.attach_anchors decodes each cached
+        frame once for all the windows that share it)."""
         d = self.cfg.diffusion
         if frames is None:
             frames = self.vae.decode(past[:, list(self.anchor_positions)])

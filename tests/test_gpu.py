@@ -186,8 +186,8 @@ def test_motion_anchors_on_cuda_match_the_cpu_and_train_under_bf16(world, tmp_pa
         earlier[:, :, 6:16, 5:15] = torch.tensor([0.8, -0.6, 0.2]).view(1, 3, 1, 1)
         last[:, :, 8:18, 6:16] = torch.tensor([0.8, -0.6, 0.2]).view(1, 3, 1, 1)
         earlier[:, :, 20:28, 20:30] = last[:, :, 18:26, 21:31] = torch.tensor([-0.7, 0.9, 0.5]).view(1, 3, 1, 1)
-    cpu = extrapolate(last, earlier, 2, 3, 3, 5, motion)
-    gpu = extrapolate(last.to(CUDA), earlier.to(CUDA), 2, 3, 3, 5, motion).cpu()
+    cpu = extrapolate(last, earlier, 2, 3, 3, 5, motion, 0.15)
+    gpu = extrapolate(last.to(CUDA), earlier.to(CUDA), 2, 3, 3, 5, motion, 0.15).cpu()
     assert torch.equal(cpu, gpu)
 
     cfg = gpu_config(world, tmp_path, **{"train.mixed_precision": "bf16", "vae.dtype": "bf16",
