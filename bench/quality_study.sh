@@ -74,6 +74,9 @@ declare -A DEMO=(
   [seg_seed1]="diffusion.anchor_motion=segment train.seed=1"
   [seg_lpb2]="diffusion.anchor_motion=segment unet.layers_per_block=2"
   [seg_t]="diffusion.anchor_motion=segment diffusion.target=anchor"   # a better anchor: is its correction easier now?
+  # session 19: an object wholly in the picture stops whole at its edge instead of running out of it, cut
+  [segstop]="diffusion.anchor_motion=segment diffusion.anchor_edge=stop"
+  [segstop_seed1]="diffusion.anchor_motion=segment diffusion.anchor_edge=stop train.seed=1"
 )
 declare -A ACTION=(
   [act_base]=""
@@ -88,6 +91,7 @@ declare -A PED2=(
   [res_s4_g0]="diffusion.target=residual diffusion.residual_scale=4.0 sampler.clip_bound=32.0 diffusion.snr_gamma=0.0"
   [anch]="diffusion.motion_anchor=true"   # session 18: the demo's anchors on a real, still camera
   [anch_seg]="diffusion.motion_anchor=true diffusion.anchor_motion=segment"
+  [anch_segstop]="diffusion.motion_anchor=true diffusion.anchor_motion=segment diffusion.anchor_edge=stop"
 )
 declare -A CAR=(
   [base]=""

@@ -243,6 +243,9 @@ class DiffusionConfig:
     anchor_motion: str = "pixel"
     anchor_window: int = 9  # pixel motion: side of the matching box (odd, pixels)
     anchor_segment_tol: float = 0.15  # segment motion: largest colour step inside one region
+    # what an object carried over the picture's edge does: exit = leaves, cut off; stop = an object wholly inside
+    # the last frame stops where it touches the edge, whole (segment motion only; QUALITY.md, session 19)
+    anchor_edge: str = "exit"
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_train_timesteps", self.num_train_timesteps, 2)
@@ -270,6 +273,9 @@ class DiffusionConfig:
         _choice(p, f"{path}.anchor_motion", self.anchor_motion, ("pixel", "segment"))
         if not 0 < self.anchor_segment_tol < 2:  # written so that NaN fails too
             p.append(f"{path}.anchor_segment_tol: {self.anchor_segment_tol} must be in (0, 2) (a colour step in [-1, 1])")
+        _choice(p, f"{path}.anchor_edge", self.anchor_edge, ("exit", "stop"))
+        if self.anchor_edge == "stop" and self.anchor_motion != "segment":
+            p.append(f"{path}.anchor_edge: stop needs {path}.anchor_motion: segment (objects are its colour regions)")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
             p.append(f"{path}.zero_terminal_snr: needs prediction_type v_prediction (epsilon cannot give x0 at "
                      "alpha_bar_T = 0)")

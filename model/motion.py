@@ -149,7 +149,7 @@ _VOLUME_FLOATS = 1 << 25
 
 
 def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
-                   tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One displacement per colour region of `last` (N, 3, H, W) against `earlier`: the shift d (|dy|, |dx| <=
     radius) minimising the region's mean matching cost (max_rgb |last(q) - earlier(q + d)| over 3x3 boxes, plus
     block_match's small-motion tie-break). Every pixel of a flat object then moves as one, where per-pixel matching
@@ -157,7 +157,8 @@ def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
     regions (_MIN_SEGMENT: antialiased edges) take, of no motion and the motions of large regions within
     _SEGMENT_REACH px, the one their own 3x3 box matches best. Returns (displacement (N, 2, H, W) long as (dy, dx),
     cost (N, 1, H, W): the mean cost of the region whose motion the pixel took, or its own where it took none;
-    extrapolate draws the better-matched region on top where two meet)."""
+    extrapolate draws the better-matched region on top where two meet, owner (N, H, W) long: the label (flat index
+    into N x H x W) of that region, so an object's antialiased edge belongs to the object)."""
     assert last.shape == earlier.shape and last.ndim == 4, f"{tuple(last.shape)} vs {tuple(earlier.shape)}"
     n, _, h, w = last.shape
     shifts = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
@@ -165,7 +166,8 @@ def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
     if n > per_call:
         parts = [segment_motion(last[i:i + per_call], earlier[i:i + per_call], radius, tol)
                  for i in range(0, n, per_call)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        owner = [p[2] + i * per_call * h * w for i, p in enumerate(parts)]  # labels stay unique across the parts
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat(owner)
     device = last.device
     key = (colour_segments(last, tol) + torch.arange(n, device=device).view(n, 1, 1) * (h * w)).view(-1)
     size = torch.bincount(key, minlength=n * h * w).to(last.dtype)
@@ -185,9 +187,11 @@ def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
     best_cost = volume[still].clone()
     best_shift = torch.full_like(shift, still)
     best_region = best_cost.clone()
+    key = key.view(n, h, w)
+    best_owner = key.clone()
     q = _SEGMENT_REACH
     pad = lambda x, v: F.pad(x, (q, q, q, q), value=v)  # noqa: E731
-    shift_p, large_p, cost_p = pad(shift, still), pad(large, False), pad(cost, 0.0)
+    shift_p, large_p, cost_p, key_p = pad(shift, still), pad(large, False), pad(cost, 0.0), pad(key, 0)
     for oy in range(-q, q + 1):
         for ox in range(-q, q + 1):
             window = (slice(None), slice(q + oy, q + oy + h), slice(q + ox, q + ox + w))
@@ -197,16 +201,36 @@ def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
             best_cost = torch.where(better, mine, best_cost)
             best_shift = torch.where(better, candidate, best_shift)
             best_region = torch.where(better, cost_p[window], best_region)
+            best_owner = torch.where(better, key_p[window], best_owner)
     shift = torch.where(large, shift, best_shift)
     cost = torch.where(large, cost, best_region)
     table = torch.tensor(shifts, device=device)  # (K, 2)
     disp = table[shift].permute(0, 3, 1, 2)
     cost = cost - _SHIFT_PENALTY * disp.abs().sum(1)  # the tie-break taken out again
-    return disp, cost.unsqueeze(1)
+    return disp, cost.unsqueeze(1), torch.where(large, key, best_owner)
+
+
+def edge_room(moving: torch.Tensor, owner: torch.Tensor) -> torch.Tensor | None:
+    """How far each moving pixel's object may still move before it touches the picture's edge: (N, 4, H, W) long as
+    (up, down, left, right), the gaps between the bounding box of the moving pixels sharing its `owner` and the
+    border. An object that touches the edge already (the background, something entering or leaving) gets -1: no
+    limit. moving (N, H, W) bool, owner (N, H, W) long labels unique over the batch."""
+    n, h, w = moving.shape
+    ys = torch.arange(h, device=owner.device).view(1, h, 1).expand(n, h, w)
+    xs = torch.arange(w, device=owner.device).view(1, 1, w).expand(n, h, w)
+    key, m = owner[moving], moving
+    size = owner.numel()
+    box = []
+    for coord, reduce, fill in ((ys, "amin", h), (ys, "amax", -1), (xs, "amin", w), (xs, "amax", -1)):
+        box.append(torch.full((size,), fill, device=owner.device).scatter_reduce(0, key, coord[m], reduce)[owner])
+    room = torch.stack([box[0], h - 1 - box[1], box[2], w - 1 - box[3]], 1)  # (N, 4, H, W)
+    inside = (room > 0).all(1, keepdim=True)
+    return torch.where(inside, room, -1)
 
 
 def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: int, radius: int,
-                window: int, motion: str = "pixel", segment_tol: float | None = None) -> torch.Tensor:
+                window: int, motion: str = "pixel", segment_tol: float | None = None,
+                edge: str = "exit") -> torch.Tensor:
     """Constant-velocity extrapolation: last (N, 3, H, W) and the frame `gap` frames before it -> the frames 1 ..
     `horizons` after `last`, (N, horizons, 3, H, W). Each pixel's velocity is -d / gap (so motions finer than a
     pixel per frame are kept to 1 / gap px), d from
@@ -217,11 +241,23 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
     landing on one spot, "pixel" lets the highest index win (deterministic), "segment" the better-matched region (an
     object that was hidden in part matches worse: it goes behind). Where a moving pixel left and none arrived the
     background is filled in from around (fill_holes): "pixel" from every pixel there, "segment" from still pixels
-    only, so an object does not smear its own colour into the place it left. Static pixels stay as they are."""
+    only, so an object does not smear its own colour into the place it left. Static pixels stay as they are.
+
+    `edge` (diffusion.anchor_edge): "exit" carries whatever runs over the picture's edge out of it (cut off); "stop"
+    (segment motion only) stops an object that was wholly inside the last frame where it touches the edge, whole:
+    a straight line through a wall is the anchor's worst guess (the object cut in half, while in the demo's world it
+    bounces back), and an object that does leave is better redrawn leaving by the model than handed over cut."""
+    if edge not in ("exit", "stop"):
+        raise ValueError(f"edge {edge!r}: expected 'exit' or 'stop'")
+    if edge == "stop" and motion != "segment":
+        raise ValueError("edge 'stop' needs motion 'segment' (objects are colour regions)")
+    room = None
     if motion == "segment":
         if segment_tol is None:
             raise ValueError("motion 'segment' needs segment_tol (diffusion.anchor_segment_tol)")
-        disp, cost = segment_motion(last, earlier, radius, segment_tol)
+        disp, cost, owner = segment_motion(last, earlier, radius, segment_tol)
+        if edge == "stop":
+            room = edge_room(disp.abs().sum(1) > 0, owner)
     elif motion == "pixel":
         disp, cost = block_match(last, earlier, radius, window)[0], None
     else:
@@ -238,8 +274,13 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
     flat = last.reshape(n, c, h * w)
     out = []
     for k in range(1, horizons + 1):
-        ty = (ys + torch.round(k * velocity[:, 0])).long()
-        tx = (xs + torch.round(k * velocity[:, 1])).long()
+        step = torch.round(k * velocity).long()  # (N, 2, H, W)
+        if room is not None:  # whole objects stop at the edge: each axis clamped to the room its box has there
+            free = room[:, 0] < 0
+            step = torch.stack([torch.where(free, step[:, 0], step[:, 0].clamp(-room[:, 0], room[:, 1])),
+                                torch.where(free, step[:, 1], step[:, 1].clamp(-room[:, 2], room[:, 3]))], 1)
+        ty = ys + step[:, 0]
+        tx = xs + step[:, 1]
         lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
         target = torch.where(lands, ty * w + tx, h * w).reshape(n, h * w)  # h * w: a slot for "nowhere"
         winner = torch.full((n, h * w + 1), -1, dtype=torch.long, device=last.device)

@@ -117,7 +117,7 @@ class VideoPredictionDiffusion:
         frames = frames.to(past.device, torch.float32)
         with torch.autocast(frames.device.type, enabled=False):  # matching costs in fp32 under a bf16 run too
             ahead = extrapolate(frames[:, 1], frames[:, 0], d.anchor_gap, self.t_future, d.anchor_radius,
-                                d.anchor_window, d.anchor_motion, d.anchor_segment_tol)
+                                d.anchor_window, d.anchor_motion, d.anchor_segment_tol, d.anchor_edge)
         return self.vae.encode_moments(ahead)[0].to(past.dtype)
 
     # ------------------------------------------------------------------ training

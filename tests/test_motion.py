@@ -4,7 +4,7 @@ and with no motion searched the mode is exactly copy decoding. Motion anchors (`
 `extrapolate`): an object moving at a constant velocity is carried on exactly, a still scene stays as it is, and the
 anchor target diffuses the correction of the anchors. Segment motion: colour regions are the connected components a
 breadth-first search finds, a flat object too large for per-pixel matching moves whole and leaves no smear, and the
-object in front stays in front."""
+object in front stays in front; with edge 'stop' a whole object stops whole at the picture's edge."""
 from __future__ import annotations
 
 import pytest
@@ -239,9 +239,34 @@ def test_segment_motion_keeps_the_object_in_front_in_front():
         assert torch.equal(ahead[:, k - 1], scene(gap + k)), f"horizon {k}"
 
 
+def test_edge_stop_keeps_a_whole_object_whole_at_the_edge_and_lets_the_rest_go():
+    """edge 'stop': a square wholly inside the last frame, moving right two pixels per frame, runs into the right
+    edge at horizon 2: from there it stays whole against the edge (the same pixels, its place behind it background
+    again), where 'exit' carries it out, cut. A square already touching the bottom edge (one entering the picture)
+    moving down is not held: it leaves as with 'exit'."""
+    red, blue, gap = (0.9, -0.8, -0.6), (-0.8, -0.6, 0.9), 2
+
+    def scene(t):  # red: 10 px square, left edge at 20 + 2t of a 40 px frame; blue: bottom rows, sliding down
+        return square_frame([(8, 20 + 2 * t, 10, red), (30 + t, 2, 10, blue)])
+    last, earlier = scene(gap), scene(0)
+    stop = extrapolate(last, earlier, gap, horizons=4, radius=4, window=5, motion="segment", segment_tol=0.15,
+                       edge="stop")
+    exit_ = extrapolate(last, earlier, gap, horizons=4, radius=4, window=5, motion="segment", segment_tol=0.15)
+    for k in range(1, 5):
+        left = min(20 + 2 * (gap + k), 30)  # 30: the square's right column on the frame's last one
+        assert torch.equal(stop[:, k - 1], square_frame([(8, left, 10, red), (30 + gap + k, 2, 10, blue)])), k
+        assert torch.equal(exit_[:, k - 1], scene(gap + k)), k  # square_frame cuts what runs over the edge
+    assert (exit_[0, 3, 0] == red[0]).sum() == 10 * 8  # cut: 8 of its 10 columns left at horizon 4
+    assert (stop[0, 3, 0] == red[0]).sum() == 10 * 10
+
+
 def test_extrapolate_settings_are_checked():
     with pytest.raises(ValueError, match="motion"):
         extrapolate(textured(1, 8, 8), textured(1, 8, 8), 1, 1, 1, 3, motion="blocks")
+    with pytest.raises(ValueError, match="edge"):
+        extrapolate(textured(1, 8, 8), textured(1, 8, 8), 1, 1, 1, 3, motion="segment", segment_tol=0.1, edge="wrap")
+    with pytest.raises(ValueError, match="segment"):
+        extrapolate(textured(1, 8, 8), textured(1, 8, 8), 1, 1, 1, 3, edge="stop")
 
 
 ANCHORS = {"diffusion.motion_anchor": True, "diffusion.anchor_gap": 1, "diffusion.anchor_radius": 2,
@@ -281,6 +306,10 @@ def test_motion_anchor_settings_are_checked():
     with pytest.raises(ConfigError) as e:
         tiny_config(**(ANCHORS | {"diffusion.anchor_motion": "object", "diffusion.anchor_segment_tol": 2.5}))
     assert "diffusion.anchor_motion" in str(e.value) and "diffusion.anchor_segment_tol" in str(e.value)
+    with pytest.raises(ConfigError, match="anchor_edge: stop needs"):
+        tiny_config(**(ANCHORS | {"diffusion.anchor_edge": "stop"}))  # per-pixel motion has no objects
+    with pytest.raises(ConfigError, match="diffusion.anchor_edge"):
+        tiny_config(**(ANCHORS | {"diffusion.anchor_motion": "segment", "diffusion.anchor_edge": "bounce"}))
 
 
 @pytest.mark.parametrize("motion", ["pixel", "segment"])
