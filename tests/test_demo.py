@@ -197,14 +197,15 @@ def test_shape_check_on_demo(demo_run: Path, tmp_path: Path):
     assert (tmp_path / "s" / "shape_check.png").is_file() and (tmp_path / "s" / "shape_windows.png").is_file()
     for kind in ("mask_iou", "shape_iou"):
         assert all(0.0 <= v <= 1.0 for s in res[kind].values() for v in s)
-    # the objects split into those touching another one and those alone; each part's mean is within [0, 1] and
-    # the two, weighted by their counts, give the whole
+    # the objects split into those touching another one and those alone, and into those a wall turns and those going
+    # straight on; each split's two means, weighted by their counts, give the whole
     for s, whole in res["shape_iou"].items():
         for j, v in enumerate(whole):
-            n_touch = res["objects_touching_per_step"][j]
-            n_alone = res["objects_per_step"][j] - n_touch
-            parts = [(res["shape_iou_touching"][s][j], n_touch), (res["shape_iou_alone"][s][j], n_alone)]
-            assert sum((p or 0.0) * n for p, n in parts) / res["objects_per_step"][j] == pytest.approx(v, abs=2e-3)
+            for split, a, b in (("touching", "touching", "alone"), ("bouncing", "bouncing", "straight")):
+                n_a = res[f"objects_{split}_per_step"][j]
+                n_b = res["objects_per_step"][j] - n_a
+                parts = [(res[f"shape_iou_{a}"][s][j], n_a), (res[f"shape_iou_{b}"][s][j], n_b)]
+                assert sum((p or 0.0) * n for p, n in parts) / res["objects_per_step"][j] == pytest.approx(v, abs=2e-3)
     # the references are not learned: the last frame keeps every shape exactly (only occlusion changes it), and the
     # bundled VAE (38.8 dB round trip) carries them almost exactly
     assert min(res["shape_iou"]["copy_last"]) > 0.8 and min(res["shape_iou"]["vae_roundtrip"]) > 0.8, res

@@ -14,7 +14,8 @@ pixels; a smeared or squarish disc, or a ghost left behind, gains wrong ones. Tw
 
 The shape IoU is also given apart for objects that touch or overlap another object somewhere in the window
 (bounce_check.window_objects: where colours can mix and occlusion changes what is visible) and for those that stay
-alone, so a gap can be told apart: one model loses shapes everywhere, another only where objects meet.
+alone, so a gap can be told apart: one model loses shapes everywhere, another only where objects meet; and apart
+for objects a wall turns during the prediction (bounce_check's bouncing objects) and those that go straight on.
 
 Windows are predicted as tools/evaluate.py predicts them (model/sliding.py: the same seed per window, --rollout R
 rounds of t_future frames feeding predicted latents back), so a model of t_future 2 rolled out twice is scored on
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     tf = true_img.shape[1]
     mask_iou = {s: [[] for _ in range(tf)] for s in SOURCES}
     shape_iou = {s: [[] for _ in range(tf)] for s in SOURCES}
-    by_contact = {c: {s: [[] for _ in range(tf)] for s in SOURCES} for c in ("touching", "alone")}
+    by_contact = {c: {s: [[] for _ in range(tf)] for s in SOURCES} for c in ("touching", "alone", "bouncing", "straight")}
     cache: dict = {}
     for b, i in enumerate(picked):
         o = window_objects(ds, i, cfg.data.synthetic, cache)
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
                     mask_iou[s][j].append(r[0])
                     shape_iou[s][j].append(r[1])
                     by_contact["touching" if o["touching"][k] else "alone"][s][j].append(r[1])
+                    by_contact["bouncing" if o["bounce"][k] else "straight"][s][j].append(r[1])
 
     def mean(v):
         return [round(float(np.mean(x)), 4) if x else None for x in v]
@@ -155,7 +157,10 @@ def main(argv=None) -> int:
                                           for x in shape_iou[s]] for s in SOURCES},
               "shape_iou_touching": {s: mean(by_contact["touching"][s]) for s in SOURCES},
               "shape_iou_alone": {s: mean(by_contact["alone"][s]) for s in SOURCES},
-              "objects_touching_per_step": [len(v) for v in by_contact["touching"]["model"]]}
+              "shape_iou_bouncing": {s: mean(by_contact["bouncing"][s]) for s in SOURCES},
+              "shape_iou_straight": {s: mean(by_contact["straight"][s]) for s in SOURCES},
+              "objects_touching_per_step": [len(v) for v in by_contact["touching"]["model"]],
+              "objects_bouncing_per_step": [len(v) for v in by_contact["bouncing"]["model"]]}
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "shape_check.json").write_text(json.dumps(result, indent=1))
@@ -168,12 +173,14 @@ def main(argv=None) -> int:
 
     print(f"{len(picked)} validation windows of {len(ds)}; object IoU with the true object, mean over objects:")
     print(f"{'':<26}" + "".join(f"{'t+' + str(j + 1):>8}" for j in range(tf)))
-    for kind in ("shape_iou", "mask_iou", "shape_iou_below_0.8", "shape_iou_touching", "shape_iou_alone"):
+    for kind in ("shape_iou", "mask_iou", "shape_iou_below_0.8", "shape_iou_touching", "shape_iou_alone",
+                 "shape_iou_bouncing", "shape_iou_straight"):
         for s in SOURCES:
             vals = result[kind][s]
             print(f"{kind + ' ' + s:<26}" + "".join(f"{v:8.3f}" if v is not None else f"{'-':>8}" for v in vals))
     print(f"{'objects':<26}" + "".join(f"{c:8d}" for c in result["objects_per_step"]))
     print(f"{'of them touching':<26}" + "".join(f"{c:8d}" for c in result["objects_touching_per_step"]))
+    print(f"{'of them bouncing':<26}" + "".join(f"{c:8d}" for c in result["objects_bouncing_per_step"]))
     print(f"wrote {out / 'shape_check.json'}, {out / 'shape_check.png'} and {grid}")
     return 0
 
