@@ -210,7 +210,7 @@ def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
     return disp, cost.unsqueeze(1), torch.where(large, key, best_owner)
 
 
-def edge_room(moving: torch.Tensor, owner: torch.Tensor) -> torch.Tensor | None:
+def edge_room(moving: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """How far each moving pixel's object may still move before it touches the picture's edge: (N, 4, H, W) long as
     (up, down, left, right), the gaps between the bounding box of the moving pixels sharing its `owner` and the
     border. An object that touches the edge already (the background, something entering or leaving) gets -1: no
@@ -218,11 +218,11 @@ def edge_room(moving: torch.Tensor, owner: torch.Tensor) -> torch.Tensor | None:
     n, h, w = moving.shape
     ys = torch.arange(h, device=owner.device).view(1, h, 1).expand(n, h, w)
     xs = torch.arange(w, device=owner.device).view(1, 1, w).expand(n, h, w)
-    key, m = owner[moving], moving
-    size = owner.numel()
+    key = owner[moving]
     box = []
     for coord, reduce, fill in ((ys, "amin", h), (ys, "amax", -1), (xs, "amin", w), (xs, "amax", -1)):
-        box.append(torch.full((size,), fill, device=owner.device).scatter_reduce(0, key, coord[m], reduce)[owner])
+        box.append(torch.full((owner.numel(),), fill, device=owner.device).scatter_reduce(0, key, coord[moving],
+                                                                                         reduce)[owner])
     room = torch.stack([box[0], h - 1 - box[1], box[2], w - 1 - box[3]], 1)  # (N, 4, H, W)
     inside = (room > 0).all(1, keepdim=True)
     return torch.where(inside, room, -1)

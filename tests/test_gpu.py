@@ -170,7 +170,7 @@ def test_two_gpu_nccl_training_through_torchrun(world, tmp_path):
 def test_motion_anchors_on_cuda_match_the_cpu_and_train_under_bf16(world, tmp_path, motion):
     """model/motion.py extrapolate is integer matching and a deterministic splat: on CUDA it gives the CPU's frames
     exactly, per-pixel or per colour region (flat squares over a smooth background, where region sums have no near
-    ties for the summation order to flip). A bf16 run with diffusion.motion_anchor computes every window's anchors on
+    ties for the summation order to flip), with the edge rule too. A bf16 run with diffusion.motion_anchor computes every window's anchors on
     the GPU before the first step (attach_anchors, the VAE in bf16, matching in fp32) and trains with finite
     losses."""
     from model.motion import extrapolate
@@ -189,6 +189,11 @@ def test_motion_anchors_on_cuda_match_the_cpu_and_train_under_bf16(world, tmp_pa
     cpu = extrapolate(last, earlier, 2, 3, 3, 5, motion, 0.15)
     gpu = extrapolate(last.to(CUDA), earlier.to(CUDA), 2, 3, 3, 5, motion, 0.15).cpu()
     assert torch.equal(cpu, gpu)
+    if motion == "segment":  # the edge rule: the moving square rolled to 1 px from the right edge, where it stops
+        last, earlier = (torch.roll(x, (10, 15), (2, 3)) for x in (last, earlier))
+        cpu = extrapolate(last, earlier, 2, 3, 3, 5, motion, 0.15, "stop")
+        gpu = extrapolate(last.to(CUDA), earlier.to(CUDA), 2, 3, 3, 5, motion, 0.15, "stop").cpu()
+        assert torch.equal(cpu, gpu) and not torch.equal(cpu, extrapolate(last, earlier, 2, 3, 3, 5, motion, 0.15))
 
     cfg = gpu_config(world, tmp_path, **{"train.mixed_precision": "bf16", "vae.dtype": "bf16",
                                          "diffusion.motion_anchor": True, "diffusion.anchor_gap": 1,
