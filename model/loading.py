@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from configs import Config, apply_overrides, config_from_dict, load_config
 from configs.loader import ConfigError, resolve_paths
 from configs.schema import MOVED_KEYS
+from model import performance
 from model.unet import ConditionalUNet
 from model.vae import FrozenVAE
 from model.video_prediction_diffusion import VideoPredictionDiffusion
@@ -244,6 +245,8 @@ def load_model(run: str | Path | None = None, checkpoint: str = "latest", config
         vae = FrozenVAE.from_config(cfg.vae).to(device)
     except (ValueError, OSError) as e:  # VAEError is a ValueError
         raise LoadError(f"VAE {cfg.vae.pretrained!r}: {e} (override with --set vae.pretrained=FOLDER)") from None
+    if cfg.speed.vae_fuse_upsample:  # the decoder the trainer evaluates with (sub-pixel upsampling, any device)
+        performance.fuse_upsample_convs(vae.vae)
 
     # ---- the UNet, shaped as the checkpoint says
     args = {"latent_channels": vae.latent_channels, "t_past": cfg.context_frames, "t_future": cfg.data.t_future,
