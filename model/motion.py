@@ -213,8 +213,9 @@ def segment_motion(last: torch.Tensor, earlier: torch.Tensor, radius: int,
 def edge_room(moving: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """How far each moving pixel's object may still move before it touches the picture's edge: (N, 4, H, W) long as
     (up, down, left, right), the gaps between the bounding box of the moving pixels sharing its `owner` and the
-    border. An object that touches the edge already (the background, something entering or leaving) gets -1: no
-    limit. moving (N, H, W) bool, owner (N, H, W) long labels unique over the batch."""
+    border. An object that touches the edge already (the background, something entering or leaving) gets H + W on
+    every side: no limit (any step that far lands outside anyway). moving (N, H, W) bool, owner (N, H, W) long labels
+    unique over the batch."""
     n, h, w = moving.shape
     ys = torch.arange(h, device=owner.device).view(1, h, 1).expand(n, h, w)
     xs = torch.arange(w, device=owner.device).view(1, 1, w).expand(n, h, w)
@@ -225,7 +226,7 @@ def edge_room(moving: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
                                                                                          reduce)[owner])
     room = torch.stack([box[0], h - 1 - box[1], box[2], w - 1 - box[3]], 1)  # (N, 4, H, W)
     inside = (room > 0).all(1, keepdim=True)
-    return torch.where(inside, room, -1)
+    return torch.where(inside, room, h + w)
 
 
 def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: int, radius: int,
@@ -276,9 +277,7 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
     for k in range(1, horizons + 1):
         step = torch.round(k * velocity).long()  # (N, 2, H, W)
         if room is not None:  # whole objects stop at the edge: each axis clamped to the room its box has there
-            free = room[:, 0] < 0
-            step = torch.stack([torch.where(free, step[:, 0], step[:, 0].clamp(-room[:, 0], room[:, 1])),
-                                torch.where(free, step[:, 1], step[:, 1].clamp(-room[:, 2], room[:, 3]))], 1)
+            step = torch.stack([step[:, 0].clamp(-room[:, 0], room[:, 1]), step[:, 1].clamp(-room[:, 2], room[:, 3])], 1)
         ty = ys + step[:, 0]
         tx = xs + step[:, 1]
         lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)

@@ -49,6 +49,7 @@ from training.visualize import sample_grid  # noqa: E402
 
 MIN_VISIBLE = 0.3  # fraction of its area an object must show in the true frame to be scored
 SOURCES = ("model", "copy_last", "vae_roundtrip")
+GROUPS = ("touching", "alone", "bouncing", "straight")  # two splits of the objects, each scored apart
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     tf = true_img.shape[1]
     mask_iou = {s: [[] for _ in range(tf)] for s in SOURCES}
     shape_iou = {s: [[] for _ in range(tf)] for s in SOURCES}
-    by_contact = {c: {s: [[] for _ in range(tf)] for s in SOURCES} for c in ("touching", "alone", "bouncing", "straight")}
+    by_group = {g: {s: [[] for _ in range(tf)] for s in SOURCES} for g in GROUPS}
     cache: dict = {}
     for b, i in enumerate(picked):
         o = window_objects(ds, i, cfg.data.synthetic, cache)
@@ -142,8 +143,8 @@ def main(argv=None) -> int:
                         break  # hidden in the true frame: left out for every source
                     mask_iou[s][j].append(r[0])
                     shape_iou[s][j].append(r[1])
-                    by_contact["touching" if o["touching"][k] else "alone"][s][j].append(r[1])
-                    by_contact["bouncing" if o["bounce"][k] else "straight"][s][j].append(r[1])
+                    by_group["touching" if o["touching"][k] else "alone"][s][j].append(r[1])
+                    by_group["bouncing" if o["bounce"][k] else "straight"][s][j].append(r[1])
 
     def mean(v):
         return [round(float(np.mean(x)), 4) if x else None for x in v]
@@ -155,12 +156,9 @@ def main(argv=None) -> int:
               "shape_iou": {s: mean(shape_iou[s]) for s in SOURCES},
               "shape_iou_below_0.8": {s: [round(float(np.mean(np.array(x) < 0.8)), 4) if x else None
                                           for x in shape_iou[s]] for s in SOURCES},
-              "shape_iou_touching": {s: mean(by_contact["touching"][s]) for s in SOURCES},
-              "shape_iou_alone": {s: mean(by_contact["alone"][s]) for s in SOURCES},
-              "shape_iou_bouncing": {s: mean(by_contact["bouncing"][s]) for s in SOURCES},
-              "shape_iou_straight": {s: mean(by_contact["straight"][s]) for s in SOURCES},
-              "objects_touching_per_step": [len(v) for v in by_contact["touching"]["model"]],
-              "objects_bouncing_per_step": [len(v) for v in by_contact["bouncing"]["model"]]}
+              **{f"shape_iou_{g}": {s: mean(by_group[g][s]) for s in SOURCES} for g in GROUPS},
+              "objects_touching_per_step": [len(v) for v in by_group["touching"]["model"]],
+              "objects_bouncing_per_step": [len(v) for v in by_group["bouncing"]["model"]]}
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "shape_check.json").write_text(json.dumps(result, indent=1))
@@ -173,8 +171,7 @@ def main(argv=None) -> int:
 
     print(f"{len(picked)} validation windows of {len(ds)}; object IoU with the true object, mean over objects:")
     print(f"{'':<26}" + "".join(f"{'t+' + str(j + 1):>8}" for j in range(tf)))
-    for kind in ("shape_iou", "mask_iou", "shape_iou_below_0.8", "shape_iou_touching", "shape_iou_alone",
-                 "shape_iou_bouncing", "shape_iou_straight"):
+    for kind in ("shape_iou", "mask_iou", "shape_iou_below_0.8", *(f"shape_iou_{g}" for g in GROUPS)):
         for s in SOURCES:
             vals = result[kind][s]
             print(f"{kind + ' ' + s:<26}" + "".join(f"{v:8.3f}" if v is not None else f"{'-':>8}" for v in vals))
