@@ -77,6 +77,10 @@ declare -A DEMO=(
   # session 19: an object wholly in the picture stops whole at its edge instead of running out of it, cut
   [segstop]="diffusion.anchor_motion=segment diffusion.anchor_edge=stop"
   [segstop_seed1]="diffusion.anchor_motion=segment diffusion.anchor_edge=stop train.seed=1"
+  # session 20 (demo.yaml = segstop since session 19): the loss where the picture changes weighs more
+  [cw3]="diffusion.change_weight=3.0"
+  [cw10]="diffusion.change_weight=10.0"
+  [cw3_seed1]="diffusion.change_weight=3.0 train.seed=1"
 )
 declare -A ACTION=(
   [act_base]=""
@@ -161,7 +165,7 @@ for phase in $1; do
   demo)
     for v in "${!DEMO[@]}"; do  # side by side, as the training ran
       picked "$v" || continue
-      (evaluate "demo_$v" --decode off masked copy warp --threshold 0.05 0.8 1.5
+      (evaluate "demo_$v" --decode off masked copy warp segment --threshold 0.05 0.8 1.5
        $PY tools/bounce_check.py --run "runs/demo_$v" --out "$OUT/bounce_demo_$v" > "$OUT/bounce_demo_$v.log" 2>&1
        # every variant to t+4 on the trainer's 32 windows (a t_future 2 model in 2 rounds), and its shapes
        tf=$(overrides 'data\.t_future=' "data.t_future=4 ${DEMO[$v]}"); tf=${tf% }; r=$((4 / ${tf##*=}))
@@ -169,7 +173,9 @@ for phase in $1; do
          --out "$OUT/evaluate_demo_$v" > "$OUT/evaluate_demo_$v.log" 2>&1
        $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_demo_$v" > "$OUT/shape_demo_$v.log" 2>&1
        $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_warp_demo_$v" \
-         --set sampler.residual_decode=warp sampler.residual_decode_threshold=1.5 > "$OUT/shape_warp_demo_$v.log" 2>&1) &
+         --set sampler.residual_decode=warp sampler.residual_decode_threshold=1.5 > "$OUT/shape_warp_demo_$v.log" 2>&1
+       $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_seg_demo_$v" \
+         --set sampler.residual_decode=segment sampler.segment_threshold=3.0 > "$OUT/shape_seg_demo_$v.log" 2>&1) &
     done
     wait
     for v in "${!ACTION[@]}"; do

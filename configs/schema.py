@@ -246,6 +246,12 @@ class DiffusionConfig:
     # what an object carried over the picture's edge does: exit = leaves, cut off; stop = an object wholly inside
     # the last frame stops where it touches the edge, whole (segment motion only; QUALITY.md, session 19)
     anchor_edge: str = "exit"
+    # the loss where the picture changes: latent pixels where the future frame differs from the last past one by more
+    # than change_threshold (max over channels, scaled-latent units: where things arrive and what they leave) weigh
+    # 1 + change_weight against 1 for the rest (normalised per window, so the loss keeps its scale); 0 = plain MSE.
+    # Puts a small net's effort on what moves rather than on the still background
+    change_weight: float = 0.0
+    change_threshold: float = 0.5
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_train_timesteps", self.num_train_timesteps, 2)
@@ -274,6 +280,8 @@ class DiffusionConfig:
         if not 0 < self.anchor_segment_tol < 2:  # written so that NaN fails too
             p.append(f"{path}.anchor_segment_tol: {self.anchor_segment_tol} must be in (0, 2) (a colour step in [-1, 1])")
         _choice(p, f"{path}.anchor_edge", self.anchor_edge, ("exit", "stop"))
+        _at_least(p, f"{path}.change_weight", self.change_weight, 0.0)
+        _at_least(p, f"{path}.change_threshold", self.change_threshold, 0.0, strict=True)
         if self.anchor_edge == "stop" and self.anchor_motion != "segment":
             p.append(f"{path}.anchor_edge: stop needs {path}.anchor_motion: segment (objects are its colour regions)")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
@@ -299,17 +307,22 @@ class SamplerConfig:
     # at a change of residual_decode_threshold; copy: x = D(z) + m * (x_last - D(z)), the last frame itself where the
     # prediction did not change (a change below the threshold is shrunk towards zero, taken for sampling noise);
     # warp: copy with motion, x = D(z) + m * (x_last(p + d) - D(z)), d found by block matching D(z) against
-    # D(z_last) within warp_radius, m falling to 0 where the best match still differs by the threshold (model/motion.py)
+    # D(z_last) within warp_radius, m falling to 0 where the best match still differs by the threshold (model/motion.py);
+    # segment: copy with whole objects, each colour region of D(z_last) (diffusion.anchor_segment_tol) pasted from
+    # x_last where the prediction drew it (one shift within warp_radius per region), m = 1 - its mean matching cost /
+    # segment_threshold, over copy decoding at the threshold (model/motion.py segment_copy)
     residual_decode: str = "off"
     residual_decode_threshold: float = 0.1  # masked, copy: pixel change (units of [-1, 1], per pixel, max over RGB) where m = 0; warp: that change averaged over the window
-    warp_radius: int = 8  # warp: largest motion searched, pixels per axis, from the last past frame to any future one
+    warp_radius: int = 8  # warp, segment: largest motion searched, pixels per axis, from the last past frame to any future one
+    segment_threshold: float = 0.8  # segment: a region's mean matching cost where its pasted copy's weight reaches 0
     warp_window: int = 9  # warp: side of the box (odd, pixels) over which a match is scored; larger = smoother motion
 
     def validate(self, p: list[str], path: str) -> None:
         _at_least(p, f"{path}.num_inference_steps", self.num_inference_steps, 1)
-        _choice(p, f"{path}.residual_decode", self.residual_decode, ("off", "masked", "full", "copy", "warp"))
+        _choice(p, f"{path}.residual_decode", self.residual_decode, ("off", "masked", "full", "copy", "warp", "segment"))
         _at_least(p, f"{path}.residual_decode_threshold", self.residual_decode_threshold, 0.0, strict=True)
         _at_least(p, f"{path}.warp_radius", self.warp_radius, 0)
+        _at_least(p, f"{path}.segment_threshold", self.segment_threshold, 0.0, strict=True)
         _at_least(p, f"{path}.warp_window", self.warp_window, 1)
         if self.warp_window % 2 == 0:
             p.append(f"{path}.warp_window: {self.warp_window} must be odd (a box centred on the pixel)")

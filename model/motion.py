@@ -292,3 +292,42 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
         still = None if cost is None else (~moving.reshape(n, -1) & ~arrived).view(n, 1, h, w)
         out.append(fill_holes(moved.view(n, c, h, w), hole, still))
     return torch.stack(out, 1)
+
+
+def segment_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: torch.Tensor, radius: int, tol: float,
+                 threshold: float, copy_threshold: float, floor: float = 0.0) -> torch.Tensor:
+    """Copy decoding with whole objects: decoded prediction pred (B, Tf, 3, H, W), the last past frame `last` and its
+    VAE reconstruction `last_rec` (B, 1, 3, H, W), all in [-1, 1] -> frames. segment_motion finds, for each colour
+    region of last_rec (an object, with its antialiased edge), the one shift d that puts it where the prediction drew
+    it; each region that moved is pasted whole from the camera's last frame at q + d, over copy decoding (the last
+    frame where the prediction did not change, `copy_threshold`), with weight m = 1 - cost / threshold clamped to
+    [0, 1] (cost: the region's mean matching cost, so an object the prediction drew differently, or changed by an
+    occlusion, is left to the model). Where two pasted regions land on one spot the better-matched one is on top.
+    The model decides where each object goes; the last frame supplies how it looks, outline included."""
+    b, tf, c, h, w = pred.shape
+    target = pred.reshape(b * tf, c, h, w)
+    cam = last.expand(b, tf, c, h, w).reshape(b * tf, c, h, w).to(target.dtype)
+    rec = last_rec.expand(b, tf, c, h, w).reshape(b * tf, c, h, w).to(target.dtype)
+    keep = (1 - (target - rec).abs().amax(1, keepdim=True) / copy_threshold).clamp(0, 1)
+    base = target + keep * (cam - target)
+    disp, cost, _ = segment_motion(rec, target, radius, tol)
+    n = b * tf
+    moving = disp.abs().sum(1) > 0
+    ys = torch.arange(h, device=pred.device).view(1, h, 1)
+    xs = torch.arange(w, device=pred.device).view(1, 1, w)
+    ty, tx = ys + disp[:, 0], xs + disp[:, 1]
+    lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+    spot = torch.where(lands, ty * w + tx, h * w).reshape(n, h * w)
+    rank = torch.round((cost.amax() - cost).reshape(n, h * w) * 1e4).long() * (h * w)
+    source = rank + torch.arange(h * w, device=pred.device)
+    winner = torch.full((n, h * w + 1), -1, dtype=torch.long, device=pred.device)
+    winner.scatter_reduce_(1, spot, torch.where(lands.reshape(n, -1), source, -1), "amax")
+    winner = winner[:, :h * w]
+    arrived = (winner >= 0).view(n, 1, h, w)
+    winner = (winner % (h * w)).clamp_min(0)
+    pasted = cam.reshape(n, c, h * w).gather(2, winner.unsqueeze(1).expand(n, c, -1)).view(n, c, h, w)
+    won = cost.reshape(n, h * w).gather(1, winner).view(n, 1, h, w)
+    m = (1 - won / threshold).clamp(0, 1) * arrived
+    if floor > 0:
+        m = m * ((won - floor) / floor).clamp(0, 1)
+    return (base + m * (pasted - base)).view(b, tf, c, h, w).clamp(-1, 1)

@@ -18,7 +18,7 @@ import torch
 
 from configs.schema import Config
 from model import performance
-from model.motion import extrapolate, motion_compensated_copy
+from model.motion import extrapolate, motion_compensated_copy, segment_copy
 from model.sampler import ddim_sample
 from model.schedule import NoiseSchedule
 from model.unet import ConditionalUNet
@@ -147,6 +147,7 @@ class VideoPredictionDiffusion:
             anchors = self.anchor_latents(past)
         x0 = self.to_x0(future, past, anchors)  # before past dropout: the target never depends on the dropped context
         noisy = self.schedule.add_noise(x0, noise, t)
+        weights = self.change_weights(past, future) if d.change_weight > 0 else None  # from the true past, undropped
         past = self.context(past, anchors)  # what the net sees (the anchors are dropped with the past)
         if d.past_dropout > 0:
             keep_past = (rand(B) >= d.past_dropout).to(past.dtype).reshape(B, 1, 1, 1, 1)
@@ -154,8 +155,20 @@ class VideoPredictionDiffusion:
         cond_keep = (rand(B) >= d.cond_dropout).float() if (cond is not None and d.cond_dropout > 0) else None
         out = net(noisy, past, t, cond, cond_keep).float()
         target = self.schedule.target(x0, noise, t)
-        per_sample = (out - target).pow(2).flatten(1).mean(1)
+        err = (out - target).pow(2)
+        if weights is not None:
+            w = weights.expand_as(err)
+            per_sample = (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
+        else:
+            per_sample = err.flatten(1).mean(1)
         return (per_sample * self.schedule.loss_weights(t).to(device)).mean()
+
+    def change_weights(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+        """(B, Tf, 1, h, w) loss weights of diffusion.change_weight: 1 + change_weight where the future latent differs
+        from the last past one by more than change_threshold (max over channels), else 1."""
+        d = self.cfg.diffusion
+        changed = (future - past[:, -1:]).abs().amax(2, keepdim=True) > d.change_threshold
+        return 1 + d.change_weight * changed.float()
 
     def batch_loss(self, batch: dict, generator: torch.Generator | None = None,
                    net: torch.nn.Module | None = None) -> torch.Tensor:
@@ -275,6 +288,9 @@ class VideoPredictionDiffusion:
         last_rec = self.vae.decode(past[:, -1:]) if last_rec is None else last_rec
         if mode == "warp":  # copy with motion: the last frame's pixels moved to where the prediction put them
             return motion_compensated_copy(pred, last, last_rec, s.warp_radius, s.warp_window, threshold)
+        if mode == "segment":  # copy with whole objects: each colour region moved to where the prediction put it
+            return segment_copy(pred, last, last_rec, s.warp_radius, self.cfg.diffusion.anchor_segment_tol,
+                                s.segment_threshold, threshold)
         correction = last - last_rec
         if mode == "full":
             return (pred + correction).clamp(-1, 1)

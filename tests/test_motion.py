@@ -15,7 +15,8 @@ import json
 from configs.loader import ConfigError
 from helpers import smooth_frames, tiny_config, tiny_kl_vae
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-from model.motion import block_match, colour_segments, extrapolate, fill_holes, motion_compensated_copy, warp
+from model.motion import (block_match, colour_segments, extrapolate, fill_holes, motion_compensated_copy,
+                          segment_copy, warp)
 from model.vae import FrozenVAE
 from model.video_prediction_diffusion import VideoPredictionDiffusion
 from trainer_helpers import explain, make_world, run_cli, write_yaml
@@ -258,6 +259,31 @@ def test_edge_stop_keeps_a_whole_object_whole_at_the_edge_and_lets_the_rest_go()
         assert torch.equal(exit_[:, k - 1], scene(gap + k)), k  # square_frame cuts what runs over the edge
     assert (exit_[0, 3, 0] == red[0]).sum() == 10 * 8  # cut: 8 of its 10 columns left at horizon 4
     assert (stop[0, 3, 0] == red[0]).sum() == 10 * 10
+
+
+def test_segment_copy_pastes_the_whole_object_where_the_prediction_drew_it():
+    """The last frame holds a flat square; the 'prediction' draws it moved by (3, 2), blurred, with a green fringe
+    (a model's blotch). Segment copy decoding pastes the last frame's square whole at the moved place: its pixels
+    are the square's, none outside it are red. A prediction that drew a different object there (a green
+    square) matches too badly for any paste and stays as copy decoding leaves it; a still prediction is the last
+    frame itself."""
+    red, green = (0.9, -0.8, -0.6), (-0.7, 0.8, -0.5)
+    last = square_frame([(10, 8, 12, red)])[:, None]  # (1, 1, 3, H, W)
+    truth = square_frame([(13, 10, 12, red)])
+    fringe = square_frame([(13, 10, 12, red), (12, 9, 14, green), (13, 10, 12, red)])  # green rim around it
+    blotch = torch.nn.functional.avg_pool2d(0.5 * (truth + fringe), 5, stride=1, padding=2,
+                                            count_include_pad=False)[:, None]
+    out = segment_copy(blotch, last, last, radius=5, tol=0.15, threshold=50.0, copy_threshold=0.2)
+    square = torch.zeros(40, 40, dtype=torch.bool)
+    square[13:25, 10:22] = True
+    assert torch.allclose(out[0, 0, :, square], truth[0][:, square], atol=0.02)  # m = 1 - cost / 50: nearly 1
+    assert torch.equal(out[0, 0, 0] > 0.5, square)
+    assert (out - truth).abs().mean() < (blotch - truth).abs().mean() / 2  # the blurred fringe outside stays
+    other = square_frame([(13, 10, 12, green)])[:, None]
+    left = segment_copy(other, last, last, radius=5, tol=0.15, threshold=0.8, copy_threshold=0.2)
+    assert not (left[0, 0, 0] > 0.5).any()  # no red pasted over the green square
+    still = segment_copy(last, last, last, radius=5, tol=0.15, threshold=0.8, copy_threshold=0.2)
+    assert torch.equal(still, last)
 
 
 def test_extrapolate_settings_are_checked():

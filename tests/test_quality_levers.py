@@ -202,3 +202,48 @@ def test_logit_normal_timesteps_centre_where_asked_and_keep_the_minimiser(vae):
 def test_bad_timestep_sampling_settings_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"diffusion.{key}"):
         tiny_config(**{f"diffusion.{key}": value})
+
+
+# ---------------------------------------------------------------- loss weight where the picture changes
+
+class Bumped(torch.nn.Module):
+    """A perfect denoiser (OracleNet) whose output is off by 1 at one latent cell of every window and frame."""
+
+    def __init__(self, oracle: torch.nn.Module, y: int, x: int):
+        super().__init__()
+        self.oracle, self.y, self.x = oracle, y, x
+
+    def forward(self, x_t, past, t, cond=None, cond_keep=None):
+        out = self.oracle(x_t, past, t, cond, cond_keep).clone()
+        out[..., 0, self.y, self.x] += 1.0
+        return out
+
+
+@pytest.mark.parametrize("target", ["absolute", "residual"])
+def test_change_weight_makes_an_error_where_the_picture_changes_cost_more(vae, target):
+    """The future equals the last past latent except in a 2x2 patch: an error there costs (1 + change_weight)
+    times the same error on the still part, the weights are normalised (a still error costs 1 / sum of weights),
+    and weight 0 is plain MSE."""
+    lam, past = 3.0, latents()[0]
+    future = past[:, -1:].repeat(1, TF, 1, 1, 1)
+    future[..., 2:4, 2:4] += 2.0  # above change_threshold (0.5) in every channel
+    kw = {"diffusion.target": target, "diffusion.prediction_type": "v_prediction", "diffusion.snr_gamma": 0.0}
+    model = build(vae, **kw, **{"diffusion.change_weight": lam})
+    plain = build(vae, **kw)
+    oracle = OracleNet(model.to_x0(future, past), model.schedule)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    moving = model.loss(past, future, generator=g(), net=Bumped(oracle, 2, 3))
+    still = model.loss(past, future, generator=g(), net=Bumped(oracle, 6, 6))
+    assert moving / still == pytest.approx(1 + lam, rel=1e-4)
+    cells = TF * LATENT_CHANNELS * h * w
+    total = cells + lam * TF * LATENT_CHANNELS * 4  # sum of the weights over one window
+    assert still == pytest.approx(TF / total, rel=1e-4)  # one unit error per frame, weight 1 each
+    assert plain.loss(past, future, generator=g(), net=Bumped(oracle, 2, 3)) == pytest.approx(TF / cells, rel=1e-4)
+    weights = model.change_weights(past, future)
+    assert weights.shape == (B, TF, 1, h, w) and int((weights > 1).sum()) == B * TF * 4
+
+
+@pytest.mark.parametrize("key, value", [("change_weight", -1.0), ("change_threshold", 0.0)])
+def test_change_weight_settings_are_checked(key, value):
+    with pytest.raises(ConfigError, match=key):
+        tiny_config(**{f"diffusion.{key}": value})
