@@ -314,7 +314,7 @@ class SamplerConfig:
     residual_decode: str = "off"
     residual_decode_threshold: float = 0.1  # masked, copy: pixel change (units of [-1, 1], per pixel, max over RGB) where m = 0; warp: that change averaged over the window
     warp_radius: int = 8  # warp, segment: largest motion searched, pixels per axis, from the last past frame to any future one
-    segment_threshold: float = 0.8  # segment: a region's mean matching cost where its pasted copy's weight reaches 0
+    segment_threshold: float = 3.0  # segment: a region's mean matching cost where its pasted copy's weight reaches 0
     warp_window: int = 9  # warp: side of the box (odd, pixels) over which a match is scored; larger = smoother motion
 
     def validate(self, p: list[str], path: str) -> None:

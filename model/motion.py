@@ -294,12 +294,18 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
     return torch.stack(out, 1)
 
 
+# Lucas-Kanade steps by which segment_copy places each region to a fraction of a pixel (whole-pixel pastes cost the
+# demo 1.85 dB at t+1; QUALITY.md, session 20)
+_PASTE_STEPS = 3
+
+
 def segment_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: torch.Tensor, radius: int, tol: float,
-                 threshold: float, copy_threshold: float, floor: float = 0.0) -> torch.Tensor:
+                 threshold: float, copy_threshold: float) -> torch.Tensor:
     """Copy decoding with whole objects: decoded prediction pred (B, Tf, 3, H, W), the last past frame `last` and its
     VAE reconstruction `last_rec` (B, 1, 3, H, W), all in [-1, 1] -> frames. segment_motion finds, for each colour
     region of last_rec (an object, with its antialiased edge), the one shift d that puts it where the prediction drew
-    it; each region that moved is pasted whole from the camera's last frame at q + d, over copy decoding (the last
+    it, refined to a fraction of a pixel (_subpixel_paste: least squares on its bilinearly shifted reconstruction); each
+    region that moved is pasted whole from the camera's last frame there, over copy decoding (the last
     frame where the prediction did not change, `copy_threshold`), with weight m = 1 - cost / threshold clamped to
     [0, 1] (cost: the region's mean matching cost, so an object the prediction drew differently, or changed by an
     occlusion, is left to the model). Where two pasted regions land on one spot the better-matched one is on top.
@@ -310,7 +316,7 @@ def segment_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: torch.Tensor,
     rec = last_rec.expand(b, tf, c, h, w).reshape(b * tf, c, h, w).to(target.dtype)
     keep = (1 - (target - rec).abs().amax(1, keepdim=True) / copy_threshold).clamp(0, 1)
     base = target + keep * (cam - target)
-    disp, cost, _ = segment_motion(rec, target, radius, tol)
+    disp, cost, owner = segment_motion(rec, target, radius, tol)
     n = b * tf
     moving = disp.abs().sum(1) > 0
     ys = torch.arange(h, device=pred.device).view(1, h, 1)
@@ -325,9 +331,43 @@ def segment_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: torch.Tensor,
     winner = winner[:, :h * w]
     arrived = (winner >= 0).view(n, 1, h, w)
     winner = (winner % (h * w)).clamp_min(0)
-    pasted = cam.reshape(n, c, h * w).gather(2, winner.unsqueeze(1).expand(n, c, -1)).view(n, c, h, w)
+    pasted = _subpixel_paste(cam, rec, target, winner, arrived, owner, _PASTE_STEPS)
     won = cost.reshape(n, h * w).gather(1, winner).view(n, 1, h, w)
     m = (1 - won / threshold).clamp(0, 1) * arrived
-    if floor > 0:
-        m = m * ((won - floor) / floor).clamp(0, 1)
     return (base + m * (pasted - base)).view(b, tf, c, h, w).clamp(-1, 1)
+
+
+def _sample(frames: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """frames (N, C, H, W) read at fractional positions y, x (N, H, W) (bilinear, clamped to the frame)."""
+    n, c, h, w = frames.shape
+    grid = torch.stack([2 * x / (w - 1) - 1, 2 * y / (h - 1) - 1], -1).to(frames.dtype)
+    return F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _subpixel_paste(cam, rec, target, winner, arrived, owner, iters: int) -> torch.Tensor:
+    """The regions segment_copy pastes at whole-pixel shifts, each moved on by the fraction of a pixel (within +-0.5
+    per axis) at which its bilinearly shifted reconstruction fits the prediction best in least squares: `iters`
+    Gauss-Newton steps of Lucas-Kanade, summed over each region's pixels. Objects move by fractions of a pixel,
+    their antialiased outlines with them; a symmetric blur in the prediction (a model's soft outline) pulls no way,
+    where picking the best of a few fractional shifts by their cost would prefer the blurrier, half-pixel ones."""
+    n, c, h, w = target.shape
+    qy = (winner // w).view(n, h, w).to(target.dtype)
+    qx = (winner % w).view(n, h, w).to(target.dtype)
+    label = owner.reshape(n, h * w).gather(1, winner).view(-1)  # the pasted region of each destination pixel
+    got = arrived.view(n, 1, h, w).to(target.dtype)
+    gy = F.pad((rec[:, :, 2:] - rec[:, :, :-2]) / 2, (0, 0, 1, 1))  # d rec / d y, d rec / d x (central differences)
+    gx = F.pad((rec[..., 2:] - rec[..., :-2]) / 2, (1, 1, 0, 0))
+    f = torch.zeros(2, n * h * w, device=target.device, dtype=target.dtype)  # (fy, fx) per region label
+
+    def per_region(x):  # (N, C, H, W) summed over channels and each region's destination pixels
+        return torch.zeros(n * h * w, device=x.device, dtype=x.dtype).index_add_(0, label, (x * got).sum(1).view(-1))
+    for _ in range(iters):  # a region moved by d + f reads, at its destination p, the frame at q - f
+        py, px = qy - f[0][label].view(n, h, w), qx - f[1][label].view(n, h, w)
+        r = target - _sample(rec, py, px)  # rec(q - f - delta) ~ rec(q - f) - delta . grad
+        sy, sx = _sample(gy, py, px), _sample(gx, py, px)
+        ayy, axy, axx = per_region(sy * sy), per_region(sy * sx), per_region(sx * sx)
+        by, bx = per_region(-sy * r), per_region(-sx * r)
+        det = (ayy * axx - axy * axy).clamp_min(1e-6)
+        step = torch.stack([(axx * by - axy * bx) / det, (ayy * bx - axy * by) / det])
+        f = (f + step).clamp(-0.5, 0.5)
+    return _sample(cam, qy - f[0][label].view(n, h, w), qx - f[1][label].view(n, h, w))

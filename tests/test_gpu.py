@@ -206,3 +206,30 @@ def test_motion_anchors_on_cuda_match_the_cpu_and_train_under_bf16(world, tmp_pa
     metrics = [m for m in [trainer.train_step() for _ in range(3)] + [trainer.flush()] if m]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all("nonfinite" not in m and math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_segment_copy_decoding_on_cuda_matches_the_cpu_and_change_weight_trains_under_bf16(world, tmp_path):
+    """sampler.residual_decode: segment (model/motion.py segment_copy: integer region matching, a splat, then
+    bilinear Lucas-Kanade steps) gives the CPU's frames on CUDA to float rounding: the same region shifts, the same
+    fraction of a pixel. A bf16 run with diffusion.change_weight trains with finite losses."""
+    from model.motion import segment_copy
+
+    g = torch.Generator().manual_seed(0)
+    background = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 40, 40, generator=g) * 2 - 1, 9, 1, 4) * 0.3
+    last = background[:, None].clone()
+    pred = background[:, None].repeat(1, 3, 1, 1, 1)
+    colour = torch.tensor([0.8, -0.6, 0.2]).view(3, 1, 1)
+    last[:, 0, :, 8:18, 6:16] = colour
+    for k in range(3):  # the square drawn 1, 2, 3 px further right and down each frame, softened like a model's
+        pred[:, k, :, 9 + k:19 + k, 7 + k:17 + k] = colour
+    pred = torch.nn.functional.avg_pool2d(pred.flatten(0, 1), 3, 1, 1).view_as(pred)
+    cpu = segment_copy(pred, last, last, 4, 0.15, 3.0, 0.2)
+    gpu = segment_copy(pred.to(CUDA), last.to(CUDA), last.to(CUDA), 4, 0.15, 3.0, 0.2).cpu()
+    assert (cpu - gpu).abs().max() < 1e-4
+    assert (cpu - pred).abs().max() > 0.1  # the square was pasted, not left as drawn
+
+    cfg = gpu_config(world, tmp_path, **{"train.mixed_precision": "bf16", "diffusion.change_weight": 3.0})
+    trainer = build(cfg, DistInfo(device=CUDA), tmp_path / "runs" / "run")
+    metrics = [m for m in [trainer.train_step() for _ in range(3)] + [trainer.flush()] if m]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all("nonfinite" not in m and math.isfinite(m["loss"]) for m in metrics)

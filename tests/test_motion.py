@@ -263,8 +263,8 @@ def test_edge_stop_keeps_a_whole_object_whole_at_the_edge_and_lets_the_rest_go()
 
 def test_segment_copy_pastes_the_whole_object_where_the_prediction_drew_it():
     """The last frame holds a flat square; the 'prediction' draws it moved by (3, 2), blurred, with a green fringe
-    (a model's blotch). Segment copy decoding pastes the last frame's square whole at the moved place: its pixels
-    are the square's, none outside it are red. A prediction that drew a different object there (a green
+    (a model's blotch). Segment copy decoding pastes the last frame's square whole at the moved place (to the
+    quarter pixel that matches the blur best): inside it the square's colour, nothing red a pixel beyond it. A prediction that drew a different object there (a green
     square) matches too badly for any paste and stays as copy decoding leaves it; a still prediction is the last
     frame itself."""
     red, green = (0.9, -0.8, -0.6), (-0.7, 0.8, -0.5)
@@ -276,14 +276,30 @@ def test_segment_copy_pastes_the_whole_object_where_the_prediction_drew_it():
     out = segment_copy(blotch, last, last, radius=5, tol=0.15, threshold=50.0, copy_threshold=0.2)
     square = torch.zeros(40, 40, dtype=torch.bool)
     square[13:25, 10:22] = True
-    assert torch.allclose(out[0, 0, :, square], truth[0][:, square], atol=0.02)  # m = 1 - cost / 50: nearly 1
-    assert torch.equal(out[0, 0, 0] > 0.5, square)
+    ring = torch.nn.functional.max_pool2d(square[None, None].float(), 3, 1, 1)[0, 0].bool()  # one pixel around
+    inner = ~torch.nn.functional.max_pool2d((~square)[None, None].float(), 3, 1, 1)[0, 0].bool()  # one pixel in
+    is_red = out[0, 0, 0] > 0.5
+    assert is_red[inner].all() and not is_red[~ring].any()  # the square, up to the fraction of a pixel it is placed at
+    assert torch.allclose(out[0, 0][:, inner], truth[0][:, inner], atol=0.02)  # m = 1 - cost / 50: nearly 1
     assert (out - truth).abs().mean() < (blotch - truth).abs().mean() / 2  # the blurred fringe outside stays
     other = square_frame([(13, 10, 12, green)])[:, None]
     left = segment_copy(other, last, last, radius=5, tol=0.15, threshold=0.8, copy_threshold=0.2)
     assert not (left[0, 0, 0] > 0.5).any()  # no red pasted over the green square
     still = segment_copy(last, last, last, radius=5, tol=0.15, threshold=0.8, copy_threshold=0.2)
     assert torch.equal(still, last)
+
+
+def test_segment_copy_places_an_object_to_a_fraction_of_a_pixel():
+    """The prediction draws the square moved by (3, 2.5): half-way between two whole-pixel places, its edge columns
+    half red (an antialiased outline). The pasted square lands there too, outline included; a whole-pixel paste
+    could not."""
+    red = (0.9, -0.8, -0.6)
+    last = square_frame([(10, 8, 12, red)])[:, None]
+    half = 0.5 * (square_frame([(13, 10, 12, red)]) + square_frame([(13, 11, 12, red)]))[:, None]
+    out = segment_copy(half, last, last, radius=5, tol=0.15, threshold=50.0, copy_threshold=0.2)
+    assert (out - half).abs().amax() < 0.02
+    whole = square_frame([(13, 10, 12, red)])[:, None]
+    assert (whole - half).abs().amax() > 0.5  # the nearest whole-pixel place is far off at the outline
 
 
 def test_extrapolate_settings_are_checked():
