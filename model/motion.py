@@ -229,6 +229,25 @@ def edge_room(moving: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, room, h + w)
 
 
+def _land(sources: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor, lands: torch.Tensor) -> torch.Tensor:
+    """Where moving pixels land: sources (N, H * W) long, the priority of each source pixel (the largest wins a
+    spot; its value mod H * W is its flat index), ty / tx (N, H, W) the spot each lands on, lands (N, H, W) bool
+    whether it lands inside at all -> (N, H * W) the winning source's priority per spot, -1 where none landed."""
+    n, h, w = lands.shape
+    spot = torch.where(lands, ty * w + tx, h * w).reshape(n, h * w)  # h * w: a slot for "nowhere"
+    winner = torch.full((n, h * w + 1), -1, dtype=torch.long, device=sources.device)
+    winner.scatter_reduce_(1, spot, torch.where(lands.reshape(n, -1), sources, -1), "amax")
+    return winner[:, :h * w]
+
+
+def _by_cost(cost: torch.Tensor) -> torch.Tensor:
+    """Landing priorities (N, H * W) for _land from matching costs (N, 1, H, W): the lowest cost (in 1e-4 steps)
+    first, then the highest index."""
+    n, _, h, w = cost.shape
+    rank = torch.round((cost.amax() - cost).reshape(n, h * w) * 1e4).long()
+    return rank * (h * w) + torch.arange(h * w, device=cost.device)
+
+
 def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: int, radius: int,
                 window: int, motion: str = "pixel", segment_tol: float | None = None,
                 edge: str = "exit") -> torch.Tensor:
@@ -268,10 +287,7 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
     moving = disp.abs().sum(1) > 0  # (N, H, W)
     ys = torch.arange(h, device=last.device).view(1, h, 1)
     xs = torch.arange(w, device=last.device).view(1, 1, w)
-    source = torch.arange(h * w, device=last.device).expand(n, h * w)
-    if cost is not None:  # who wins a spot: the lowest cost (in 1e-4 steps) first, then the highest index
-        rank = torch.round((cost.amax() - cost).reshape(n, h * w) * 1e4).long()
-        source = rank * (h * w) + source
+    source = torch.arange(h * w, device=last.device).expand(n, h * w) if cost is None else _by_cost(cost)
     flat = last.reshape(n, c, h * w)
     out = []
     for k in range(1, horizons + 1):
@@ -281,10 +297,7 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
         ty = ys + step[:, 0]
         tx = xs + step[:, 1]
         lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-        target = torch.where(lands, ty * w + tx, h * w).reshape(n, h * w)  # h * w: a slot for "nowhere"
-        winner = torch.full((n, h * w + 1), -1, dtype=torch.long, device=last.device)
-        winner.scatter_reduce_(1, target, torch.where(lands.reshape(n, -1), source, -1), "amax")
-        winner = winner[:, :h * w]
+        winner = _land(source, ty, tx, lands)
         arrived = winner >= 0
         winner = winner % (h * w)
         moved = torch.where(arrived.unsqueeze(1), flat.gather(2, winner.unsqueeze(1).expand(n, c, -1)), flat)
@@ -323,12 +336,7 @@ def segment_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: torch.Tensor,
     xs = torch.arange(w, device=pred.device).view(1, 1, w)
     ty, tx = ys + disp[:, 0], xs + disp[:, 1]
     lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-    spot = torch.where(lands, ty * w + tx, h * w).reshape(n, h * w)
-    rank = torch.round((cost.amax() - cost).reshape(n, h * w) * 1e4).long() * (h * w)
-    source = rank + torch.arange(h * w, device=pred.device)
-    winner = torch.full((n, h * w + 1), -1, dtype=torch.long, device=pred.device)
-    winner.scatter_reduce_(1, spot, torch.where(lands.reshape(n, -1), source, -1), "amax")
-    winner = winner[:, :h * w]
+    winner = _land(_by_cost(cost), ty, tx, lands)  # the better-matched region on top, as extrapolate draws them
     arrived = (winner >= 0).view(n, 1, h, w)
     winner = (winner % (h * w)).clamp_min(0)
     pasted = _subpixel_paste(cam, rec, target, winner, arrived, owner, _PASTE_STEPS)
