@@ -175,7 +175,7 @@ for phase in $1; do
        $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_warp_demo_$v" \
          --set sampler.residual_decode=warp sampler.residual_decode_threshold=1.5 > "$OUT/shape_warp_demo_$v.log" 2>&1
        $PY tools/shape_check.py --run "runs/demo_$v" --rollout $r --out "$OUT/shape_seg_demo_$v" \
-         --set sampler.residual_decode=segment sampler.segment_threshold=3.0 > "$OUT/shape_seg_demo_$v.log" 2>&1) &
+         --set sampler.residual_decode=segment > "$OUT/shape_seg_demo_$v.log" 2>&1) &
     done
     wait
     for v in "${!ACTION[@]}"; do

@@ -9,6 +9,9 @@ match is good, and keeps D(z) where nothing in the last frame explains it (new c
 Written by hand because no library in our dependencies does dense block matching: torchvision's optical flow is
 RAFT, which needs downloaded weights and is far heavier than an exhaustive search over a few hundred shifts.
 
+`copy_decode` is the same with no motion (`sampler.residual_decode: copy`), `segment_copy` with one motion per
+colour region, whole objects pasted where the prediction drew them (`sampler.residual_decode: segment`).
+
 `extrapolate` goes the other way, for `diffusion.motion_anchor`: it measures each pixel's velocity between two past
 frames and carries the last frame on at that velocity, a prediction without bounces or collisions that the model
 sees beside the past.
@@ -77,6 +80,18 @@ def warp(frames: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     src_x = (xs + disp[:, 1]).clamp(0, w - 1)
     index = (src_y * w + src_x).view(n, 1, h * w).expand(n, c, h * w)
     return frames.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
+
+
+def still_weight(pred: torch.Tensor, last_rec: torch.Tensor, threshold: float) -> torch.Tensor:
+    """m = 1 - max_rgb |pred - last_rec| / threshold clamped to [0, 1], on the channel axis (dim -3) kept as 1: 1 where
+    the decoded prediction did not move away from the decoded last frame, 0 at a change of `threshold`."""
+    return (1 - (pred - last_rec).abs().amax(dim=-3, keepdim=True) / threshold).clamp(0, 1)
+
+
+def copy_decode(pred: torch.Tensor, last: torch.Tensor, last_rec: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Copy decoding: x = pred + m (x_last - pred), m = still_weight: the camera's last frame itself where the
+    prediction did not change (a change below the threshold is taken for sampling noise), the prediction where it did."""
+    return (pred + still_weight(pred, last_rec, threshold) * (last - pred)).clamp(-1, 1)
 
 
 def motion_compensated_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: torch.Tensor, radius: int,
@@ -229,11 +244,13 @@ def edge_room(moving: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, room, h + w)
 
 
-def _land(sources: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor, lands: torch.Tensor) -> torch.Tensor:
+def _land(sources: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     """Where moving pixels land: sources (N, H * W) long, the priority of each source pixel (the largest wins a
-    spot; its value mod H * W is its flat index), ty / tx (N, H, W) the spot each lands on, lands (N, H, W) bool
-    whether it lands inside at all -> (N, H * W) the winning source's priority per spot, -1 where none landed."""
-    n, h, w = lands.shape
+    spot; its value mod H * W is its flat index), ty / tx (N, H, W) the spot each moves to, moving (N, H, W) bool
+    which pixels move -> (N, H * W) the winning source's priority per spot, -1 where none landed (a pixel moved out
+    of the frame lands nowhere)."""
+    n, h, w = moving.shape
+    lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
     spot = torch.where(lands, ty * w + tx, h * w).reshape(n, h * w)  # h * w: a slot for "nowhere"
     winner = torch.full((n, h * w + 1), -1, dtype=torch.long, device=sources.device)
     winner.scatter_reduce_(1, spot, torch.where(lands.reshape(n, -1), sources, -1), "amax")
@@ -294,10 +311,7 @@ def extrapolate(last: torch.Tensor, earlier: torch.Tensor, gap: int, horizons: i
         step = torch.round(k * velocity).long()  # (N, 2, H, W)
         if room is not None:  # whole objects stop at the edge: each axis clamped to the room its box has there
             step = torch.stack([step[:, 0].clamp(-room[:, 0], room[:, 1]), step[:, 1].clamp(-room[:, 2], room[:, 3])], 1)
-        ty = ys + step[:, 0]
-        tx = xs + step[:, 1]
-        lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-        winner = _land(source, ty, tx, lands)
+        winner = _land(source, ys + step[:, 0], xs + step[:, 1], moving)
         arrived = winner >= 0
         winner = winner % (h * w)
         moved = torch.where(arrived.unsqueeze(1), flat.gather(2, winner.unsqueeze(1).expand(n, c, -1)), flat)
@@ -327,16 +341,13 @@ def segment_copy(pred: torch.Tensor, last: torch.Tensor, last_rec: torch.Tensor,
     target = pred.reshape(b * tf, c, h, w)
     cam = last.expand(b, tf, c, h, w).reshape(b * tf, c, h, w).to(target.dtype)
     rec = last_rec.expand(b, tf, c, h, w).reshape(b * tf, c, h, w).to(target.dtype)
-    keep = (1 - (target - rec).abs().amax(1, keepdim=True) / copy_threshold).clamp(0, 1)
-    base = target + keep * (cam - target)
+    base = copy_decode(target, cam, rec, copy_threshold)
     disp, cost, owner = segment_motion(rec, target, radius, tol)
     n = b * tf
-    moving = disp.abs().sum(1) > 0
     ys = torch.arange(h, device=pred.device).view(1, h, 1)
     xs = torch.arange(w, device=pred.device).view(1, 1, w)
-    ty, tx = ys + disp[:, 0], xs + disp[:, 1]
-    lands = moving & (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-    winner = _land(_by_cost(cost), ty, tx, lands)  # the better-matched region on top, as extrapolate draws them
+    # the better-matched region on top where two land on one spot, as extrapolate draws them
+    winner = _land(_by_cost(cost), ys + disp[:, 0], xs + disp[:, 1], disp.abs().sum(1) > 0)
     arrived = (winner >= 0).view(n, 1, h, w)
     winner = (winner % (h * w)).clamp_min(0)
     pasted = _subpixel_paste(cam, rec, target, winner, arrived, owner, _PASTE_STEPS)

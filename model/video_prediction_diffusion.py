@@ -18,7 +18,7 @@ import torch
 
 from configs.schema import Config
 from model import performance
-from model.motion import extrapolate, motion_compensated_copy, segment_copy
+from model.motion import copy_decode, extrapolate, motion_compensated_copy, segment_copy, still_weight
 from model.sampler import ddim_sample
 from model.schedule import NoiseSchedule
 from model.unet import ConditionalUNet
@@ -291,11 +291,9 @@ class VideoPredictionDiffusion:
         if mode == "segment":  # copy with whole objects: each colour region moved to where the prediction put it
             return segment_copy(pred, last, last_rec, s.warp_radius, self.cfg.diffusion.anchor_segment_tol,
                                 s.segment_threshold, threshold)
+        if mode == "copy":  # a change below the threshold is taken for sampling noise: the last frame as it was
+            return copy_decode(pred, last, last_rec, threshold)
         correction = last - last_rec
         if mode == "full":
             return (pred + correction).clamp(-1, 1)
-        change = (pred - last_rec).abs().amax(dim=2, keepdim=True)  # (B, Tf, 1, H, W): how far this pixel moved
-        keep = (1 - change / threshold).clamp(0, 1)
-        if mode == "copy":  # a change below the threshold is taken for sampling noise: the last frame as it was
-            return (pred + keep * (last - pred)).clamp(-1, 1)
-        return (pred + keep * correction).clamp(-1, 1)
+        return (pred + still_weight(pred, last_rec, threshold) * correction).clamp(-1, 1)  # masked
