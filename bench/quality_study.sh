@@ -34,6 +34,7 @@ declare -A DEMO=(
   [ema998]="ema.decay=0.998"                 # a shorter EMA window for a 3,500-step run
   [lr3]="optim.lr=3e-3"
   [seed1]="train.seed=1"                     # base and lr2 on another seed: is the lr gain more than noise?
+  [seed2]="train.seed=2"                     # session 21: a third seed of the shipped config (how far shapes spread)
   [lr2_seed1]="optim.lr=2e-3 train.seed=1"
   # session 14, the shapes of goal 2 at the demo's CPU cost: more clips (no cost per step), capacity where it is cheap
   [c512]="data.synthetic.num_clips=512 data.root=data_cache/synthetic_demo_c512"
