@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from bench.common import ROOT, time_block  # noqa: E402
 from configs.loader import load_config  # noqa: E402
+from model.performance import speed_up_vae  # noqa: E402
 from model.vae import FrozenVAE  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    vae = FrozenVAE.from_config(cfg.vae).to(args.device)
+    vae = speed_up_vae(FrozenVAE.from_config(cfg.vae).to(args.device), cfg.speed)  # as the trainer runs it
     own = cfg.vae.chunk_size
     sizes = [own] + [s for s in args.sizes if s != own]
     gen = torch.Generator().manual_seed(0)

@@ -634,3 +634,33 @@ def test_bench_anchor_motion_times_both_motions_against_each_other(tmp_path):
         i = 2 * k + 1
         assert ratio == pytest.approx(ms[i] / ((ms[i - 1] + ms[i + 1]) / 2), rel=1e-2)
     assert "segment / pixel:" in proc.stdout
+
+
+def test_bench_vae_chunk_times_each_chunk_size_against_the_configs_own(tmp_path):
+    """bench/bench_vae_chunk.py: the config's chunk size comes first, at ratio 1; every other size's ratio is the
+    config size's median time over its own; outputs are compared with the config size's to the bit (the bundled VAE
+    per-frame convolutions: another chunking must not change them)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "vae_chunk.json"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_vae_chunk.py"), "--frames", "6",
+                           "--sizes", "4", "2", "--rounds", "1", "--iters", "1", "--threads", "1",
+                           "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    rows = rec["rows"]
+    own = rows[0]
+    assert own["config_default"] and own["chunk_size"] == 8  # configs/demo.yaml
+    assert [r["chunk_size"] for r in rows] == [8, 4, 2] and not any(r["config_default"] for r in rows[1:])
+    for part in ("encode", "decode"):
+        assert own[part]["speedup_vs_config"] == 1.0 and own[part]["bit_equal"]
+        for r in rows[1:]:
+            assert r[part]["ms"] > 0
+            assert r[part]["speedup_vs_config"] == pytest.approx(own[part]["ms"] / r[part]["ms"], rel=2e-2)
+            assert r[part]["frames_per_s"] == pytest.approx(1e3 * 6 / r[part]["ms"], rel=2e-2)
+            assert isinstance(r[part]["bit_equal"], bool)
+    assert rec["size"] == [64, 64] and "chunk   2" in proc.stdout
