@@ -12,6 +12,8 @@
 # STUDY_VAES=folder: VAEs trained by an earlier call (folder/vae_ucsd_ped2, folder/vae_car) are copied into runs/.
 # STUDY_SET="key=value ...": overrides added to every training run (e.g. train.max_steps=6000).
 # STUDY_EVAL="...": extra bench/quality_eval.py arguments for the camera phases (e.g. --samples 4).
+# STUDY_PACK=1: pack OUTDIR into OUTDIR.tgz at the end and remove the folder (the device returns a limited number of
+# files per call: a study of six demo variants writes about 130).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
@@ -190,3 +192,6 @@ for phase in $1; do
   esac
 done
 echo "study done: $OUT/study.jsonl"
+if [ -n "${STUDY_PACK:-}" ]; then
+  tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && rm -rf "$OUT" && echo "packed: $OUT.tgz"
+fi
