@@ -163,7 +163,10 @@ class VAEConfig:
     subfolder: str = ""  # e.g. "vae" inside a full pipeline folder; "" = none
     latent: str = "mean"  # mean: posterior mean (deterministic); sample: posterior sample
     dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the VAE's weights and compute
-    chunk_size: int = 32  # frames per encoder/decoder call (bounds memory); must be >= 1
+    # frames per encoder/decoder call (bounds memory); must be >= 1. On a CPU small chunks are also faster: the
+    # bundled VAE at 64x64 on a 2-core CPU encodes 1.4x and decodes 1.6x the frames/s at 8 as at 64 (the activations
+    # stay in the caches; bench/bench_vae_chunk.py, BENCHMARKS.md session 21), so the CPU configs use 8
+    chunk_size: int = 32
 
     def validate(self, p: list[str], path: str) -> None:
         if not self.pretrained:
